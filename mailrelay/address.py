@@ -1,0 +1,45 @@
+"""Email address handling: splitting and normalising addresses and domains."""
+
+from __future__ import annotations
+
+import unicodedata
+
+
+class AddressError(ValueError):
+    """An address that cannot be parsed."""
+
+
+def normalize_domain(domain: str) -> str:
+    """Lower-case a domain and convert it to its ASCII (IDNA) form."""
+    domain = domain.strip().rstrip(".")
+    if not domain:
+        raise AddressError("empty domain")
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise AddressError(f"invalid domain {domain!r}") from exc
+    return ascii_domain.lower()
+
+
+def normalize_local(local: str) -> str:
+    """Case-fold a local part the way chasquid does (PRECIS-like: NFC + casefold)."""
+    return unicodedata.normalize("NFC", local).casefold()
+
+
+def split(address: str) -> tuple[str, str]:
+    """Split ``local@domain``; the domain is returned as written (lower-cased)."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise AddressError(f"not an address: {address!r}")
+    return local, domain.lower()
+
+
+def normalize(address: str) -> str:
+    """Canonical form used for lookups: folded local part, IDNA lower-case domain."""
+    local, domain = split(address)
+    return f"{normalize_local(local)}@{normalize_domain(domain)}"
+
+
+def domain_of(address: str) -> str:
+    """The normalised domain of an address."""
+    return normalize_domain(split(address)[1])

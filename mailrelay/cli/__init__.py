@@ -1,0 +1,1 @@
+"""The ``mailrelay`` command line."""

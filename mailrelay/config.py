@@ -1,0 +1,359 @@
+"""Typed settings: loading and validating ``mailrelay.yaml`` plus the domains layout.
+
+Every error names the file and line (YAML node positions are kept while converting),
+so ``mailrelay check`` can point the owner at the exact place to fix.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .address import AddressError, normalize_domain
+from .errors import ConfigError
+
+CONFIG_FILE = "mailrelay.yaml"
+DEFAULT_CONFIG_DIR = Path("/etc/mailrelay")
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+}
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_size(value: Any) -> int:
+    """Parse ``"50MiB"``, ``"10kB"`` or a plain integer into a byte count."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {value!r} (use e.g. 50MiB, 512KiB, 1000000)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def parse_duration(value: Any) -> float:
+    """Parse ``"5d"``, ``"1h30m"``, ``"90s"`` or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    text = str(value).strip().replace(" ", "")
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 5m, 2h, 5d)")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+def parse_hostport(value: Any, default_port: int | None = None) -> tuple[str, int]:
+    """Parse ``"127.0.0.1:2525"``, ``"[::1]:25"`` or a bare host with a default port."""
+    text = str(value).strip()
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?", text)
+    if match:
+        host, port = match.group(1), match.group(2)
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    elif text.count(":") > 1:  # a bare IPv6 address
+        host, port = text, None
+    else:
+        host, port = text, None
+    if port is None:
+        if default_port is None:
+            raise ValueError(f"{value!r} needs a port (host:port)")
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port in {value!r}")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class ListenSettings:
+    smtp: list[tuple[str, int]] = field(default_factory=lambda: [("0.0.0.0", 25)])
+    submission: list[tuple[str, int]] = field(default_factory=lambda: [("0.0.0.0", 587)])
+    submission_tls: list[tuple[str, int]] = field(default_factory=lambda: [("0.0.0.0", 465)])
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    certs_dir: Path | None = None
+    acme_sh_home: Path | None = None
+    self_signed: bool = False
+
+
+@dataclass(frozen=True)
+class DNSSettings:
+    nameservers: list[tuple[str, int]] = field(default_factory=list)
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    smtp_port: int = 25
+    retry_intervals: list[float] = field(
+        default_factory=lambda: [60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0]
+    )
+    give_up_after: float = 5 * 86400.0
+    max_mx_hosts: int = 5
+    concurrency: int = 20
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 100
+    command_timeout: float = 300.0
+    max_errors: int = 10
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    auth_failures_per_ip: int = 5
+    auth_block_time: float = 600.0
+
+
+@dataclass(frozen=True)
+class Config:
+    config_dir: Path
+    hostname: str
+    listen: ListenSettings
+    data_dir: Path
+    tls: TLSSettings
+    dns: DNSSettings
+    delivery: DeliverySettings
+    limits: LimitSettings
+    domains: tuple[str, ...]
+
+    @property
+    def domains_dir(self) -> Path:
+        return self.config_dir / "domains"
+
+    def domain_dir(self, domain: str) -> Path:
+        return self.domains_dir / domain
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain.lower() in self.domains
+
+
+class _Reader:
+    """Walks a composed YAML node tree, converting values and remembering positions."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def error(self, message: str, node: yaml.Node | None) -> ConfigError:
+        line = node.start_mark.line + 1 if node is not None else None
+        return ConfigError(message, self.path, line)
+
+    def mapping(self, node: yaml.Node | None, where: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
+            return {}
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(f"{where} must be a mapping", node)
+        result: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise self.error(f"{where}: keys must be plain names", key_node)
+            result[key_node.value] = (key_node, value_node)
+        return result
+
+    def scalar(self, node: yaml.Node) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.error("expected a single value", node)
+        return yaml.safe_load(yaml.serialize(node))
+
+    def sequence(self, node: yaml.Node) -> list[yaml.Node]:
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag.endswith(":null"):
+                return []
+            return [node]  # a single value where a list is allowed
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.error("expected a list", node)
+        return list(node.value)
+
+
+def _convert(reader: _Reader, node: yaml.Node, converter: Any, name: str) -> Any:
+    try:
+        return converter(reader.scalar(node))
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise reader.error(f"{name}: {exc}", node) from None
+
+
+def _as_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, not {value!r}")
+    return value
+
+
+def _as_positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"expected a positive whole number, not {value!r}")
+    return value
+
+
+def _as_port(value: Any) -> int:
+    port = _as_positive_int(value)
+    if port > 65535:
+        raise ValueError(f"not a port number: {value}")
+    return port
+
+
+def _as_str(value: Any) -> str:
+    if value is None or isinstance(value, bool | dict | list):
+        raise ValueError(f"expected text, not {value!r}")
+    return str(value)
+
+
+def _section(
+    reader: _Reader, node: yaml.Node | None, name: str, spec: dict[str, Any], defaults: Any
+) -> dict[str, Any]:
+    """Convert a mapping section using ``spec`` (key -> converter); unknown keys are errors."""
+    values: dict[str, Any] = {}
+    for key, (key_node, value_node) in reader.mapping(node, name).items():
+        if key not in spec:
+            known = ", ".join(sorted(spec))
+            raise reader.error(f"unknown setting {name}.{key} (known: {known})", key_node)
+        values[key] = spec[key](reader, value_node, f"{name}.{key}")
+    return values
+
+
+def _scalar_of(converter: Any):
+    return lambda reader, node, name: _convert(reader, node, converter, name)
+
+
+def _list_of(converter: Any):
+    def convert(reader: _Reader, node: yaml.Node, name: str) -> list[Any]:
+        return [_convert(reader, item, converter, name) for item in reader.sequence(node)]
+    return convert
+
+
+def _optional_path(base: Path):
+    def convert(value: Any) -> Path | None:
+        if value is None:
+            return None
+        return (base / _as_str(value)).resolve()
+    return convert
+
+
+def load_config(config_dir: Path | str) -> Config:
+    """Load ``mailrelay.yaml`` from ``config_dir`` and discover the domains beside it."""
+    config_dir = Path(config_dir).resolve()
+    path = config_dir / CONFIG_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("configuration file not found", path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read: {exc}", path) from None
+    reader = _Reader(path)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise ConfigError(f"YAML syntax error: {exc.problem}", path, line) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"YAML error: {exc}", path) from None
+
+    hostport = _list_of(parse_hostport)
+    top_spec: dict[str, Any] = {
+        "hostname": _scalar_of(_as_str),
+        "listen": None, "data_dir": _scalar_of(_as_str), "tls": None, "dns": None,
+        "delivery": None, "limits": None,
+    }
+    top = reader.mapping(root, "top level")
+    for key, (key_node, _) in top.items():
+        if key not in top_spec:
+            raise reader.error(f"unknown setting {key} (known: {', '.join(sorted(top_spec))})",
+                               key_node)
+
+    def sub(name: str) -> yaml.Node | None:
+        return top[name][1] if name in top else None
+
+    if "hostname" not in top:
+        raise ConfigError("hostname is required (the name this server greets with)", path)
+    hostname = _convert(reader, top["hostname"][1], _as_str, "hostname").strip().lower()
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", hostname):
+        raise reader.error(f"hostname: {hostname!r} is not a host name", top["hostname"][1])
+
+    listen = ListenSettings(**_section(reader, sub("listen"), "listen", {
+        "smtp": hostport, "submission": hostport, "submission_tls": hostport,
+    }, ListenSettings))
+
+    data_dir_value = (
+        _convert(reader, top["data_dir"][1], _as_str, "data_dir") if "data_dir" in top
+        else "/var/lib/mailrelay"
+    )
+    data_dir = (config_dir / data_dir_value).resolve()
+
+    base_path = _scalar_of(_optional_path(config_dir))
+    tls_values = _section(reader, sub("tls"), "tls", {
+        "certs_dir": base_path, "acme_sh_home": base_path, "self_signed": _scalar_of(_as_bool),
+    }, TLSSettings)
+    tls_values.setdefault("certs_dir", config_dir / "certs")
+    tls = TLSSettings(**tls_values)
+
+    dns = DNSSettings(**_section(reader, sub("dns"), "dns", {
+        "nameservers": _list_of(lambda v: parse_hostport(v, 53)),
+        "timeout": _scalar_of(parse_duration),
+    }, DNSSettings))
+
+    delivery = DeliverySettings(**_section(reader, sub("delivery"), "delivery", {
+        "smtp_port": _scalar_of(_as_port),
+        "retry_intervals": _list_of(parse_duration),
+        "give_up_after": _scalar_of(parse_duration),
+        "max_mx_hosts": _scalar_of(_as_positive_int),
+        "concurrency": _scalar_of(_as_positive_int),
+        "connect_timeout": _scalar_of(parse_duration),
+        "command_timeout": _scalar_of(parse_duration),
+    }, DeliverySettings))
+    if not delivery.retry_intervals:
+        raise reader.error("delivery.retry_intervals must not be empty", sub("delivery"))
+
+    limits = LimitSettings(**_section(reader, sub("limits"), "limits", {
+        "max_message_size": _scalar_of(parse_size),
+        "max_recipients": _scalar_of(_as_positive_int),
+        "command_timeout": _scalar_of(parse_duration),
+        "max_errors": _scalar_of(_as_positive_int),
+        "max_connections": _scalar_of(_as_positive_int),
+        "max_connections_per_ip": _scalar_of(_as_positive_int),
+        "auth_failures_per_ip": _scalar_of(_as_positive_int),
+        "auth_block_time": _scalar_of(parse_duration),
+    }, LimitSettings))
+
+    return Config(
+        config_dir=config_dir, hostname=hostname, listen=listen, data_dir=data_dir, tls=tls,
+        dns=dns, delivery=delivery, limits=limits, domains=discover_domains(config_dir),
+    )
+
+
+def discover_domains(config_dir: Path) -> tuple[str, ...]:
+    """The local domains: one directory each under ``domains/`` (chasquid's layout)."""
+    domains_dir = config_dir / "domains"
+    if not domains_dir.is_dir():
+        return ()
+    found = []
+    for entry in sorted(domains_dir.iterdir()):
+        if not entry.is_dir() or entry.name.startswith("."):
+            continue
+        try:
+            name = normalize_domain(entry.name)
+        except AddressError:
+            raise ConfigError("directory name is not a domain", entry) from None
+        if name != entry.name:
+            raise ConfigError(f"domain directory must be named {name!r} (lower-case, ASCII)",
+                              entry)
+        found.append(name)
+    return tuple(found)
