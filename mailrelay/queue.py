@@ -1,0 +1,300 @@
+"""The durable on-disk queue (spool).
+
+Each accepted message is one file ``<id>.msg``: a first line ``MAILRELAY1 <json envelope>``
+followed by the message bytes exactly as received (plus our added headers). It is written
+to a hidden temporary name, fsynced, renamed into place, and the directory is fsynced
+before ``put`` returns, so a ``250`` given after ``put`` survives a crash or power loss.
+
+Delivery progress lives in a separate small ``<id>.state`` file (atomically replaced after
+each attempt), so the message file is never rewritten: the accept path costs one file write
+and fsync plus a directory fsync, which concurrent sessions share (group commit).
+
+The queue knows nothing of SMTP; it stores bytes and an envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .fsutil import atomic_write, fsync_dir, write_all
+
+log = logging.getLogger("mailrelay.queue")
+
+MAGIC = b"MAILRELAY1 "
+MSG_SUFFIX = ".msg"
+STATE_SUFFIX = ".state"
+
+PENDING = "pending"
+SENT = "sent"
+FAILED = "failed"
+
+
+class QueueFullError(Exception):
+    """The queue refuses new messages (size cap or disk floor): tell the client 452."""
+
+
+@dataclass
+class Recipient:
+    address: str
+    status: str = PENDING
+    attempts: int = 0
+    last_error: str = ""
+    # Extra per-recipient data (e.g. ORCPT, NOTIFY) carried to DSNs.
+    params: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class QueueItem:
+    id: str
+    sender: str
+    recipients: list[Recipient]
+    created: float
+    size: int
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_attempt: float = 0.0
+    body_offset: int = 0
+
+    @property
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.status == PENDING]
+
+    def read_data(self) -> bytes:
+        """The message bytes (read from disk each time: the queue does not keep bodies in RAM)."""
+        with open(self.path, "rb") as handle:
+            handle.seek(self.body_offset)
+            return handle.read()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "attempts": self.attempts,
+            "next_attempt": self.next_attempt,
+            "last_attempt": self.last_attempt,
+            "recipients": [asdict(r) for r in self.recipients],
+        }
+
+
+def new_id() -> str:
+    """Sortable by arrival (millisecond clock), unique (random suffix)."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
+
+
+class GroupSync:
+    """Coalesces concurrent requests for one blocking sync operation.
+
+    Every caller is guaranteed a run of ``fn`` that *started* after it called, and callers
+    that arrive while one run is in progress share the next run: with 64 sessions waiting
+    on the spool directory fsync, the disk sees a handful of fsyncs, not 64.
+    """
+
+    def __init__(self, fn: Callable[[], None]):
+        self._fn = fn
+        self._next: asyncio.Future[None] | None = None
+        self._runner: asyncio.Task[None] | None = None
+
+    async def __call__(self) -> None:
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        waiter = self._next
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.ensure_future(self._run())
+        await asyncio.shield(waiter)
+
+    async def _run(self) -> None:
+        while self._next is not None:
+            batch, self._next = self._next, None
+            try:
+                await asyncio.to_thread(self._fn)
+            except BaseException as exc:  # hand the failure to every waiter of this batch
+                if not batch.done():
+                    batch.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                if not batch.done():
+                    batch.set_result(None)
+
+
+class Queue:
+    def __init__(self, directory: Path, max_items: int = 0, min_free_bytes: int = 0):
+        self.directory = Path(directory)
+        self.max_items = max_items
+        self.min_free_bytes = min_free_bytes
+        self.items: dict[str, QueueItem] = {}
+        self._dir_sync = GroupSync(lambda: fsync_dir(self.directory))
+
+    # -- start-up -------------------------------------------------------------
+
+    def load(self) -> list[QueueItem]:
+        """Load every committed item; remove leftovers of interrupted writes."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.items.clear()
+        names = os.listdir(self.directory)
+        for name in names:
+            if name.startswith("."):  # a temporary file: its 250 was never sent
+                _unlink(self.directory / name)
+        for name in sorted(n for n in names if n.endswith(MSG_SUFFIX)):
+            path = self.directory / name
+            try:
+                item = _read_item(path)
+            except (OSError, ValueError) as exc:
+                # Keep it for a human instead of deleting mail we may have accepted.
+                log.error("queue: cannot read %s (%s); moved aside", path, exc)
+                _move_aside(path)
+                continue
+            self.items[item.id] = item
+        for name in names:
+            if name.endswith(STATE_SUFFIX) and name[: -len(STATE_SUFFIX)] not in self.items:
+                _unlink(self.directory / name)  # delivery finished; the .msg went first
+        return sorted(self.items.values(), key=lambda i: i.id)
+
+    # -- accepting ------------------------------------------------------------
+
+    def check_space(self) -> None:
+        """Raise QueueFullError when a new message must not be accepted."""
+        if self.max_items and len(self.items) >= self.max_items:
+            raise QueueFullError("queue is full")
+        if self.min_free_bytes:
+            stats = os.statvfs(self.directory)
+            if stats.f_bavail * stats.f_frsize < self.min_free_bytes:
+                raise QueueFullError("not enough disk space")
+
+    async def put(
+        self,
+        sender: str,
+        recipients: Iterable[str | Recipient],
+        data: bytes | list[bytes],
+        meta: dict[str, Any] | None = None,
+        item_id: str | None = None,
+    ) -> QueueItem:
+        """Store a message durably; when this returns, the message survives a crash.
+
+        ``data`` may be a list of chunks (e.g. added headers + the received body) so the
+        body is written without being copied into one more buffer.
+        """
+        self.check_space()
+        chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+        rcpts = [r if isinstance(r, Recipient) else Recipient(r) for r in recipients]
+        item = QueueItem(
+            id=item_id or new_id(), sender=sender, recipients=rcpts, created=time.time(),
+            size=sum(len(c) for c in chunks), path=Path(), meta=dict(meta or {}),
+        )
+        item.path = self.directory / f"{item.id}{MSG_SUFFIX}"
+        header = MAGIC + json.dumps(_envelope_dict(item), separators=(",", ":")).encode() + b"\n"
+        item.body_offset = len(header)
+        await asyncio.to_thread(_write_durably, item.path, [header, *chunks])
+        try:
+            await self._dir_sync()
+        except BaseException:
+            # Not durable, so not accepted: take it back rather than deliver a message
+            # whose client was told it failed.
+            _unlink(item.path)
+            raise
+        self.items[item.id] = item
+        return item
+
+    # -- progress -------------------------------------------------------------
+
+    async def save_state(self, item: QueueItem) -> None:
+        """Persist per-recipient status after an attempt."""
+        data = json.dumps(item.state_dict(), separators=(",", ":")).encode()
+        await asyncio.to_thread(atomic_write, self.state_path(item), data, 0o600)
+
+    async def remove(self, item: QueueItem) -> None:
+        """Delete a finished item (message file first, so a crash leaves at most a stale state)."""
+        self.items.pop(item.id, None)
+
+        def unlink_both() -> None:
+            _unlink(item.path)
+            _unlink(self.state_path(item))
+            fsync_dir(self.directory)
+
+        await asyncio.to_thread(unlink_both)
+
+    def state_path(self, item: QueueItem) -> Path:
+        return self.directory / f"{item.id}{STATE_SUFFIX}"
+
+
+def _envelope_dict(item: QueueItem) -> dict[str, Any]:
+    return {
+        "id": item.id,
+        "sender": item.sender,
+        "recipients": [{"address": r.address, "params": r.params} for r in item.recipients],
+        "created": item.created,
+        "meta": item.meta,
+    }
+
+
+def _write_durably(path: Path, chunks: list[bytes]) -> None:
+    tmp = path.with_name("." + path.name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            for chunk in chunks:
+                write_all(fd, chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _read_item(path: Path) -> QueueItem:
+    with open(path, "rb") as handle:
+        first = handle.readline(1024 * 1024)
+        size = os.fstat(handle.fileno()).st_size - len(first)
+    if not first.startswith(MAGIC) or not first.endswith(b"\n"):
+        raise ValueError("not a mailrelay queue file")
+    env = json.loads(first[len(MAGIC):])
+    recipients = [Recipient(r["address"], params=r.get("params", {})) for r in env["recipients"]]
+    item = QueueItem(
+        id=env["id"], sender=env["sender"], recipients=recipients, created=env["created"],
+        size=size, path=path, meta=env.get("meta", {}), body_offset=len(first),
+    )
+    state_path = path.with_suffix(STATE_SUFFIX)
+    try:
+        state = json.loads(state_path.read_bytes())
+    except FileNotFoundError:
+        return item
+    except ValueError:
+        log.error("queue: unreadable state %s; delivery restarts for every recipient", state_path)
+        return item
+    item.attempts = state.get("attempts", 0)
+    item.next_attempt = state.get("next_attempt", 0.0)
+    item.last_attempt = state.get("last_attempt", 0.0)
+    by_address = {r["address"]: r for r in state.get("recipients", [])}
+    for rcpt in item.recipients:
+        saved = by_address.get(rcpt.address)
+        if saved:
+            rcpt.status = saved.get("status", PENDING)
+            rcpt.attempts = saved.get("attempts", 0)
+            rcpt.last_error = saved.get("last_error", "")
+    return item
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _move_aside(path: Path) -> None:
+    aside = path.parent / "corrupt"
+    try:
+        aside.mkdir(exist_ok=True, mode=0o700)
+        os.replace(path, aside / path.name)
+    except OSError:
+        pass
