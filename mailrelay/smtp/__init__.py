@@ -1,0 +1,1 @@
+"""Inbound SMTP: listeners, sessions and their policy."""

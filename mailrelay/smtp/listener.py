@@ -1,0 +1,111 @@
+"""Listening sockets: accept connections, enforce connection limits, run sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+from collections import Counter
+
+from .session import Backend, Port, Session
+
+log = logging.getLogger("mailrelay.smtp")
+
+TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
+class ConnectionLimits:
+    """Counts open connections in total and per client IP."""
+
+    def __init__(self, max_total: int, max_per_ip: int):
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip
+        self.total = 0
+        self.per_ip: Counter[str] = Counter()
+
+    def try_acquire(self, ip: str) -> bool:
+        if self.total >= self.max_total or self.per_ip[ip] >= self.max_per_ip:
+            return False
+        self.total += 1
+        self.per_ip[ip] += 1
+        return True
+
+    def release(self, ip: str) -> None:
+        self.total -= 1
+        self.per_ip[ip] -= 1
+        if self.per_ip[ip] <= 0:
+            del self.per_ip[ip]
+
+
+class Listeners:
+    """All listening sockets of the server, sharing one set of connection limits."""
+
+    def __init__(self, backend: Backend, limits: ConnectionLimits):
+        self.backend = backend
+        self.limits = limits
+        self.servers: list[asyncio.Server] = []
+        self.sessions: set[asyncio.Task[None]] = set()
+        self._ids = itertools.count(1)
+        self._prefix = f"{os.getpid():x}"
+
+    async def start(self, port: Port, host: str, number: int) -> asyncio.Server:
+        ssl_context = self.backend.tls_context() if port is Port.SUBMISSION_TLS else None
+        if port is Port.SUBMISSION_TLS and ssl_context is None:
+            raise RuntimeError("submission_tls needs a certificate")
+        server = await asyncio.start_server(
+            lambda r, w: self._on_connect(port, r, w),
+            host=host, port=number, ssl=ssl_context,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if ssl_context else None,
+            reuse_address=True, backlog=1024,
+            family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+        )
+        self.servers.append(server)
+        return server
+
+    async def _on_connect(
+        self, port: Port, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        ip = peer[0]
+        session_id = f"{self._prefix}.{next(self._ids)}"
+        if not self.limits.try_acquire(ip):
+            log.info("session %s: too many connections (from %s), refused", session_id, ip)
+            writer.write(b"421 4.7.0 Too many connections, try again later\r\n")
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(writer.drain(), 5)
+            writer.close()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self.sessions.add(task)
+        log.info("session %s: connect from %s:%s to %s", session_id, ip, peer[1], port.value)
+        try:
+            await Session(self.backend, port, reader, writer, session_id).run()
+        except asyncio.CancelledError:
+            # Cut off at shutdown. This task is the connection's top level: ending it
+            # quietly keeps asyncio (3.11) from logging the cancellation as an error.
+            writer.close()
+        finally:
+            self.sessions.discard(task)
+            self.limits.release(ip)
+            log.debug("session %s: closed", session_id)
+
+    def close(self) -> None:
+        """Stop accepting new connections (sessions in flight go on)."""
+        for server in self.servers:
+            server.close()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for sessions in flight, then cut off the rest."""
+        if self.sessions:
+            _, pending = await asyncio.wait(list(self.sessions), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+
+    def addresses(self) -> list[tuple[str, int]]:
+        return [s.getsockname()[:2] for server in self.servers for s in server.sockets]

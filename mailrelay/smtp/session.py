@@ -1,0 +1,511 @@
+"""One SMTP session: the command state machine (RFC 5321) with ESMTP extensions.
+
+Policy (who may relay, which recipients exist, what happens to the message) lives in the
+``Backend``; the session only speaks the protocol. Every reply carries an enhanced status
+code (RFC 3463). Nothing a client sends can raise out of here: unexpected errors become a
+``451 4.3.0`` reply and a log line, never a traceback on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+from .parse import Path, SyntaxErrorReply, decode_xtext, parse_path, split_command
+from .stream import ClientGone, LineTooLong, SMTPStream
+
+log = logging.getLogger("mailrelay.smtp")
+
+COMMAND_LINE_LIMIT = 1000  # RFC 5321 4.5.3.1.4 (512), raised for long AUTH lines
+AUTH_LINE_LIMIT = 12288  # RFC 4954 4: at least 12288 octets for AUTH responses
+# Verbs of other protocols: a browser or proxy talking to us (ALPACA) gets no reply at all.
+FOREIGN_VERBS = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DELETE",
+                           "USER", "PASS"})
+
+
+class Port(Enum):
+    SMTP = "smtp"  # port 25: inbound mail for our domains
+    SUBMISSION = "submission"  # 587: STARTTLS then AUTH required
+    SUBMISSION_TLS = "submission_tls"  # 465: implicit TLS, AUTH required
+
+    @property
+    def requires_auth(self) -> bool:
+        return self is not Port.SMTP
+
+
+@dataclass
+class Envelope:
+    sender: str | None = None
+    sender_params: dict[str, str | None] = field(default_factory=dict)
+    recipients: list[str] = field(default_factory=list)
+    recipient_params: list[dict[str, str | None]] = field(default_factory=list)
+    smtputf8: bool = False
+
+
+@dataclass
+class SessionInfo:
+    """What the backend may consult about the session."""
+
+    port: Port
+    peer_ip: str
+    peer_port: int
+    helo: str = ""
+    esmtp: bool = False
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    user: str | None = None  # authenticated address
+    session_id: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_version is not None
+
+
+class Backend(Protocol):
+    hostname: str
+    max_message_size: int
+    max_recipients: int
+    command_timeout: float
+    max_errors: int
+
+    def tls_context(self) -> ssl.SSLContext | None: ...
+
+    async def authenticate(self, info: SessionInfo, username: str, password: str) -> str:
+        """The reply for an AUTH attempt; on success sets ``info.user``."""
+        ...
+
+    async def check_sender(self, info: SessionInfo, path: Path) -> str | None:
+        """None to accept MAIL FROM, else the refusal reply."""
+        ...
+
+    async def check_recipient(
+        self, info: SessionInfo, envelope: Envelope, address: str
+    ) -> str | None:
+        """None to accept RCPT TO, else the refusal reply."""
+        ...
+
+    async def accept_message(self, info: SessionInfo, envelope: Envelope, body: bytes) -> str:
+        """Store the message durably and return the final reply (250 only once it is on disk)."""
+        ...
+
+
+class CloseSession(Exception):
+    """End the session after sending ``reply`` (if any)."""
+
+    def __init__(self, reply: str | None = None):
+        super().__init__(reply)
+        self.reply = reply
+
+
+class Session:
+    def __init__(
+        self,
+        backend: Backend,
+        port: Port,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        session_id: str,
+    ):
+        self.backend = backend
+        self.stream = SMTPStream(reader)
+        self.writer = writer
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        self.info = SessionInfo(port=port, peer_ip=peer[0], peer_port=peer[1],
+                                session_id=session_id)
+        self.envelope = Envelope()
+        self.errors = 0
+        self._note_tls()
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _note_tls(self) -> None:
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.info.tls_version = ssl_object.version()
+            cipher = ssl_object.cipher()
+            self.info.tls_cipher = cipher[0] if cipher else None
+
+    def send(self, reply: str | list[str]) -> None:
+        """Queue a reply; it is flushed before we wait for more input (pipelining)."""
+        lines = [reply] if isinstance(reply, str) else reply
+        out = []
+        for i, line in enumerate(lines):
+            code, text = line[:3], line[4:]
+            sep = " " if i == len(lines) - 1 else "-"
+            out.append(f"{code}{sep}{text}\r\n")
+        self.writer.write("".join(out).encode("utf-8", "replace"))
+        if lines[-1][:1] in "45":
+            self._count_error(lines[-1])
+
+    def _count_error(self, reply: str) -> None:
+        # Transient replies caused by us (queue trouble) do not count against the client.
+        if reply.startswith(("421", "451", "452", "454")):
+            return
+        self.errors += 1
+
+    async def flush(self) -> None:
+        await self.writer.drain()
+
+    async def read_line(self, limit: int = COMMAND_LINE_LIMIT) -> bytes:
+        if not self.stream.has_buffered_input():
+            await self.flush()
+        try:
+            async with asyncio.timeout(self.backend.command_timeout):
+                return await self.stream.readline(limit)
+        except TimeoutError:
+            raise CloseSession(f"421 4.4.2 {self.backend.hostname} Timeout, closing") from None
+
+    # -- main loop ------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            self.send(f"220 {self.backend.hostname} ESMTP mailrelay")
+            while True:
+                if self.errors >= self.backend.max_errors:
+                    raise CloseSession("421 4.7.0 Too many errors, closing")
+                try:
+                    raw = await self.read_line()
+                except LineTooLong:
+                    self.send("500 5.5.2 Line too long")
+                    continue
+                await self.handle_line(raw)
+        except CloseSession as close:
+            if close.reply:
+                self.send(close.reply)
+        except (ClientGone, ConnectionError, ssl.SSLError):
+            pass
+        except Exception:
+            log.exception("session %s: internal error", self.info.session_id)
+            self.send("421 4.3.0 Internal error, closing")
+        finally:
+            await self._close()
+
+    async def _close(self) -> None:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(self.writer.drain(), 5)
+        self.writer.close()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(self.writer.wait_closed(), 5)
+
+    async def handle_line(self, raw: bytes) -> None:
+        if b"\x00" in raw:
+            self.send("500 5.5.2 NUL character not allowed")
+            return
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.send("500 5.5.2 Invalid UTF-8 in command")
+            return
+        verb, arg = split_command(line)
+        if verb in FOREIGN_VERBS:
+            log.info("session %s: %s from %s, closing", self.info.session_id, verb,
+                     self.info.peer_ip)
+            raise CloseSession(None)
+        handler = getattr(self, f"cmd_{verb}", None) if verb.isalpha() else None
+        if handler is None:
+            self.send("500 5.5.1 Command unrecognized")
+            return
+        try:
+            await handler(arg)
+        except SyntaxErrorReply as exc:
+            self.send(exc.reply)
+
+    # -- commands -------------------------------------------------------------
+
+    def _require_helo(self) -> bool:
+        if not self.info.helo:
+            self.send("503 5.5.1 Send HELO/EHLO first")
+            return False
+        return True
+
+    async def cmd_HELO(self, arg: str) -> None:
+        await self._greet(arg, esmtp=False)
+
+    async def cmd_EHLO(self, arg: str) -> None:
+        await self._greet(arg, esmtp=True)
+
+    async def _greet(self, arg: str, esmtp: bool) -> None:
+        if not arg or " " in arg or not arg.isprintable():
+            self.send(f"501 5.5.4 Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
+            return
+        self.info.helo = arg
+        self.info.esmtp = esmtp
+        self.envelope = Envelope()
+        if not esmtp:
+            self.send(f"250 {self.backend.hostname}")
+            return
+        lines = [
+            f"250 {self.backend.hostname}",
+            "250 PIPELINING",
+            f"250 SIZE {self.backend.max_message_size}",
+            "250 8BITMIME",
+            "250 SMTPUTF8",
+            "250 ENHANCEDSTATUSCODES",
+            "250 DSN",
+        ]
+        if not self.info.tls and self.backend.tls_context() is not None:
+            lines.append("250 STARTTLS")
+        if self.info.tls and self.info.port.requires_auth:
+            lines.append("250 AUTH PLAIN LOGIN")
+        self.send(lines)
+
+    async def cmd_NOOP(self, arg: str) -> None:
+        self.send("250 2.0.0 Ok")
+
+    async def cmd_RSET(self, arg: str) -> None:
+        self.envelope = Envelope()
+        self.send("250 2.0.0 Ok")
+
+    async def cmd_QUIT(self, arg: str) -> None:
+        raise CloseSession("221 2.0.0 Bye")
+
+    async def cmd_VRFY(self, arg: str) -> None:
+        self.send("252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
+
+    async def cmd_EXPN(self, arg: str) -> None:
+        self.send("502 5.5.1 EXPN not available")
+
+    async def cmd_HELP(self, arg: str) -> None:
+        self.send("214 2.0.0 See RFC 5321")
+
+    async def cmd_STARTTLS(self, arg: str) -> None:
+        context = self.backend.tls_context()
+        if arg:
+            self.send("501 5.5.4 Syntax: STARTTLS")
+            return
+        if self.info.tls:
+            self.send("503 5.5.1 TLS already active")
+            return
+        if context is None:
+            self.send("454 4.7.0 TLS not available")
+            return
+        if self.stream.has_buffered_input():
+            # Commands pipelined behind STARTTLS would run with TLS credit (CVE-2011-0411).
+            raise CloseSession("554 5.5.1 Pipelining not allowed after STARTTLS")
+        self.send("220 2.0.0 Ready to start TLS")
+        await self.flush()
+        try:
+            await self.writer.start_tls(context, ssl_handshake_timeout=30)
+        except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
+            log.info("session %s: TLS handshake failed from %s: %s", self.info.session_id,
+                     self.info.peer_ip, exc)
+            raise ClientGone() from None
+        # RFC 3207 4.2: forget everything learned before TLS.
+        self.stream.discard_buffer()
+        self.info.helo = ""
+        self.info.esmtp = False
+        self.envelope = Envelope()
+        self._note_tls()
+
+    async def cmd_AUTH(self, arg: str) -> None:
+        if not self._require_helo():
+            return
+        if not self.info.port.requires_auth:
+            self.send("503 5.5.1 AUTH not available on this port; use submission (587/465)")
+            return
+        if not self.info.tls:
+            self.send("538 5.7.11 Encryption required for requested authentication mechanism")
+            return
+        if self.info.user is not None:
+            self.send("503 5.5.1 Already authenticated")
+            return
+        if self.envelope.sender is not None:
+            self.send("503 5.5.1 AUTH not allowed during a mail transaction")
+            return
+        words = arg.split()
+        if not words or len(words) > 2:
+            self.send("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+            return
+        mechanism = words[0].upper()
+        initial = words[1] if len(words) == 2 else None
+        if mechanism == "PLAIN":
+            credentials = await self._auth_plain(initial)
+        elif mechanism == "LOGIN":
+            credentials = await self._auth_login(initial)
+        else:
+            self.send("504 5.5.4 Unrecognized authentication mechanism")
+            return
+        if credentials is None:
+            return
+        username, password = credentials
+        self.send(await self.backend.authenticate(self.info, username, password))
+
+    async def _auth_response(self, challenge: str) -> bytes | None:
+        """Send a 334 challenge and decode the client's answer; None if aborted or bad."""
+        self.send(f"334 {challenge}")
+        try:
+            answer = await self.read_line(AUTH_LINE_LIMIT)
+        except LineTooLong:
+            self.send("500 5.5.2 Line too long")
+            return None
+        if answer.strip() == b"*":
+            self.send("501 5.7.0 Authentication aborted")
+            return None
+        return self._b64(answer)
+
+    def _b64(self, text: bytes | str) -> bytes | None:
+        try:
+            if text in ("=", b"="):  # RFC 4954: a zero-length initial response
+                return b""
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            self.send("501 5.5.2 Cannot decode base64")
+            return None
+
+    async def _auth_plain(self, initial: str | None) -> tuple[str, str] | None:
+        blob = self._b64(initial) if initial is not None else await self._auth_response("")
+        if blob is None:
+            return None
+        fields = blob.split(b"\x00")
+        if len(fields) != 3:
+            self.send("501 5.5.2 Malformed AUTH PLAIN response")
+            return None
+        authzid, authcid, password = fields
+        try:
+            user, pw, authz = authcid.decode(), password.decode(), authzid.decode()
+        except UnicodeDecodeError:
+            self.send("501 5.5.2 Credentials are not UTF-8")
+            return None
+        if authz and authz.lower() != user.lower():
+            self.send("535 5.7.8 Authorization identity must match the login")
+            return None
+        return user, pw
+
+    async def _auth_login(self, initial: str | None) -> tuple[str, str] | None:
+        if initial is not None:
+            user_blob = self._b64(initial)
+        else:
+            user_blob = await self._auth_response(base64.b64encode(b"Username:").decode())
+        if user_blob is None:
+            return None
+        password_blob = await self._auth_response(base64.b64encode(b"Password:").decode())
+        if password_blob is None:
+            return None
+        try:
+            return user_blob.decode(), password_blob.decode()
+        except UnicodeDecodeError:
+            self.send("501 5.5.2 Credentials are not UTF-8")
+            return None
+
+    async def cmd_MAIL(self, arg: str) -> None:
+        if not self._require_helo():
+            return
+        if self.info.port.requires_auth and self.info.user is None:
+            self.send("530 5.7.0 Authentication required")
+            return
+        if self.envelope.sender is not None:
+            self.send("503 5.5.1 Nested MAIL command")
+            return
+        path = parse_path(arg, "FROM:", utf8_allowed=False, null_allowed=True)
+        reply = self._check_mail_params(path)
+        if reply is None:
+            reply = await self.backend.check_sender(self.info, path)
+        if reply is not None:
+            self.send(reply)
+            return
+        self.envelope = Envelope(sender=path.address, sender_params=path.params,
+                                 smtputf8="SMTPUTF8" in path.params)
+        self.send("250 2.1.0 Ok")
+
+    def _check_mail_params(self, path: Path) -> str | None:
+        params = path.params
+        if not self.info.esmtp and params:
+            return "555 5.5.4 Parameters need EHLO"
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit():
+                    return "501 5.5.4 Bad SIZE value"
+                if int(value) > self.backend.max_message_size:
+                    return "552 5.3.4 Message size exceeds fixed maximum message size"
+            elif key == "BODY":
+                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                    return "501 5.5.4 BODY must be 7BIT or 8BITMIME"
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    return "501 5.5.4 SMTPUTF8 takes no value"
+            elif key == "RET":
+                if (value or "").upper() not in ("FULL", "HDRS"):
+                    return "501 5.5.4 RET must be FULL or HDRS"
+            elif key == "ENVID":
+                if value is None or len(value) > 100:
+                    return "501 5.5.4 Bad ENVID"
+                decode_xtext(value)
+            elif key == "AUTH":
+                pass  # RFC 4954 5: accepted and not passed on
+            else:
+                return f"555 5.5.4 Unsupported parameter {key}"
+        return None
+
+    async def cmd_RCPT(self, arg: str) -> None:
+        if not self._require_helo():
+            return
+        if self.envelope.sender is None:
+            self.send("503 5.5.1 Need MAIL command first")
+            return
+        path = parse_path(arg, "TO:", utf8_allowed=self.envelope.smtputf8, null_allowed=False)
+        for key, value in path.params.items():
+            if key == "NOTIFY":
+                words = (value or "").upper().split(",")
+                if not value or not set(words) <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"} or (
+                    "NEVER" in words and len(words) > 1
+                ):
+                    self.send("501 5.5.4 Bad NOTIFY value")
+                    return
+            elif key == "ORCPT":
+                if value is None or ";" not in value:
+                    self.send("501 5.5.4 Bad ORCPT value")
+                    return
+                decode_xtext(value)
+            else:
+                self.send(f"555 5.5.4 Unsupported parameter {key}")
+                return
+        if len(self.envelope.recipients) >= self.backend.max_recipients:
+            self.send("452 4.5.3 Too many recipients")
+            return
+        reply = await self.backend.check_recipient(self.info, self.envelope, path.address)
+        if reply is not None:
+            self.send(reply)
+            return
+        if path.address not in self.envelope.recipients:
+            self.envelope.recipients.append(path.address)
+            self.envelope.recipient_params.append(path.params)
+        self.send("250 2.1.5 Ok")
+
+    async def cmd_DATA(self, arg: str) -> None:
+        if not self._require_helo():
+            return
+        if arg:
+            self.send("501 5.5.4 Syntax: DATA")
+            return
+        if self.envelope.sender is None:
+            self.send("503 5.5.1 Need MAIL command first")
+            return
+        if not self.envelope.recipients:
+            self.send("554 5.5.1 No valid recipients")
+            return
+        self.send("354 End data with <CR><LF>.<CR><LF>")
+        await self.flush()
+        started = time.monotonic()
+        try:
+            # A slow sender gets the whole command timeout for each chunk's silence,
+            # but not forever: DATA as a whole is bounded too.
+            async with asyncio.timeout(max(self.backend.command_timeout * 4, 60)):
+                result = await self.stream.read_data(self.backend.max_message_size)
+        except TimeoutError:
+            raise CloseSession(f"421 4.4.2 {self.backend.hostname} Timeout, closing") from None
+        envelope, self.envelope = self.envelope, Envelope()
+        if result.body is None:
+            self.send("552 5.3.4 Message size exceeds fixed maximum message size")
+            return
+        reply = await self.backend.accept_message(self.info, envelope, result.body)
+        log.debug("session %s: DATA of %d bytes in %.3fs", self.info.session_id,
+                  result.size, time.monotonic() - started)
+        self.send(reply)
