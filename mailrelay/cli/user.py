@@ -1,0 +1,146 @@
+"""``mailrelay user``: add, change, remove, list and test users of the local domains."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+
+from ..address import AddressError, normalize_domain, normalize_local, split
+from ..config import Config, load_config
+from ..errors import MailrelayError
+from ..users import USERS_FILE, UserDB
+
+
+def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser("user", parents=[common], help="manage users")
+    # -c is also accepted after the subcommand; SUPPRESS so that a subcommand
+    # without -c does not overwrite one given earlier with the default.
+    late = argparse.ArgumentParser(add_help=False)
+    late.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="DIR",
+                      help="configuration directory")
+    actions = parser.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+
+    add = actions.add_parser("add", parents=[late], help="add a user")
+    add.add_argument("address", metavar="ADDR", help="local@domain")
+    how = add.add_mutually_exclusive_group()
+    how.add_argument("--password-stdin", action="store_true",
+                     help="read the password from the first line of standard input")
+    how.add_argument("--receive-only", action="store_true",
+                     help="the user receives mail but cannot log in")
+    add.set_defaults(func=cmd_add)
+
+    passwd = actions.add_parser("passwd", parents=[late], help="change a user's password")
+    passwd.add_argument("address", metavar="ADDR", help="local@domain")
+    passwd.add_argument("--password-stdin", action="store_true",
+                        help="read the password from the first line of standard input")
+    passwd.set_defaults(func=cmd_passwd)
+
+    remove = actions.add_parser("remove", parents=[late], help="remove a user")
+    remove.add_argument("address", metavar="ADDR", help="local@domain")
+    remove.set_defaults(func=cmd_remove)
+
+    listing = actions.add_parser("list", parents=[late], help="list users")
+    listing.add_argument("domain", metavar="DOMAIN", nargs="?",
+                         help="only this domain (default: all)")
+    listing.set_defaults(func=cmd_list)
+
+    auth = actions.add_parser("authenticate", parents=[late],
+                              help="check a password (exit 0 if right, 1 if not)")
+    auth.add_argument("address", metavar="ADDR", help="local@domain")
+    auth.add_argument("--password-stdin", action="store_true",
+                      help="read the password from the first line of standard input")
+    auth.set_defaults(func=cmd_authenticate)
+
+
+def _domain_db(config: Config, domain: str) -> UserDB:
+    try:
+        domain = normalize_domain(domain)
+    except AddressError as exc:
+        raise MailrelayError(str(exc)) from None
+    if domain not in config.domains:
+        known = ", ".join(config.domains) if config.domains else "none"
+        raise MailrelayError(f"{domain} is not a local domain (known: {known}; "
+                             f"create {config.domain_dir(domain)}/ to add it)")
+    return UserDB.load(config.domain_dir(domain) / USERS_FILE, domain)
+
+
+def _user_db(config: Config, address: str) -> tuple[str, UserDB]:
+    """The normalised local part of ``address`` and its domain's database."""
+    try:
+        local, domain = split(address)
+    except AddressError:
+        raise MailrelayError(f"not an address: {address!r} (expected user@domain)") from None
+    return normalize_local(local), _domain_db(config, domain)
+
+
+def _read_password(from_stdin: bool, confirm: bool) -> str:
+    if from_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            raise MailrelayError("no password on standard input")
+        # Only the line ending goes: spaces may be part of the password.
+        return line.removesuffix("\n").removesuffix("\r")
+    password = getpass.getpass("Password: ")
+    if confirm and getpass.getpass("Repeat password: ") != password:
+        raise MailrelayError("passwords do not match")
+    return password
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    local, db = _user_db(config, args.address)
+    if local in db:
+        raise MailrelayError(f"user {local}@{db.domain} already exists "
+                             "(use `mailrelay user passwd` to change the password)")
+    if args.receive_only:
+        db.add_receive_only(local)
+    else:
+        db.set_password(local, _read_password(args.password_stdin, confirm=True))
+    db.save()
+    note = " (receive-only)" if args.receive_only else ""
+    print(f"added {local}@{db.domain}{note}")
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    local, db = _user_db(config, args.address)
+    if local not in db:
+        raise MailrelayError(f"no such user: {local}@{db.domain}")
+    db.set_password(local, _read_password(args.password_stdin, confirm=True))
+    db.save()
+    print(f"password changed for {local}@{db.domain}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    local, db = _user_db(config, args.address)
+    if not db.remove(local):
+        raise MailrelayError(f"no such user: {local}@{db.domain}")
+    db.save()
+    print(f"removed {local}@{db.domain}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    domains = [args.domain] if args.domain else list(config.domains)
+    for domain in domains:
+        db = _domain_db(config, domain)
+        for name in db.names():
+            note = "" if db.can_login(name) else " (receive-only)"
+            print(f"{name}@{db.domain}{note}")
+    return 0
+
+
+def cmd_authenticate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    local, db = _user_db(config, args.address)
+    password = _read_password(args.password_stdin, confirm=False)
+    if db.check_password(local, password):
+        print("ok")
+        return 0
+    print("authentication failed")
+    return 1
