@@ -1,0 +1,1 @@
+"""Delivery of queued messages: to local mailboxes and to remote MX hosts."""

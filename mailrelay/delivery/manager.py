@@ -1,0 +1,239 @@
+"""Delivery scheduling: attempts, retries with backoff, give-up and bounces."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from ..address import domain_of
+from ..dsn import FailedRecipient, build_dsn, is_auto_generated
+from ..queue import FAILED, PENDING, SENT, Queue, QueueItem
+from .local import Maildirs
+from .remote import Outcome, RecipientResult, RemoteDelivery
+
+log = logging.getLogger("mailrelay.delivery")
+
+# A DSN is handed back to the server to be (signed and) queued like any message we create.
+EnqueueFn = Callable[[str, list[str], bytes], Awaitable[QueueItem]]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    retry_intervals: tuple[float, ...]
+    give_up_after: float
+    jitter: float = 0.1
+
+    def next_delay(self, attempts: int) -> float:
+        base = self.retry_intervals[min(max(attempts, 1), len(self.retry_intervals)) - 1]
+        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+def _enhanced_status(reply: str, default: str) -> str:
+    parts = reply.split()
+    if len(parts) > 1 and parts[1].count(".") == 2 and parts[1][0] in "245":
+        return parts[1]
+    if parts and parts[0].isdigit() and len(parts[0]) == 3:
+        return f"{parts[0][0]}.0.0"
+    return default
+
+
+class DeliveryManager:
+    def __init__(
+        self,
+        queue: Queue,
+        remote: RemoteDelivery,
+        maildirs: Maildirs,
+        is_local_domain: Callable[[str], bool],
+        enqueue: EnqueueFn,
+        schedule: Schedule,
+        reporting_mta: str,
+        concurrency: int = 20,
+    ):
+        self.queue = queue
+        self.remote = remote
+        self.maildirs = maildirs
+        self.is_local_domain = is_local_domain
+        self.enqueue = enqueue
+        self.schedule_policy = schedule
+        self.reporting_mta = reporting_mta
+        self.concurrency = concurrency
+        self._heap: list[tuple[float, int, str]] = []
+        self._due: dict[str, float] = {}
+        self._seq = itertools.count()
+        self._active: dict[str, asyncio.Task[None]] = {}
+        self._wakeup = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # -- scheduling -----------------------------------------------------------
+
+    def schedule(self, item: QueueItem, when: float | None = None) -> None:
+        when = item.next_attempt if when is None else when
+        self._due[item.id] = when
+        heapq.heappush(self._heap, (when, next(self._seq), item.id))
+        self._wakeup.set()
+
+    def flush(self, ids: list[str] | None = None) -> int:
+        """Retry now (all items, or the given ones); returns how many were scheduled."""
+        wanted = ids if ids is not None else list(self.queue.items)
+        items = [self.queue.items[i] for i in wanted if i in self.queue.items]
+        for item in items:
+            self.schedule(item, 0.0)
+        return len(items)
+
+    def start(self) -> None:
+        self._runner = asyncio.create_task(self._run(), name="delivery-scheduler")
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Stop starting attempts; wait (bounded) for attempts in flight."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._runner:
+            await self._runner
+        if self._active:
+            _, pending = await asyncio.wait(list(self._active.values()), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            now = time.time()
+            while self._heap and self._heap[0][0] <= now and len(self._active) < self.concurrency:
+                when, _, item_id = heapq.heappop(self._heap)
+                if self._due.get(item_id) != when or item_id in self._active:
+                    continue  # superseded by a newer schedule, or already running
+                item = self.queue.items.get(item_id)
+                del self._due[item_id]
+                if item is None:
+                    continue
+                task = asyncio.create_task(self._attempt(item), name=f"deliver-{item_id}")
+                self._active[item_id] = task
+                task.add_done_callback(lambda t, i=item_id: self._finished(i, t))
+            self._wakeup.clear()
+            timeout = None
+            if self._heap and len(self._active) < self.concurrency:
+                timeout = max(0.0, self._heap[0][0] - time.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    def _finished(self, item_id: str, task: asyncio.Task[None]) -> None:
+        self._active.pop(item_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery of %s failed unexpectedly", item_id, exc_info=task.exception())
+            item = self.queue.items.get(item_id)
+            if item is not None and not self._stopping:
+                self.schedule(item, time.time() + self.schedule_policy.next_delay(item.attempts))
+        self._wakeup.set()
+
+    # -- one attempt ----------------------------------------------------------
+
+    async def _attempt(self, item: QueueItem) -> None:
+        pending = item.pending
+        if not pending:
+            await self.queue.remove(item)
+            return
+        data = await asyncio.to_thread(item.read_data)
+        by_domain: dict[str, list[str]] = defaultdict(list)
+        for rcpt in pending:
+            by_domain[domain_of(rcpt.address)].append(rcpt.address)
+
+        jobs = []
+        for domain, addresses in by_domain.items():
+            if self.is_local_domain(domain):
+                jobs.append(self._deliver_local(item.sender, addresses, data))
+            else:
+                jobs.append(self.remote.deliver(domain, item.sender, addresses, data))
+        results = [r for batch in await asyncio.gather(*jobs) for r in batch]
+        await self._record(item, results)
+
+    async def _deliver_local(
+        self, sender: str, addresses: list[str], data: bytes
+    ) -> list[RecipientResult]:
+        results = []
+        for address in addresses:
+            try:
+                await asyncio.to_thread(self.maildirs.deliver, address, sender, data)
+                results.append(RecipientResult(address, Outcome.SENT, "250 2.0.0 delivered",
+                                               "local"))
+            except OSError as exc:
+                results.append(RecipientResult(address, Outcome.TEMPORARY,
+                                               f"451 4.3.0 mailbox write failed: {exc.strerror}",
+                                               "local"))
+        return results
+
+    async def _record(self, item: QueueItem, results: list[RecipientResult]) -> None:
+        now = time.time()
+        item.attempts += 1
+        item.last_attempt = now
+        by_address = {r.address: r for r in item.recipients}
+        failed: list[FailedRecipient] = []
+        give_up = now - item.created >= self.schedule_policy.give_up_after
+        for result in results:
+            rcpt = by_address[result.address]
+            rcpt.attempts += 1
+            rcpt.last_error = "" if result.outcome is Outcome.SENT else result.reply
+            log.info("delivery %s to=<%s> status=%s host=%s tls=%s reply=%r", item.id,
+                     result.address, result.outcome.value, result.remote_host or "-",
+                     result.tls, result.reply)
+            if result.outcome is Outcome.SENT:
+                rcpt.status = SENT
+            elif result.outcome is Outcome.PERMANENT or give_up:
+                rcpt.status = FAILED
+                reply = result.reply
+                status = _enhanced_status(reply, "5.0.0")
+                if result.outcome is Outcome.TEMPORARY:
+                    status = "4.4.7"
+                    reply = f"{reply} (gave up after {self.schedule_policy.give_up_after:.0f}s)"
+                failed.append(FailedRecipient(
+                    address=rcpt.address, status=status, diagnostic=f"smtp; {reply}",
+                    remote_mta=result.remote_host if result.remote_host != "local" else None,
+                    original_recipient=rcpt.params.get("ORCPT"),
+                ))
+        if failed:
+            await self._bounce(item, failed)
+        if not any(r.status == PENDING for r in item.recipients):
+            await self.queue.remove(item)
+            log.info("queue %s: done", item.id)
+            return
+        item.next_attempt = now + self.schedule_policy.next_delay(item.attempts)
+        await self.queue.save_state(item)
+        if not self._stopping:
+            self.schedule(item)
+
+    async def _bounce(self, item: QueueItem, failed: list[FailedRecipient]) -> None:
+        """Tell the sender, unless that could loop (null sender, auto-generated mail)."""
+        wanted = [f for f in failed if _notify_failure(item, f.address)]
+        if not item.sender or not wanted:
+            log.info("queue %s: %d recipient(s) failed, no DSN (sender <%s>)", item.id,
+                     len(failed), item.sender)
+            return
+        data = await asyncio.to_thread(item.read_data)
+        if is_auto_generated(data):
+            log.info("queue %s: failed auto-generated message, no DSN", item.id)
+            return
+        dsn = build_dsn(
+            reporting_mta=self.reporting_mta, original_sender=item.sender,
+            original_message=data, recipients=wanted, arrival_date=item.created,
+            envid=item.meta.get("envid"), return_full=item.meta.get("ret") == "FULL",
+        )
+        bounce = await self.enqueue("", [item.sender], dsn)
+        log.info("queue %s: DSN %s to <%s> for %s", item.id, bounce.id, item.sender,
+                 ", ".join(f.address for f in wanted))
+
+
+def _notify_failure(item: QueueItem, address: str) -> bool:
+    for rcpt in item.recipients:
+        if rcpt.address == address:
+            notify = rcpt.params.get("NOTIFY")
+            return notify is None or "FAILURE" in notify.upper().split(",")
+    return True
