@@ -121,6 +121,7 @@ class LimitSettings:
     max_connections_per_ip: int = 50
     auth_failures_per_ip: int = 5
     auth_block_time: float = 600.0
+    auth_failure_delay: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -331,6 +332,7 @@ def load_config(config_dir: Path | str) -> Config:
         "max_connections_per_ip": _scalar_of(_as_positive_int),
         "auth_failures_per_ip": _scalar_of(_as_positive_int),
         "auth_block_time": _scalar_of(parse_duration),
+        "auth_failure_delay": _scalar_of(parse_duration),
     }, LimitSettings))
 
     return Config(

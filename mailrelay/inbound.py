@@ -1,0 +1,147 @@
+"""Inbound policy: what the SMTP sessions may do, and how accepted mail reaches the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import ssl
+from collections.abc import Callable
+
+from .address import AddressError, normalize, normalize_local, split
+from .config import Config
+from .message import protocol_name, received_header
+from .queue import Queue, QueueFullError, QueueItem, Recipient, new_id
+from .smtp.parse import Path
+from .smtp.session import Envelope, SessionInfo
+from .smtp.throttle import AuthThrottle
+from .users import Users
+
+log = logging.getLogger("mailrelay.smtp")
+
+
+class InboundPolicy:
+    """The ``Backend`` of SMTP sessions (see smtp.session.Backend)."""
+
+    def __init__(
+        self,
+        config: Config,
+        users: Callable[[], Users],
+        queue: Queue,
+        on_queued: Callable[[QueueItem], None],
+        tls_context: ssl.SSLContext | None,
+    ):
+        self.config = config
+        self.hostname = config.hostname
+        self.max_message_size = config.limits.max_message_size
+        self.max_recipients = config.limits.max_recipients
+        self.command_timeout = config.limits.command_timeout
+        self.max_errors = config.limits.max_errors
+        self._users = users
+        self.queue = queue
+        self.on_queued = on_queued
+        self._tls_context = tls_context
+        self.throttle = AuthThrottle(
+            config.limits.auth_failures_per_ip, config.limits.auth_block_time,
+            delay_step=config.limits.auth_failure_delay,
+        )
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        return self._tls_context
+
+    # -- AUTH -----------------------------------------------------------------
+
+    async def authenticate(self, info: SessionInfo, username: str, password: str) -> str:
+        ip = info.peer_ip
+        if self.throttle.blocked(ip):
+            log.warning("auth blocked: ip=%s user=%r (too many failures)", ip, username[:100])
+            return "454 4.7.0 Too many failed logins, try again later"
+        # scrypt takes tens of milliseconds: keep it off the event loop.
+        user = await asyncio.to_thread(self._users().authenticate, username, password)
+        if user is None:
+            delay = self.throttle.failure(ip)
+            log.warning("auth failed: ip=%s user=%r", ip, username[:100])
+            if delay:
+                await asyncio.sleep(delay)
+            return "535 5.7.8 Authentication credentials invalid"
+        self.throttle.success(ip)
+        info.user = user
+        log.info("auth ok: ip=%s user=%s session=%s", ip, user, info.session_id)
+        return "235 2.7.0 Authentication successful"
+
+    # -- envelope -------------------------------------------------------------
+
+    async def check_sender(self, info: SessionInfo, path: Path) -> str | None:
+        if info.user is None:
+            return None  # inbound mail: any sender (SPF checks come on top of this)
+        if path.is_null or not self.may_send_as(info.user, path.address):
+            log.info("sender refused: user=%s from=<%s>", info.user, path.address)
+            return f"550 5.7.1 Not authorised to send as <{path.address}>"
+        return None
+
+    def may_send_as(self, user: str, address: str) -> bool:
+        """The user's own address, also with a +suffix (me+tag@example.com)."""
+        try:
+            local, domain = split(normalize(address))
+        except AddressError:
+            return False
+        user_local, user_domain = split(user)
+        base = local.split("+", 1)[0]
+        return domain == user_domain and base == normalize_local(user_local)
+
+    async def check_recipient(
+        self, info: SessionInfo, envelope: Envelope, address: str
+    ) -> str | None:
+        try:
+            local, domain = split(normalize(address))
+        except AddressError:
+            return f"550 5.1.2 <{address}>: address literals are not accepted"
+        if self.config.is_local_domain(domain):
+            if self._users().exists(f"{local}@{domain}"):
+                return None
+            log.info("rcpt refused: ip=%s to=<%s> (unknown user)", info.peer_ip, address)
+            return f"550 5.1.1 <{address}>: no such user here"
+        if info.user is not None:
+            return None
+        log.info("relay refused: ip=%s from=<%s> to=<%s>", info.peer_ip, envelope.sender, address)
+        return f"554 5.7.1 <{address}>: Relay access denied"
+
+    # -- DATA -----------------------------------------------------------------
+
+    async def accept_message(self, info: SessionInfo, envelope: Envelope, body: bytes) -> str:
+        assert envelope.sender is not None
+        item_id = new_id()
+        tls = f"{info.tls_version} {info.tls_cipher}" if info.tls else None
+        received = received_header(
+            helo=info.helo, peer_ip=info.peer_ip, hostname=self.hostname, queue_id=item_id,
+            protocol=protocol_name(info.esmtp, info.tls, info.user is not None),
+            recipient=envelope.recipients[0] if len(envelope.recipients) == 1 else None,
+            tls=tls,
+        )
+        recipients = [
+            Recipient(addr, params={k: v for k, v in params.items() if v is not None})
+            for addr, params in zip(envelope.recipients, envelope.recipient_params, strict=True)
+        ]
+        meta = {"client_ip": info.peer_ip, "helo": info.helo}
+        if info.user:
+            meta["user"] = info.user
+        for key, name in (("RET", "ret"), ("ENVID", "envid")):
+            value = envelope.sender_params.get(key)
+            if value:
+                meta[name] = value.upper() if key == "RET" else value
+        try:
+            item = await self.queue.put(envelope.sender, recipients, [received, body], meta,
+                                        item_id=item_id)
+        except QueueFullError as exc:
+            log.warning("queue refused message from %s: %s", info.peer_ip, exc)
+            return "452 4.3.1 Insufficient system storage, try again later"
+        except OSError as exc:
+            log.error("queue write failed: %s", exc)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return "452 4.3.1 Insufficient system storage, try again later"
+            return "451 4.3.0 Local error in processing, try again later"
+        log.info("queued %s from=<%s> to=%s size=%d ip=%s user=%s", item.id, item.sender,
+                 ",".join(f"<{r}>" for r in envelope.recipients), item.size, info.peer_ip,
+                 info.user or "-")
+        self.on_queued(item)
+        return f"250 2.0.0 Ok: queued as {item.id}"
