@@ -1,0 +1,130 @@
+"""A real SMTP server (aiosmtpd) standing in for a remote MX host.
+
+It records what it receives and can be told to answer with errors, per command, to
+exercise retries and bounces. It runs in its own thread and event loop (aiosmtpd's
+Controller), so the server under test talks to it over real loopback sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP as AioSMTP
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    data: bytes
+    tls: bool
+    peer: str
+
+
+@dataclass
+class SinkBehaviour:
+    """Replies to use instead of 250; a callable gets the address (or None for DATA)."""
+
+    mail: str | None = None
+    rcpt: Callable[[str], str | None] | None = None
+    data: str | None = None
+
+
+class _Handler:
+    def __init__(self, sink: SinkBehaviourHolder):
+        self.sink = sink
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.sink.behaviour.mail:
+            return self.sink.behaviour.mail
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        rule = self.sink.behaviour.rcpt
+        reply = rule(address) if rule else None
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.sink.behaviour.data:
+            return self.sink.behaviour.data
+        self.sink.record(Received(
+            sender=envelope.mail_from, recipients=list(envelope.rcpt_tos),
+            data=envelope.original_content, tls=session.ssl is not None,
+            peer=session.peer[0],
+        ))
+        return "250 2.0.0 OK sink"
+
+
+@dataclass
+class SinkBehaviourHolder:
+    behaviour: SinkBehaviour = field(default_factory=SinkBehaviour)
+    messages: list[Received] = field(default_factory=list)
+    lock: threading.Condition = field(default_factory=threading.Condition)
+
+    def record(self, message: Received) -> None:
+        with self.lock:
+            self.messages.append(message)
+            self.lock.notify_all()
+
+
+class Sink:
+    def __init__(self, host: str, port: int, tls_context: ssl.SSLContext | None = None,
+                 hostname: str = "mx.remote.test"):
+        self.host = host
+        self.port = port
+        self.state = SinkBehaviourHolder()
+        handler = _Handler(self.state)
+        tls = tls_context
+
+        class _Controller(Controller):
+            def factory(self):
+                return AioSMTP(self.handler, hostname=hostname, tls_context=tls,
+                               data_size_limit=None, enable_SMTPUTF8=True)
+
+        self.controller = _Controller(handler, hostname=host, port=port)
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.state.messages
+
+    @property
+    def behaviour(self) -> SinkBehaviour:
+        return self.state.behaviour
+
+    @behaviour.setter
+    def behaviour(self, value: SinkBehaviour) -> None:
+        self.state.behaviour = value
+
+    def start(self) -> None:
+        self.controller.start()
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        """Block (in a thread) until ``count`` messages arrived; returns them."""
+        deadline = time.monotonic() + timeout
+        with self.state.lock:
+            while len(self.state.messages) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"sink {self.host}: {len(self.state.messages)} of {count} messages "
+                        f"after {timeout}s")
+                self.state.lock.wait(left)
+            return list(self.state.messages)
+
+    async def until(self, count: int, timeout: float = 10.0) -> list[Received]:
+        """Async form of wait_for, for tests running in the event loop."""
+        return await asyncio.to_thread(self.wait_for, count, timeout)
