@@ -43,3 +43,11 @@ def normalize(address: str) -> str:
 def domain_of(address: str) -> str:
     """The normalised domain of an address."""
     return normalize_domain(split(address)[1])
+
+
+def strip_suffix(local: str, separators: str = "+") -> str:
+    """``me+tag`` -> ``me``: the part before the first suffix separator (chasquid's rule)."""
+    for index, ch in enumerate(local):
+        if ch in separators and index > 0:
+            return local[:index]
+    return local

@@ -23,6 +23,19 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
+def _keep_owner(fd: int, path: Path) -> None:
+    """Give the new file the old one's owner: root editing a users file must not make it
+    unreadable for the unprivileged server."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+        # Not root: the file stays ours, as it would with any editor.
+        with contextlib.suppress(PermissionError):
+            os.fchown(fd, st.st_uid, st.st_gid)
+
+
 def atomic_write(path: Path | str, data: bytes, mode: int = 0o600, sync_dir: bool = True) -> None:
     """Replace ``path`` with ``data`` so readers see either the old or the new file.
 
@@ -35,6 +48,7 @@ def atomic_write(path: Path | str, data: bytes, mode: int = 0o600, sync_dir: boo
     try:
         try:
             os.fchmod(fd, mode)  # the umask may have narrowed it; never widened
+            _keep_owner(fd, path)
             write_all(fd, data)
             os.fsync(fd)
         finally:

@@ -8,7 +8,7 @@ import logging
 import ssl
 from collections.abc import Callable
 
-from .address import AddressError, normalize, normalize_local, split
+from .address import AddressError, normalize, normalize_local, split, strip_suffix
 from .config import Config
 from .message import protocol_name, received_header
 from .queue import Queue, QueueFullError, QueueItem, Recipient, new_id
@@ -86,8 +86,7 @@ class InboundPolicy:
         except AddressError:
             return False
         user_local, user_domain = split(user)
-        base = local.split("+", 1)[0]
-        return domain == user_domain and base == normalize_local(user_local)
+        return domain == user_domain and strip_suffix(local) == normalize_local(user_local)
 
     async def check_recipient(
         self, info: SessionInfo, envelope: Envelope, address: str
@@ -97,7 +96,7 @@ class InboundPolicy:
         except AddressError:
             return f"550 5.1.2 <{address}>: address literals are not accepted"
         if self.config.is_local_domain(domain):
-            if self._users().exists(f"{local}@{domain}"):
+            if self._users().mailbox_for(f"{local}@{domain}") is not None:
                 return None
             log.info("rcpt refused: ip=%s to=<%s> (unknown user)", info.peer_ip, address)
             return f"550 5.1.1 <{address}>: no such user here"

@@ -53,6 +53,7 @@ class Server:
         )
         self.delivery = DeliveryManager(
             self.queue, remote, Maildirs(config.data_dir / "mail"), config.is_local_domain,
+            local_mailbox=lambda address: self.users.mailbox_for(address),
             enqueue=self.enqueue_generated,
             schedule=Schedule(tuple(config.delivery.retry_intervals),
                               config.delivery.give_up_after),

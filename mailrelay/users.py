@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .address import AddressError, normalize_domain, normalize_local, split
+from .address import AddressError, normalize_domain, normalize_local, split, strip_suffix
 from .errors import ConfigError, MailrelayError
 from .fsutil import atomic_write
 
@@ -291,6 +291,18 @@ class Users:
         """Whether ``local@domain`` is a user (receive-only users count)."""
         found = self._lookup(address)
         return found is not None and found[0] in found[1]
+
+    def mailbox_for(self, address: str) -> str | None:
+        """The user that receives mail for ``address``: the exact user, else the user
+        before a ``+suffix`` (me+tag@example.com -> me@example.com); None if neither."""
+        found = self._lookup(address)
+        if found is None:
+            return None
+        local, db = found
+        for candidate in (local, strip_suffix(local)):
+            if candidate in db:
+                return f"{candidate}@{db.domain}"
+        return None
 
     def authenticate(self, username: str, password: str) -> str | None:
         """The normalised address if ``username`` (local@domain) has this password."""

@@ -141,3 +141,13 @@ async def test_sender_must_be_own_address(relay):
     response = await smtp.mail("me+tag@example.com")
     assert response.code == 250
     await smtp.quit()
+
+
+async def test_suffix_address_reaches_the_real_user(relay):
+    client = await RawSMTP.connect("127.0.0.1", relay.ports["smtp"])
+    await client.cmd("EHLO client.test")
+    code = await client.send_message("a@elsewhere.test", ["Me+Lists@Example.com"],
+                                     b"Subject: tagged\r\n\r\nhi\r\n")
+    assert code == 250
+    [stored] = await relay.wait_mailbox(1)
+    assert b"Delivered-To: Me+Lists@Example.com" in stored

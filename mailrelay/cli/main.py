@@ -15,11 +15,15 @@ from ..errors import MailrelayError
 COMMAND_MODULES = ("serve", "check", "user")
 
 
-def common_options() -> argparse.ArgumentParser:
-    """Options every command takes (so ``-c`` works after the command name too)."""
+def common_options(default: object = argparse.SUPPRESS) -> argparse.ArgumentParser:
+    """Options every command takes, so ``-c`` works before and after the command name.
+
+    Only the top-level parser has the real default: a subcommand's default would
+    overwrite a ``-c`` given before the command name.
+    """
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument(
-        "-c", "--config", default=str(DEFAULT_CONFIG_DIR), metavar="DIR",
+        "-c", "--config", default=default, metavar="DIR",
         help=f"configuration directory (default {DEFAULT_CONFIG_DIR})",
     )
     return parent
@@ -29,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = common_options()
     parser = argparse.ArgumentParser(
         prog="mailrelay", description="SMTP submission and relay server for your own domains.",
-        parents=[common],
+        parents=[common_options(str(DEFAULT_CONFIG_DIR))],
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:

@@ -33,7 +33,8 @@ class Maildirs:
         local, domain = split(address)
         return self.root / normalize_domain(domain) / mailbox_name(local)
 
-    def deliver(self, address: str, sender: str, data: bytes) -> Path:
+    def deliver(self, address: str, sender: str, data: bytes,
+                delivered_to: str | None = None) -> Path:
         """Store durably in ``new/`` (Maildir protocol: write to tmp, fsync, rename)."""
         global _counter
         maildir = self.path_for(address)
@@ -42,14 +43,19 @@ class Maildirs:
         _counter += 1
         unique = f"{time.time_ns()}.P{os.getpid()}Q{_counter}.{socket.gethostname()}"
         tmp = maildir / "tmp" / unique
-        headers = f"Return-Path: <{sender}>\r\nDelivered-To: {address}\r\n".encode()
+        headers = (f"Return-Path: <{sender}>\r\n"
+                   f"Delivered-To: {delivered_to or address}\r\n").encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            write_all(fd, headers)
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            try:
+                write_all(fd, headers)
+                write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         final = maildir / "new" / unique
         os.rename(tmp, final)
         fsync_dir(maildir / "new")

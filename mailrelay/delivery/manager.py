@@ -52,6 +52,7 @@ class DeliveryManager:
         remote: RemoteDelivery,
         maildirs: Maildirs,
         is_local_domain: Callable[[str], bool],
+        local_mailbox: Callable[[str], str | None],
         enqueue: EnqueueFn,
         schedule: Schedule,
         reporting_mta: str,
@@ -61,6 +62,7 @@ class DeliveryManager:
         self.remote = remote
         self.maildirs = maildirs
         self.is_local_domain = is_local_domain
+        self.local_mailbox = local_mailbox
         self.enqueue = enqueue
         self.schedule_policy = schedule
         self.reporting_mta = reporting_mta
@@ -161,8 +163,13 @@ class DeliveryManager:
     ) -> list[RecipientResult]:
         results = []
         for address in addresses:
+            mailbox = self.local_mailbox(address)
+            if mailbox is None:  # removed since the message was accepted
+                results.append(RecipientResult(address, Outcome.PERMANENT,
+                                               "550 5.1.1 no such user here", "local"))
+                continue
             try:
-                await asyncio.to_thread(self.maildirs.deliver, address, sender, data)
+                await asyncio.to_thread(self.maildirs.deliver, mailbox, sender, data, address)
                 results.append(RecipientResult(address, Outcome.SENT, "250 2.0.0 delivered",
                                                "local"))
             except OSError as exc:

@@ -91,7 +91,7 @@ class SMTPStream:
             if index >= 0:
                 self.buffer += data[index + len(END_OF_DATA):]
                 received += index
-                if overflow:
+                if overflow or index > max_size:
                     return DataResult(None, received)
                 body = bytes(data[2 : index + 2])
                 break
