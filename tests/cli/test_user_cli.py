@@ -206,3 +206,16 @@ def test_config_option_before_the_action(confdir, capsys):
     user_cli.register(parser.add_subparsers(dest="command", required=True), common)
     args = parser.parse_args(["user", "-c", str(confdir), "list"])
     assert args.config == str(confdir)
+
+
+def test_config_option_before_the_command(tmp_path):
+    """``mailrelay -c DIR user list`` must use DIR, not the default /etc/mailrelay."""
+    import subprocess
+    import sys
+
+    (tmp_path / "mailrelay.yaml").write_text("hostname: mail.example.com\ndata_dir: var\n")
+    (tmp_path / "domains" / "example.com").mkdir(parents=True)
+    for args in (["-c", str(tmp_path), "user", "list"], ["user", "list", "-c", str(tmp_path)]):
+        result = subprocess.run([sys.executable, "-m", "mailrelay.cli.main", *args],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr

@@ -123,3 +123,13 @@ async def test_queue_survives_restart(env):
         "friend0@remote.test", "friend1@remote.test", "friend2@remote.test"]
     assert len(sink.messages) == 3, "every item is delivered exactly once"
     assert list(queue_dir.glob("*.msg")) == []
+
+
+async def test_ipv6_only_mx(env):
+    env.add_mx("v6.test", (10, "mx.v6.test", "::1"))
+    sink = env.add_sink("::1")
+    await env.start()
+    await env.submit(["friend@v6.test"], MESSAGE)
+    [received] = await sink.until(1)
+    assert received.recipients == ["friend@v6.test"]
+    assert received.peer == "::1"
