@@ -36,6 +36,8 @@ def parse_size(value: Any) -> int:
         if value < 0:
             raise ValueError("a size cannot be negative")
         return value
+    if isinstance(value, float):
+        raise ValueError(f"a size is a whole number of bytes or has a unit, not {value!r}")
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"not a size: {value!r} (use e.g. 50MiB, 512KiB, 1000000)")
@@ -166,6 +168,11 @@ class _Reader:
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 raise self.error(f"{where}: keys must be plain names", key_node)
+            if key_node.value in result:
+                # YAML would silently keep the last one, hiding the first from the owner.
+                first = result[key_node.value][0].start_mark.line + 1
+                raise self.error(f"{where}: {key_node.value} given twice (first on line {first})",
+                                 key_node)
             result[key_node.value] = (key_node, value_node)
         return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 
@@ -11,7 +12,6 @@ _DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
 _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
 _DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
                      r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-_ADDRESS_LITERAL = re.compile(r"\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9]{1,3}(?:\.[0-9]{1,3}){3})\]")
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
 
@@ -55,6 +55,21 @@ def _valid_utf8_text(text: str) -> bool:
     )
 
 
+def _valid_address_literal(domain: str) -> bool:
+    """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` (RFC 5321 4.1.3)."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return False
+    inner = domain[1:-1]
+    try:
+        if inner[:5].upper() == "IPV6:":
+            ipaddress.IPv6Address(inner[5:])
+        else:
+            ipaddress.IPv4Address(inner)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_mailbox(text: str, utf8: bool) -> str:
     """Validate ``local@domain`` and return it; raise SyntaxErrorReply when malformed."""
     if len(text) > MAX_PATH:
@@ -80,7 +95,7 @@ def parse_mailbox(text: str, utf8: bool) -> str:
     if not (_DOT_STRING.fullmatch(ascii_local) or _QUOTED.fullmatch(ascii_local)):
         raise SyntaxErrorReply("501 5.1.3 Bad address syntax")
     if len(ascii_domain) > MAX_DOMAIN or not (
-        _DOMAIN.fullmatch(ascii_domain) or _ADDRESS_LITERAL.fullmatch(ascii_domain)
+        _DOMAIN.fullmatch(ascii_domain) or _valid_address_literal(ascii_domain)
     ):
         raise SyntaxErrorReply("501 5.1.2 Bad domain name")
     return text
@@ -103,12 +118,15 @@ def parse_path(arg: str, keyword: str, utf8_allowed: bool, null_allowed: bool) -
         if tail and not tail.startswith(" "):
             raise SyntaxErrorReply("501 5.5.4 Garbage after address")
     else:
-        # Lenient: a bare address without angle brackets, as many servers accept.
+        # Lenient: a bare address without angle brackets, as many servers accept;
+        # but the null path must be written <>.
         inner, _, tail = rest.partition(" ")
         tail = " " + tail if tail else ""
+        if not inner:
+            raise SyntaxErrorReply(f"501 5.5.4 Syntax: {keyword}<address>")
     if inner.startswith("@"):
         _route, colon, inner = inner.partition(":")
-        if not colon:
+        if not colon or not inner:
             raise SyntaxErrorReply("501 5.1.3 Bad source route")
     params = parse_params(tail)
     # SMTPUTF8 on MAIL itself allows a UTF-8 reverse-path (RFC 6531 3.4).
@@ -127,7 +145,9 @@ def parse_params(text: str) -> dict[str, str | None]:
     params: dict[str, str | None] = {}
     for word in text.split():
         key, eq, value = word.partition("=")
-        if not _ESMTP_KEYWORD.fullmatch(key) or (eq and not value):
+        # RFC 5321 4.1.2 esmtp-value: printable ASCII except "=".
+        bad_value = eq and (not value or not all(33 <= ord(c) <= 126 and c != "=" for c in value))
+        if not _ESMTP_KEYWORD.fullmatch(key) or bad_value:
             raise SyntaxErrorReply(f"501 5.5.4 Bad parameter {key[:20]!r}")
         key = key.upper()
         if key in params:
@@ -138,6 +158,8 @@ def parse_params(text: str) -> dict[str, str | None]:
 
 def decode_xtext(value: str) -> str:
     """RFC 3461 xtext (used by ENVID and ORCPT)."""
-    if any(ord(c) < 33 or ord(c) > 126 or c == "=" for c in value):
+    if any(ord(c) < 33 or ord(c) > 126 or c == "=" for c in value) or (
+        value.count("+") != len(_XTEXT_HEX.findall(value))
+    ):
         raise SyntaxErrorReply("501 5.5.4 Bad xtext value")
     return _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), value)

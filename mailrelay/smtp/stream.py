@@ -53,11 +53,13 @@ class SMTPStream:
             if index >= 0:
                 line = bytes(self.buffer[:index])
                 del self.buffer[: index + 1]
+                if line.endswith(b"\r"):
+                    line = line[:-1]
                 if len(line) > limit:
                     raise LineTooLong()
-                return line[:-1] if line.endswith(b"\r") else line
+                return line
             scanned = len(self.buffer)
-            if scanned > limit:
+            if scanned > limit + 1:  # + the CR of a CRLF not seen yet
                 # Do not buffer an endless line: throw it away up to its end.
                 await self._skip_line()
                 raise LineTooLong()
@@ -95,8 +97,10 @@ class SMTPStream:
                     return DataResult(None, received)
                 body = bytes(data[2 : index + 2])
                 break
-            if len(data) - 2 > max_size:
-                # Keep only the tail that could still be the start of the end marker.
+            # Not found yet, so the marker starts at len(data) - 4 or later: over the
+            # limit only once even that much is more than max_size. From then on, throw
+            # data away as it arrives, keeping the tail that could start the end marker.
+            if overflow or len(data) - (len(END_OF_DATA) - 1) > max_size:
                 overflow = True
                 received += len(data) - len(END_OF_DATA)
                 del data[: len(data) - len(END_OF_DATA)]

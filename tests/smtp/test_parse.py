@@ -308,8 +308,10 @@ def test_params_extra_spaces():
     assert parse_params("") == {}
 
 
-def test_params_value_may_contain_equals():
-    assert parse_params("ENVID=a=b") == {"ENVID": "a=b"}
+def test_params_value_may_not_contain_equals():
+    # RFC 5321 4.1.2: esmtp-value excludes "=" (xtext encodes it as +3D).
+    with pytest.raises(SyntaxErrorReply):
+        parse_params("ENVID=a=b")
 
 
 @pytest.mark.parametrize(
@@ -349,3 +351,27 @@ def test_decode_xtext(value, decoded):
 @pytest.mark.parametrize("value", ["a b", "a=b", "tab\there", "caf\u00e9", "\x7f", "line\r\n"])
 def test_decode_xtext_refuses_bad_characters(value):
     assert codes(refused(decode_xtext, value)) == ("501", "5.5.4")
+
+
+@pytest.mark.parametrize("arg", ["FROM:", "FROM: ", "FROM:<@a.test:>"])
+def test_null_path_must_be_written_as_angle_brackets(arg):
+    with pytest.raises(SyntaxErrorReply) as raised:
+        parse_path(arg, "FROM:", utf8_allowed=False, null_allowed=True)
+    assert raised.value.reply.startswith("501")
+
+
+@pytest.mark.parametrize("address", ["user@[300.1.1.1]", "user@[IPv6:::::]", "user@[1.2.3]"])
+def test_bad_address_literals(address):
+    with pytest.raises(SyntaxErrorReply):
+        parse_path(f"TO:<{address}>", "TO:", utf8_allowed=False, null_allowed=False)
+
+
+@pytest.mark.parametrize("value", ["a+zz", "+", "a+2b"])
+def test_xtext_plus_needs_two_upper_hex_digits(value):
+    with pytest.raises(SyntaxErrorReply):
+        decode_xtext(value)
+
+
+def test_param_values_are_printable_ascii():
+    with pytest.raises(SyntaxErrorReply):
+        parse_params(" SIZE=ü")

@@ -16,7 +16,7 @@ from mailrelay.smtp.parse import (  # noqa: E402
 
 # Arbitrary text, plus text built from the characters that matter to the parser so that
 # near-valid paths (and their edge cases) come up often.
-_SPECIAL = st.sampled_from(list('<>@:,."\\ =%[]-+') + ["FROM:", "TO:", "SMTPUTF8", "é", "\udcff"])
+_SPECIAL = st.sampled_from([*'<>@:,."\\ =%[]-+', "FROM:", "TO:", "SMTPUTF8", "é", "\udcff"])
 _TEXT = st.one_of(
     st.text(),
     st.lists(st.one_of(_SPECIAL, st.text(max_size=4)), max_size=30).map("".join),

@@ -1,0 +1,399 @@
+"""mailrelay.smtp.stream: command lines and DATA read from an asyncio.StreamReader."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mailrelay.smtp.stream import (
+    ClientGone,
+    DataResult,
+    LineTooLong,
+    SMTPStream,
+    normalize_line_endings,
+)
+
+
+class TrickleReader(asyncio.StreamReader):
+    """A StreamReader whose reads return at most ``chunk`` bytes: every split point."""
+
+    def __init__(self, chunk: int):
+        super().__init__()
+        self.chunk = chunk
+
+    async def read(self, n: int = -1) -> bytes:
+        return await super().read(self.chunk)
+
+
+def stream_of(*pieces: bytes, eof: bool = False) -> SMTPStream:
+    reader = asyncio.StreamReader()
+    for piece in pieces:
+        reader.feed_data(piece)
+    if eof:
+        reader.feed_eof()
+    return SMTPStream(reader)
+
+
+def trickle_stream(data: bytes, chunk: int) -> SMTPStream:
+    reader = TrickleReader(chunk)
+    reader.feed_data(data)
+    reader.feed_eof()
+    return SMTPStream(reader)
+
+
+async def feed_byte_by_byte(reader: asyncio.StreamReader, data: bytes) -> None:
+    for i in range(len(data)):
+        reader.feed_data(data[i : i + 1])
+        await asyncio.sleep(0)
+
+
+async def read_data_fed_byte_by_byte(data: bytes, max_size: int) -> tuple[DataResult, SMTPStream]:
+    reader = asyncio.StreamReader()
+    stream = SMTPStream(reader)
+    task = asyncio.create_task(stream.read_data(max_size))
+    await feed_byte_by_byte(reader, data)
+    reader.feed_eof()
+    return await asyncio.wait_for(task, 5), stream
+
+
+# --- readline ----------------------------------------------------------------------------
+
+
+async def test_readline_crlf():
+    stream = stream_of(b"EHLO client.test\r\nQUIT\r\n")
+    assert await stream.readline(100) == b"EHLO client.test"
+    assert await stream.readline(100) == b"QUIT"
+    assert not stream.has_buffered_input()
+
+
+async def test_readline_bare_lf():
+    stream = stream_of(b"HELO a\nNOOP\r\nQUIT\n")
+    assert await stream.readline(100) == b"HELO a"
+    assert await stream.readline(100) == b"NOOP"
+    assert await stream.readline(100) == b"QUIT"
+
+
+async def test_readline_empty_line_and_inner_cr():
+    stream = stream_of(b"\r\n\nA\rB\r\n")
+    assert await stream.readline(100) == b""
+    assert await stream.readline(100) == b""
+    assert await stream.readline(100) == b"A\rB"
+
+
+async def test_readline_keeps_pipelined_input_buffered():
+    stream = stream_of(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+    assert await stream.readline(100) == b"MAIL FROM:<a@b.test>"
+    assert stream.has_buffered_input()
+    stream.discard_buffer()
+    assert not stream.has_buffered_input()
+
+
+async def test_readline_line_split_across_feeds():
+    reader = asyncio.StreamReader()
+    stream = SMTPStream(reader)
+    task = asyncio.create_task(stream.readline(100))
+    await feed_byte_by_byte(reader, b"NOOP hello\r\nQUIT\r\n")
+    assert await asyncio.wait_for(task, 5) == b"NOOP hello"
+    assert await stream.readline(100) == b"QUIT"
+
+
+async def test_readline_too_long_then_next_line_readable():
+    stream = stream_of(b"X" * 500 + b"\r\nQUIT\r\n")
+    with pytest.raises(LineTooLong):
+        await stream.readline(100)
+    assert await stream.readline(100) == b"QUIT"
+
+
+async def test_readline_within_limit():
+    stream = stream_of(b"Y" * 99 + b"\n")
+    assert await stream.readline(100) == b"Y" * 99
+
+
+async def test_readline_longer_than_limit_arriving_in_pieces():
+    reader = asyncio.StreamReader()
+    stream = SMTPStream(reader)
+    task = asyncio.create_task(stream.readline(50))
+    for _ in range(20):
+        reader.feed_data(b"Z" * 30)
+        await asyncio.sleep(0)
+    assert not task.done()  # still skipping the over-long line
+    reader.feed_data(b"Z" * 7 + b"\r\nNOOP\r\n")
+    with pytest.raises(LineTooLong):
+        await asyncio.wait_for(task, 5)
+    assert await stream.readline(50) == b"NOOP"
+    # The discarded line was not kept around.
+    assert not stream.has_buffered_input()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+async def test_readline_too_long_trickled(chunk):
+    stream = trickle_stream(b"W" * 300 + b"\r\nRSET\r\n", chunk)
+    with pytest.raises(LineTooLong):
+        await stream.readline(100)
+    assert await stream.readline(100) == b"RSET"
+
+
+async def test_readline_client_gone_at_eof():
+    stream = stream_of(eof=True)
+    with pytest.raises(ClientGone):
+        await stream.readline(100)
+
+
+async def test_readline_client_gone_with_partial_line():
+    stream = stream_of(b"QUI", eof=True)
+    with pytest.raises(ClientGone):
+        await stream.readline(100)
+
+
+async def test_readline_client_gone_after_last_line():
+    stream = stream_of(b"QUIT\r\n", eof=True)
+    assert await stream.readline(100) == b"QUIT"
+    with pytest.raises(ClientGone):
+        await stream.readline(100)
+
+
+async def test_readline_client_gone_while_skipping_long_line():
+    stream = stream_of(b"V" * 300, eof=True)
+    with pytest.raises(ClientGone):
+        await stream.readline(100)
+
+
+# --- read_data ---------------------------------------------------------------------------
+
+MESSAGE = b"Subject: hi\r\n\r\nhello\r\nworld\r\n"
+
+
+async def test_read_data_simple():
+    stream = stream_of(MESSAGE + b".\r\n")
+    result = await stream.read_data(10_000)
+    assert result.body == MESSAGE
+    assert result.size == len(MESSAGE)
+    assert not stream.has_buffered_input()
+
+
+async def test_read_data_empty_message():
+    stream = stream_of(b".\r\n")
+    result = await stream.read_data(10_000)
+    assert result.body == b""
+    assert result.size == 0
+
+
+async def test_read_data_empty_message_after_an_earlier_command():
+    stream = stream_of(b"DATA\r\n.\r\nQUIT\r\n")
+    assert await stream.readline(100) == b"DATA"
+    result = await stream.read_data(10_000)
+    assert result.body == b""
+    assert await stream.readline(100) == b"QUIT"
+
+
+async def test_read_data_single_empty_line():
+    stream = stream_of(b"\r\n.\r\n")
+    result = await stream.read_data(10_000)
+    assert result.body == b"\r\n"
+
+
+async def test_read_data_dot_unstuffing():
+    wire = b"..first line\r\nmiddle\r\n..\r\n...three\r\n. space\r\nlast.\r\n.\r\n"
+    result = await stream_of(wire).read_data(10_000)
+    assert result.body == b".first line\r\nmiddle\r\n.\r\n..three\r\n space\r\nlast.\r\n"
+
+
+async def test_read_data_dot_unstuffing_of_a_lone_first_dot_line():
+    # "..\r\n" on the first line is a line holding one dot, not the end marker.
+    result = await stream_of(b"..\r\n.\r\n").read_data(10_000)
+    assert result.body == b".\r\n"
+
+
+async def test_read_data_no_dot_in_middle_of_line_is_removed():
+    result = await stream_of(b"a.b\r\nc .\r\n.\r\n").read_data(10_000)
+    assert result.body == b"a.b\r\nc .\r\n"
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4, 5, 6, 7])
+async def test_read_data_end_marker_at_every_split(chunk):
+    wire = b"line one\r\n..dotted\r\n" + b".\r\n" + b"QUIT\r\n"
+    stream = trickle_stream(wire, chunk)
+    result = await stream.read_data(10_000)
+    assert result.body == b"line one\r\n.dotted\r\n"
+    assert await stream.readline(100) == b"QUIT"
+
+
+async def test_read_data_fed_byte_by_byte():
+    result, stream = await read_data_fed_byte_by_byte(MESSAGE + b".\r\nQUIT\r\n", 10_000)
+    assert result.body == MESSAGE
+    assert result.size == len(MESSAGE)
+    assert await stream.readline(100) == b"QUIT"
+
+
+async def test_read_data_empty_message_fed_byte_by_byte():
+    result, stream = await read_data_fed_byte_by_byte(b".\r\nNOOP\r\n", 10_000)
+    assert result.body == b""
+    assert await stream.readline(100) == b"NOOP"
+
+
+async def test_read_data_pipelined_commands_remain_for_readline():
+    stream = stream_of(MESSAGE + b".\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n")
+    result = await stream.read_data(10_000)
+    assert result.body == MESSAGE
+    assert stream.has_buffered_input()
+    assert await stream.readline(100) == b"MAIL FROM:<a@b.test>"
+    assert await stream.readline(100) == b"RCPT TO:<c@d.test>"
+
+
+async def test_read_data_second_message_in_same_buffer():
+    stream = stream_of(b"one\r\n.\r\nDATA\r\ntwo\r\n.\r\n")
+    assert (await stream.read_data(100)).body == b"one\r\n"
+    assert await stream.readline(100) == b"DATA"
+    assert (await stream.read_data(100)).body == b"two\r\n"
+
+
+async def test_read_data_uses_input_buffered_by_readline():
+    stream = stream_of(b"DATA\r\nbody\r\n.\r\nQUIT\r\n")
+    assert await stream.readline(100) == b"DATA"
+    assert stream.has_buffered_input()
+    result = await stream.read_data(100)
+    assert result.body == b"body\r\n"
+    assert await stream.readline(100) == b"QUIT"
+
+
+async def test_read_data_over_max_size_is_discarded():
+    big = b"x" * 78 + b"\r\n"
+    message = big * 100  # 8000 bytes
+    stream = stream_of(message + b".\r\nQUIT\r\n")
+    result = await stream.read_data(1000)
+    assert result.body is None
+    assert result.size == len(message)
+    assert await stream.readline(100) == b"QUIT"
+
+
+async def test_read_data_over_max_size_in_one_read():
+    # The whole message (and the end marker) arrives in a single read.
+    stream = stream_of(b"y" * 200 + b"\r\n.\r\nNOOP\r\n")
+    result = await stream.read_data(50)
+    assert result.body is None
+    assert result.size == 202
+    assert await stream.readline(100) == b"NOOP"
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 100])
+async def test_read_data_over_max_size_trickled(chunk):
+    message = b"z" * 60 + b"\r\n" + b".." * 30 + b"\r\n"
+    stream = trickle_stream(message + b".\r\nRSET\r\n", chunk)
+    result = await stream.read_data(40)
+    assert result.body is None
+    assert result.size == len(message)
+    assert await stream.readline(100) == b"RSET"
+
+
+async def test_read_data_over_max_size_fed_byte_by_byte():
+    message = b"q" * 300 + b"\r\n"
+    result, stream = await read_data_fed_byte_by_byte(message + b".\r\nQUIT\r\n", 100)
+    assert result.body is None
+    assert result.size == len(message)
+    assert await stream.readline(100) == b"QUIT"
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2, 3, 4, 5, 13])
+async def test_read_data_exactly_max_size_is_accepted(chunk):
+    message = b"0123456789" * 3 + b"\r\n"  # 32 bytes
+    wire = message + b".\r\nQUIT\r\n"
+    stream = stream_of(wire) if chunk is None else trickle_stream(wire, chunk)
+    result = await stream.read_data(len(message))
+    assert result.body == message
+    assert result.size == len(message)
+    assert await stream.readline(100) == b"QUIT"
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2, 3, 4, 5, 13])
+async def test_read_data_one_byte_over_max_size_is_refused(chunk):
+    message = b"0123456789" * 3 + b"\r\n"
+    wire = message + b".\r\nQUIT\r\n"
+    stream = stream_of(wire) if chunk is None else trickle_stream(wire, chunk)
+    result = await stream.read_data(len(message) - 1)
+    assert result.body is None
+    assert result.size == len(message)
+    assert await stream.readline(100) == b"QUIT"
+
+
+async def test_read_data_client_gone_before_end_marker():
+    stream = stream_of(b"Subject: x\r\n\r\nno end", eof=True)
+    with pytest.raises(ClientGone):
+        await stream.read_data(10_000)
+
+
+async def test_read_data_client_gone_while_discarding():
+    stream = stream_of(b"w" * 5000, eof=True)
+    with pytest.raises(ClientGone):
+        await stream.read_data(100)
+
+
+@pytest.mark.parametrize(
+    ("wire", "body"),
+    [
+        # LF . LF: not an end marker; bare LFs become CRLF in the stored body.
+        (b"a\r\nb\n.\nMAIL FROM:<x@evil.test>\r\nc\r\n",
+         b"a\r\nb\r\n.\r\nMAIL FROM:<x@evil.test>\r\nc\r\n"),
+        # LF . CRLF
+        (b"a\r\nb\n.\r\nRCPT TO:<x@evil.test>\r\n",
+         b"a\r\nb\r\n.\r\nRCPT TO:<x@evil.test>\r\n"),
+        # CRLF . LF: the line starts with a dot followed by more text, so it is unstuffed.
+        (b"a\r\n.\nDATA\r\n", b"a\r\n\r\nDATA\r\n"),
+        # CR . CR
+        (b"a\r.\rQUIT\r\n", b"a\r\n.\r\nQUIT\r\n"),
+        # CR . CRLF and CRLF . CR
+        (b"a\r.\r\nb\r\n.\rc\r\n", b"a\r\n.\r\nb\r\n\r\nc\r\n"),
+    ],
+)
+async def test_read_data_smuggling_sequences_do_not_end_data(wire, body):
+    stream = stream_of(wire + b".\r\nNOOP\r\n")
+    result = await stream.read_data(10_000)
+    assert result.body == body
+    assert result.size == len(wire)
+    assert await stream.readline(100) == b"NOOP"
+    assert not stream.has_buffered_input()
+
+
+async def test_read_data_all_smuggling_sequences_in_one_message():
+    content = (b"Subject: s\r\n\r\nx\n.\nMAIL FROM:<a@evil.test>\n"
+               b"y\n.\r\nRCPT TO:<b@evil.test>\r\n"
+               b"z\r\n.\nDATA\r\n"
+               b"w\r.\rQUIT\r\n")
+    stream = trickle_stream(content + b".\r\nNOOP\r\n", 3)
+    result = await stream.read_data(10_000)
+    assert result.body is not None
+    for fragment in (b"MAIL FROM:<a@evil.test>", b"RCPT TO:<b@evil.test>", b"DATA", b"QUIT"):
+        assert fragment in result.body
+    assert result.size == len(content)
+    assert await stream.readline(100) == b"NOOP"
+
+
+async def test_read_data_normalises_bare_line_endings():
+    result = await stream_of(b"one\ntwo\rthree\r\n.\r\n").read_data(10_000)
+    assert result.body == b"one\r\ntwo\r\nthree\r\n"
+
+
+# --- normalize_line_endings --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"", b""),
+        (b"no newline", b"no newline"),
+        (b"a\r\nb\r\n", b"a\r\nb\r\n"),
+        (b"a\nb\n", b"a\r\nb\r\n"),
+        (b"a\rb\r", b"a\r\nb\r\n"),
+        (b"a\r\nb\nc\rd", b"a\r\nb\r\nc\r\nd"),
+        (b"\n\n", b"\r\n\r\n"),
+        (b"a\n\rb", b"a\r\n\r\nb"),  # LF then CR: two line breaks
+        (b"a\r\r\nb", b"a\r\n\r\nb"),  # bare CR then CRLF
+    ],
+)
+def test_normalize_line_endings(raw, expected):
+    assert normalize_line_endings(raw) == expected
+
+
+def test_normalize_line_endings_returns_same_object_when_clean():
+    body = b"x\r\ny\r\n"
+    assert normalize_line_endings(body) is body
