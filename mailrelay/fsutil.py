@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -36,8 +37,11 @@ def _keep_owner(fd: int, path: Path) -> None:
             os.fchown(fd, st.st_uid, st.st_gid)
 
 
-def atomic_write(path: Path | str, data: bytes, mode: int = 0o600, sync_dir: bool = True) -> None:
-    """Replace ``path`` with ``data`` so readers see either the old or the new file.
+def atomic_write(
+    path: Path | str, data: bytes | Sequence[bytes], mode: int = 0o600, sync_dir: bool = True
+) -> None:
+    """Replace ``path`` with ``data`` (bytes, or chunks written in order) so readers see
+    either the old or the new file, and a crash leaves no partial file under ``path``.
 
     The temporary file is created with ``mode`` from the start (no window where a
     secret is world-readable) and removed again if anything fails.
@@ -49,7 +53,8 @@ def atomic_write(path: Path | str, data: bytes, mode: int = 0o600, sync_dir: boo
         try:
             os.fchmod(fd, mode)  # the umask may have narrowed it; never widened
             _keep_owner(fd, path)
-            write_all(fd, data)
+            for chunk in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
+                write_all(fd, chunk)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fsutil import atomic_write, fsync_dir, write_all
+from .fsutil import atomic_write, fsync_dir
 
 log = logging.getLogger("mailrelay.queue")
 
@@ -194,7 +194,7 @@ class Queue:
         item.path = self.directory / f"{item.id}{MSG_SUFFIX}"
         header = MAGIC + json.dumps(_envelope_dict(item), separators=(",", ":")).encode() + b"\n"
         item.body_offset = len(header)
-        await asyncio.to_thread(_write_durably, item.path, [header, *chunks])
+        await asyncio.to_thread(atomic_write, item.path, [header, *chunks], 0o600, False)
         try:
             await self._dir_sync()
         except BaseException:
@@ -235,22 +235,6 @@ def _envelope_dict(item: QueueItem) -> dict[str, Any]:
         "created": item.created,
         "meta": item.meta,
     }
-
-
-def _write_durably(path: Path, chunks: list[bytes]) -> None:
-    tmp = path.with_name("." + path.name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            for chunk in chunks:
-                write_all(fd, chunk)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
 
 
 def _read_item(path: Path) -> QueueItem:
