@@ -1,0 +1,83 @@
+"""``mailrelay dkim``: create DKIM keys and print the DNS records that publish them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..address import AddressError, normalize_domain
+from ..config import Config, load_config
+from ..dkim.keys import ALGOS, dns_record, format_txt, generate_key, load_domain_keys, write_key
+from ..dkim.signer import DKIMKey
+from ..errors import MailrelayError
+
+
+def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser("dkim", parents=[common], help="DKIM keys and DNS records")
+    # -c also after the action; SUPPRESS keeps one given earlier (see cli/user.py).
+    late = argparse.ArgumentParser(add_help=False)
+    late.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="DIR",
+                      help="configuration directory")
+    actions = parser.add_subparsers(dest="dkim_command", metavar="ACTION", required=True)
+
+    keygen = actions.add_parser("keygen", parents=[late],
+                                help="create a signing key and print its DNS record")
+    keygen.add_argument("domain", metavar="DOMAIN", help="a local domain")
+    keygen.add_argument("--selector", metavar="S",
+                        help="selector (default: today's date, YYYYMMDD)")
+    keygen.add_argument("--algo", choices=ALGOS, default="rsa2048",
+                        help="key type (default rsa2048; ed25519 is not yet verified by "
+                             "every receiver, so use it beside an RSA key)")
+    keygen.set_defaults(func=cmd_keygen)
+
+    dns = actions.add_parser("dns", parents=[late],
+                             help="print the DNS TXT records of a domain's keys")
+    dns.add_argument("domain", metavar="DOMAIN", nargs="?",
+                     help="a local domain (default: every domain with keys)")
+    dns.set_defaults(func=cmd_dns)
+
+
+def _local_domain(config: Config, domain: str) -> str:
+    try:
+        domain = normalize_domain(domain)
+    except AddressError as exc:
+        raise MailrelayError(str(exc)) from None
+    if domain not in config.domains:
+        known = ", ".join(config.domains) if config.domains else "none"
+        raise MailrelayError(f"{domain} is not a local domain (known: {known}; "
+                             f"create {config.domain_dir(domain)}/ to add it)")
+    return domain
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    domain = _local_domain(config, args.domain)
+    selector = args.selector or time.strftime("%Y%m%d")
+    key = generate_key(args.algo)
+    path = write_key(config.domain_dir(domain), selector, key)
+    name, value = dns_record(DKIMKey.from_private_key(domain, selector, key, path))
+    print(f"wrote {path} ({args.algo})")
+    print(f"publish this TXT record in the DNS of {domain}:")
+    print(format_txt(name, value))
+    return 0
+
+
+def cmd_dns(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    domains = [_local_domain(config, args.domain)] if args.domain else list(config.domains)
+    printed = failed = 0
+    for domain in domains:
+        keys, errors = load_domain_keys(config.domain_dir(domain), domain)
+        for error in errors:
+            print(f"mailrelay: {error}", file=sys.stderr)
+        failed += len(errors)
+        for key in keys:
+            print(format_txt(*dns_record(key)))
+            printed += 1
+    if not printed and not failed:
+        where = domains[0] if args.domain else "any domain"
+        hint = domains[0] if args.domain else "DOMAIN"
+        raise MailrelayError(f"no DKIM keys for {where} "
+                             f"(create one with `mailrelay dkim keygen {hint}`)")
+    return 1 if failed else 0
