@@ -127,6 +127,22 @@ class LimitSettings:
 
 
 @dataclass(frozen=True)
+class AliasSettings:
+    # chasquid's defaults: "me.name+tag@" is "mename@" when looking up users and aliases.
+    drop_characters: str = "."
+    suffix_separators: str = "+"
+    max_depth: int = 10
+
+
+@dataclass(frozen=True)
+class SenderSettings:
+    # Authenticated users may send (MAIL FROM and From:) only as their own addresses...
+    restrict: bool = True
+    # ...plus these shell-style patterns, keyed by user address or by domain (all its users).
+    allow: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Config:
     config_dir: Path
     hostname: str
@@ -137,6 +153,8 @@ class Config:
     delivery: DeliverySettings
     limits: LimitSettings
     domains: tuple[str, ...]
+    senders: SenderSettings = field(default_factory=SenderSettings)
+    aliases: AliasSettings = field(default_factory=AliasSettings)
 
     @property
     def domains_dir(self) -> Path:
@@ -226,7 +244,7 @@ def _as_str(value: Any) -> str:
 
 
 def _section(
-    reader: _Reader, node: yaml.Node | None, name: str, spec: dict[str, Any], defaults: Any
+    reader: _Reader, node: yaml.Node | None, name: str, spec: dict[str, Any]
 ) -> dict[str, Any]:
     """Convert a mapping section using ``spec`` (key -> converter); unknown keys are errors."""
     values: dict[str, Any] = {}
@@ -279,7 +297,7 @@ def load_config(config_dir: Path | str) -> Config:
     top_spec: dict[str, Any] = {
         "hostname": _scalar_of(_as_str),
         "listen": None, "data_dir": _scalar_of(_as_str), "tls": None, "dns": None,
-        "delivery": None, "limits": None,
+        "delivery": None, "limits": None, "senders": None, "aliases": None,
     }
     top = reader.mapping(root, "top level")
     for key, (key_node, _) in top.items():
@@ -298,7 +316,7 @@ def load_config(config_dir: Path | str) -> Config:
 
     listen = ListenSettings(**_section(reader, sub("listen"), "listen", {
         "smtp": hostport, "submission": hostport, "submission_tls": hostport,
-    }, ListenSettings))
+    }))
 
     data_dir_value = (
         _convert(reader, top["data_dir"][1], _as_str, "data_dir") if "data_dir" in top
@@ -309,14 +327,14 @@ def load_config(config_dir: Path | str) -> Config:
     base_path = _scalar_of(_optional_path(config_dir))
     tls_values = _section(reader, sub("tls"), "tls", {
         "certs_dir": base_path, "acme_sh_home": base_path, "self_signed": _scalar_of(_as_bool),
-    }, TLSSettings)
+    })
     tls_values.setdefault("certs_dir", config_dir / "certs")
     tls = TLSSettings(**tls_values)
 
     dns = DNSSettings(**_section(reader, sub("dns"), "dns", {
         "nameservers": _list_of(lambda v: parse_hostport(v, 53)),
         "timeout": _scalar_of(parse_duration),
-    }, DNSSettings))
+    }))
 
     delivery = DeliverySettings(**_section(reader, sub("delivery"), "delivery", {
         "smtp_port": _scalar_of(_as_port),
@@ -326,7 +344,7 @@ def load_config(config_dir: Path | str) -> Config:
         "concurrency": _scalar_of(_as_positive_int),
         "connect_timeout": _scalar_of(parse_duration),
         "command_timeout": _scalar_of(parse_duration),
-    }, DeliverySettings))
+    }))
     if not delivery.retry_intervals:
         raise reader.error("delivery.retry_intervals must not be empty", sub("delivery"))
 
@@ -340,12 +358,35 @@ def load_config(config_dir: Path | str) -> Config:
         "auth_failures_per_ip": _scalar_of(_as_positive_int),
         "auth_block_time": _scalar_of(parse_duration),
         "auth_failure_delay": _scalar_of(parse_duration),
-    }, LimitSettings))
+    }))
+
+    senders = SenderSettings(**_section(reader, sub("senders"), "senders", {
+        "restrict": _scalar_of(_as_bool),
+        "allow": _allow_patterns,
+    }))
+
+    aliases = AliasSettings(**_section(reader, sub("aliases"), "aliases", {
+        "drop_characters": _scalar_of(lambda v: "" if v is None else _as_str(v)),
+        "suffix_separators": _scalar_of(lambda v: "" if v is None else _as_str(v)),
+        "max_depth": _scalar_of(_as_positive_int),
+    }))
 
     return Config(
         config_dir=config_dir, hostname=hostname, listen=listen, data_dir=data_dir, tls=tls,
         dns=dns, delivery=delivery, limits=limits, domains=discover_domains(config_dir),
+        senders=senders, aliases=aliases,
     )
+
+
+def _allow_patterns(reader: _Reader, node: yaml.Node, name: str) -> dict[str, tuple[str, ...]]:
+    """``{user@domain | domain: [pattern, ...]}`` with lower-cased keys and patterns."""
+    result: dict[str, tuple[str, ...]] = {}
+    for key, (key_node, value_node) in reader.mapping(node, name).items():
+        if not re.fullmatch(r"[^@\s]+@[^@\s]+|[^@\s]+\.[^@\s]+", key):
+            raise reader.error(f"{name}: {key!r} is neither an address nor a domain", key_node)
+        patterns = _list_of(_as_str)(reader, value_node, f"{name}.{key}")
+        result[key.lower()] = tuple(p.lower() for p in patterns)
+    return result
 
 
 def discover_domains(config_dir: Path) -> tuple[str, ...]:

@@ -8,10 +8,13 @@ import logging
 import ssl
 from collections.abc import Callable
 
-from .address import AddressError, normalize, normalize_local, split, strip_suffix
+from .address import AddressError, normalize, split
 from .config import Config
-from .message import protocol_name, received_header
+from .headers import addresses, get_all, parse_headers
+from .message import protocol_name, received_header, submission_fixups
 from .queue import Queue, QueueFullError, QueueItem, Recipient, new_id
+from .senders import SenderPolicy
+from .signing import MessageSigner
 from .smtp.parse import Path
 from .smtp.session import Envelope, SessionInfo
 from .smtp.throttle import AuthThrottle
@@ -30,6 +33,8 @@ class InboundPolicy:
         queue: Queue,
         on_queued: Callable[[QueueItem], None],
         tls_context: ssl.SSLContext | None,
+        senders: SenderPolicy,
+        signer: MessageSigner,
     ):
         self.config = config
         self.hostname = config.hostname
@@ -41,6 +46,8 @@ class InboundPolicy:
         self.queue = queue
         self.on_queued = on_queued
         self._tls_context = tls_context
+        self.senders = senders
+        self.signer = signer
         self.throttle = AuthThrottle(
             config.limits.auth_failures_per_ip, config.limits.auth_block_time,
             delay_step=config.limits.auth_failure_delay,
@@ -74,19 +81,12 @@ class InboundPolicy:
     async def check_sender(self, info: SessionInfo, path: Path) -> str | None:
         if info.user is None:
             return None  # inbound mail: any sender (SPF checks come on top of this)
-        if path.is_null or not self.may_send_as(info.user, path.address):
+        if self.senders.settings.restrict and (
+            path.is_null or not self.senders.may_send_as(info.user, path.address)
+        ):
             log.info("sender refused: user=%s from=<%s>", info.user, path.address)
             return f"550 5.7.1 Not authorised to send as <{path.address}>"
         return None
-
-    def may_send_as(self, user: str, address: str) -> bool:
-        """The user's own address, also with a +suffix (me+tag@example.com)."""
-        try:
-            local, domain = split(normalize(address))
-        except AddressError:
-            return False
-        user_local, user_domain = split(user)
-        return domain == user_domain and strip_suffix(local) == normalize_local(user_local)
 
     async def check_recipient(
         self, info: SessionInfo, envelope: Envelope, address: str
@@ -106,6 +106,18 @@ class InboundPolicy:
         return f"554 5.7.1 <{address}>: Relay access denied"
 
     # -- DATA -----------------------------------------------------------------
+
+    async def _prepare_submission(self, user: str, sender: str, body: bytes) -> list[bytes] | str:
+        """From: check, missing headers, DKIM signature: the header chunks to put before
+        the body, or the refusal reply."""
+        fields = parse_headers(body)
+        for address in addresses(get_all(fields, "From")):
+            if not self.senders.may_send_as(user, address):
+                log.info("sender refused: user=%s header From: <%s>", user, address)
+                return f"550 5.7.1 Not authorised to send as <{address}> (From: header)"
+        fixups = submission_fixups(fields, split(user)[1])
+        signature = await asyncio.to_thread(self.signer.signature, fixups + body, fields, sender)
+        return [signature, fixups]
 
     async def accept_message(self, info: SessionInfo, envelope: Envelope, body: bytes) -> str:
         assert envelope.sender is not None
@@ -128,8 +140,14 @@ class InboundPolicy:
             value = envelope.sender_params.get(key)
             if value:
                 meta[name] = value.upper() if key == "RET" else value
+        chunks = [received, body]
+        if info.user is not None:
+            prepared = await self._prepare_submission(info.user, envelope.sender, body)
+            if isinstance(prepared, str):
+                return prepared
+            chunks = [received, *prepared, body]
         try:
-            item = await self.queue.put(envelope.sender, recipients, [received, body], meta,
+            item = await self.queue.put(envelope.sender, recipients, chunks, meta,
                                         item_id=item_id)
         except QueueFullError as exc:
             log.warning("queue refused message from %s: %s", info.peer_ip, exc)

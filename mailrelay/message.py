@@ -5,7 +5,6 @@ from __future__ import annotations
 import email.utils
 import re
 
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
 
 
@@ -39,7 +38,15 @@ def protocol_name(esmtp: bool, tls: bool, authenticated: bool) -> str:
     return "ESMTP" + ("S" if tls else "") + ("A" if authenticated else "")
 
 
-def header_block(data: bytes) -> bytes:
-    """The header section (without the blank line), tolerant of LF-only input."""
-    match = _HEADER_END.search(data)
-    return data[: match.start()] if match else data
+def submission_fixups(
+    fields: list[tuple[str, str]], domain: str, now: float | None = None
+) -> bytes:
+    """Headers a submitted message lacks and receivers insist on (Gmail rejects mail
+    without Message-ID): RFC 6409 8.2 and 8.3 let a submission server add them."""
+    present = {name.lower() for name, _ in fields}
+    added = b""
+    if "message-id" not in present:
+        added += f"Message-ID: {email.utils.make_msgid(domain=domain)}\r\n".encode()
+    if "date" not in present:
+        added += f"Date: {email.utils.formatdate(now, localtime=False)}\r\n".encode()
+    return added

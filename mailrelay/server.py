@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import time
+from pathlib import Path
 
 from .config import Config
 from .delivery.local import Maildirs
 from .delivery.manager import DeliveryManager, Schedule
 from .delivery.remote import RemoteDelivery
+from .dkim.keys import KeyRing
 from .dnsresolver import make_resolver
 from .errors import ConfigError
+from .fsutil import atomic_write
+from .headers import parse_headers
 from .inbound import InboundPolicy
 from .queue import Queue, QueueItem
+from .senders import SenderPolicy
+from .signing import MessageSigner
 from .smtp.listener import ConnectionLimits, Listeners
 from .smtp.session import Port
 from .tls import CertificateStore
@@ -23,6 +31,7 @@ from .users import Users
 log = logging.getLogger("mailrelay")
 
 SHUTDOWN_GRACE = 30.0
+PID_FILE = "mailrelay.pid"
 
 
 class Server:
@@ -30,12 +39,14 @@ class Server:
         self.config = config
         self.queue = Queue(config.data_dir / "queue")
         self.users = Users.load(config)
+        self.keyring, _ = self._load_keyring()
+        self.signer = MessageSigner(lambda: self.keyring, config.is_local_domain)
         self.certificates = CertificateStore(config.tls, config.hostname,
                                              config.data_dir / "selfsigned")
         self.listeners: Listeners | None = None
         self.delivery: DeliveryManager | None = None
         self._watch_task: asyncio.Task[None] | None = None
-        self._last_users_stamp: tuple = ()
+        self._last_domain_stamp: tuple = ()
 
     async def start(self) -> None:
         """Load everything, resume the queue, then bind the listeners."""
@@ -58,6 +69,7 @@ class Server:
             schedule=Schedule(tuple(config.delivery.retry_intervals),
                               config.delivery.give_up_after),
             reporting_mta=config.hostname, concurrency=config.delivery.concurrency,
+            default_domain=config.domains[0] if config.domains else None,
         )
         items = await asyncio.to_thread(self.queue.load)
         for item in items:
@@ -67,7 +79,7 @@ class Server:
         self.delivery.start()
 
         policy = InboundPolicy(config, lambda: self.users, self.queue, self.delivery.schedule,
-                               tls_context)
+                               tls_context, SenderPolicy(config.senders), self.signer)
         self.listeners = Listeners(policy, ConnectionLimits(
             config.limits.max_connections, config.limits.max_connections_per_ip))
         kinds = ((Port.SMTP, config.listen.smtp), (Port.SUBMISSION, config.listen.submission),
@@ -81,24 +93,37 @@ class Server:
             raise ConfigError(f"cannot listen on {host}:{number}: {exc.strerror}") from None
         for host, number in self.listeners.addresses():
             log.info("listening on %s:%d", host, number)
-        self._last_users_stamp = self._users_stamp()
+        # For commands that ask the running server to reload (`mailrelay aliases edit`).
+        atomic_write(self.pid_path, f"{os.getpid()}\n".encode(), mode=0o644)
+        self._last_domain_stamp = self._domain_files_stamp()
         self._watch_task = asyncio.create_task(self._watch_files(), name="file-watcher")
 
     async def enqueue_generated(self, sender: str, recipients: list[str], data: bytes) -> QueueItem:
-        """Queue a message we generate ourselves (DSNs) and schedule it."""
-        item = await self.queue.put(sender, recipients, data, {"generated": True})
+        """Queue a message we generate ourselves (DSNs), DKIM-signed like all our mail."""
+        signature = await asyncio.to_thread(self.signer.signature, data, parse_headers(data),
+                                            sender)
+        item = await self.queue.put(sender, recipients, [signature, data], {"generated": True})
         assert self.delivery is not None
         self.delivery.schedule(item)
         return item
 
+    def _load_keyring(self) -> tuple[KeyRing, bool]:
+        """DKIM keys of every domain; a broken key file is reported, the others sign."""
+        keyring, errors = KeyRing.load(self.config)
+        for error in errors:
+            log.error("dkim: %s (this key does not sign; the domain's other keys do)", error)
+        return keyring, not errors
+
     def reload(self) -> bool:
-        """Re-read users and certificates; a broken file keeps the last good state."""
+        """Re-read users, DKIM keys and certificates; a broken file keeps the last good state."""
         ok = True
         try:
             self.users = Users.load(self.config)
         except ConfigError as exc:
             log.error("reload: users not reloaded, keeping the previous ones: %s", exc)
             ok = False
+        self.keyring, keys_ok = self._load_keyring()
+        ok = ok and keys_ok
         if not self.certificates.reload():
             ok = False
         log.info("reload: %s", "done" if ok else "done with errors (see above)")
@@ -112,31 +137,40 @@ class Server:
                 if self.certificates.changed_on_disk():
                     log.info("certificates changed on disk, reloading")
                     self.certificates.reload()
-                if self._users_changed():
-                    log.info("users files changed on disk, reloading")
+                if self._domain_files_changed():
+                    log.info("users or DKIM key files changed on disk, reloading")
                     self.reload()
             except Exception:
                 log.exception("file watcher")
 
-    def _users_changed(self) -> bool:
-        stamp = self._users_stamp()
-        changed = self._last_users_stamp != stamp
-        self._last_users_stamp = stamp
+    def _domain_files_changed(self) -> bool:
+        stamp = self._domain_files_stamp()
+        changed = self._last_domain_stamp != stamp
+        self._last_domain_stamp = stamp
         return changed
 
-    def _users_stamp(self) -> tuple:
+    def _domain_files_stamp(self) -> tuple:
+        """Identity of every users file and DKIM key, to notice edits by polling."""
         stamp = []
         for domain in self.config.domains:
-            path = self.config.domain_dir(domain) / "users"
-            try:
-                st = path.stat()
-                stamp.append((domain, st.st_mtime_ns, st.st_size, st.st_ino))
-            except FileNotFoundError:
-                stamp.append((domain, None))
+            directory = self.config.domain_dir(domain)
+            for path in [directory / "users", *sorted(directory.glob("dkim:*.pem"))]:
+                try:
+                    st = path.stat()
+                    stamp.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))
+                except FileNotFoundError:
+                    stamp.append((str(path), None))
         return tuple(stamp)
+
+    @property
+    def pid_path(self) -> Path:
+        return self.config.data_dir / PID_FILE
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop accepting, let sessions and deliveries in flight finish (bounded)."""
+        with contextlib.suppress(FileNotFoundError, ValueError, OSError):
+            if int(self.pid_path.read_text()) == os.getpid():
+                self.pid_path.unlink()
         if self._watch_task:
             self._watch_task.cancel()
         if self.listeners:

@@ -57,6 +57,7 @@ class DeliveryManager:
         schedule: Schedule,
         reporting_mta: str,
         concurrency: int = 20,
+        default_domain: str | None = None,
     ):
         self.queue = queue
         self.remote = remote
@@ -66,6 +67,7 @@ class DeliveryManager:
         self.enqueue = enqueue
         self.schedule_policy = schedule
         self.reporting_mta = reporting_mta
+        self.default_domain = default_domain or reporting_mta
         self.concurrency = concurrency
         self._heap: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}
@@ -217,6 +219,12 @@ class DeliveryManager:
         if not self._stopping:
             self.schedule(item)
 
+    def _bounce_domain(self, sender: str) -> str:
+        """MAILER-DAEMON@ one of our domains, so the DSN carries an aligned DKIM signature:
+        the sender's own domain when it is ours (our users' bounces), else our first."""
+        domain = domain_of(sender)
+        return domain if self.is_local_domain(domain) else self.default_domain
+
     async def _bounce(self, item: QueueItem, failed: list[FailedRecipient]) -> None:
         """Tell the sender, unless that could loop (null sender, auto-generated mail)."""
         wanted = [f for f in failed if _notify_failure(item, f.address)]
@@ -232,6 +240,7 @@ class DeliveryManager:
             reporting_mta=self.reporting_mta, original_sender=item.sender,
             original_message=data, recipients=wanted, arrival_date=item.created,
             envid=item.meta.get("envid"), return_full=item.meta.get("ret") == "FULL",
+            from_domain=self._bounce_domain(item.sender),
         )
         bounce = await self.enqueue("", [item.sender], dsn)
         log.info("queue %s: DSN %s to <%s> for %s", item.id, bounce.id, item.sender,
