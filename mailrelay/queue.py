@@ -43,9 +43,16 @@ class QueueFullError(Exception):
     """The queue refuses new messages (size cap or disk floor): tell the client 452."""
 
 
+EMAIL = "email"  # an address, remote (SMTP) or of a local user
+MAILBOX = "mailbox"  # a local user's Maildir
+PIPE = "pipe"  # a command, from an alias "| command"
+
+
 @dataclass
 class Recipient:
     address: str
+    kind: str = EMAIL
+    command: str | None = None  # for PIPE
     status: str = PENDING
     attempts: int = 0
     last_error: str = ""
@@ -231,10 +238,19 @@ def _envelope_dict(item: QueueItem) -> dict[str, Any]:
     return {
         "id": item.id,
         "sender": item.sender,
-        "recipients": [{"address": r.address, "params": r.params} for r in item.recipients],
+        "recipients": [_recipient_envelope(r) for r in item.recipients],
         "created": item.created,
         "meta": item.meta,
     }
+
+
+def _recipient_envelope(rcpt: Recipient) -> dict[str, Any]:
+    entry: dict[str, Any] = {"address": rcpt.address, "params": rcpt.params}
+    if rcpt.kind != EMAIL:
+        entry["kind"] = rcpt.kind
+    if rcpt.command is not None:
+        entry["command"] = rcpt.command
+    return entry
 
 
 def _read_item(path: Path) -> QueueItem:
@@ -244,7 +260,11 @@ def _read_item(path: Path) -> QueueItem:
     if not first.startswith(MAGIC) or not first.endswith(b"\n"):
         raise ValueError("not a mailrelay queue file")
     env = json.loads(first[len(MAGIC):])
-    recipients = [Recipient(r["address"], params=r.get("params", {})) for r in env["recipients"]]
+    recipients = [
+        Recipient(r["address"], kind=r.get("kind", EMAIL), command=r.get("command"),
+                  params=r.get("params", {}))
+        for r in env["recipients"]
+    ]
     item = QueueItem(
         id=env["id"], sender=env["sender"], recipients=recipients, created=env["created"],
         size=size, path=path, meta=env.get("meta", {}), body_offset=len(first),
@@ -260,10 +280,10 @@ def _read_item(path: Path) -> QueueItem:
     item.attempts = state.get("attempts", 0)
     item.next_attempt = state.get("next_attempt", 0.0)
     item.last_attempt = state.get("last_attempt", 0.0)
-    by_address = {r["address"]: r for r in state.get("recipients", [])}
-    for rcpt in item.recipients:
-        saved = by_address.get(rcpt.address)
-        if saved:
+    # The state lists the recipients in envelope order (the same address may appear
+    # twice, e.g. as a mailbox and as a pipe), so match by position.
+    for rcpt, saved in zip(item.recipients, state.get("recipients", []), strict=False):
+        if saved.get("address") == rcpt.address:
             rcpt.status = saved.get("status", PENDING)
             rcpt.attempts = saved.get("attempts", 0)
             rcpt.last_error = saved.get("last_error", "")

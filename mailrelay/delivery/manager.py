@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 from ..address import domain_of
 from ..dsn import FailedRecipient, build_dsn, is_auto_generated
-from ..queue import FAILED, PENDING, SENT, Queue, QueueItem
+from ..queue import FAILED, MAILBOX, PENDING, PIPE, SENT, Queue, QueueItem, Recipient
 from .local import Maildirs
+from .pipe import run_pipe
 from .remote import Outcome, RecipientResult, RemoteDelivery
 
 log = logging.getLogger("mailrelay.delivery")
@@ -58,6 +59,7 @@ class DeliveryManager:
         reporting_mta: str,
         concurrency: int = 20,
         default_domain: str | None = None,
+        pipe_timeout: float = 60.0,
     ):
         self.queue = queue
         self.remote = remote
@@ -68,6 +70,7 @@ class DeliveryManager:
         self.schedule_policy = schedule
         self.reporting_mta = reporting_mta
         self.default_domain = default_domain or reporting_mta
+        self.pipe_timeout = pipe_timeout
         self.concurrency = concurrency
         self._heap: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}
@@ -147,18 +150,47 @@ class DeliveryManager:
             await self.queue.remove(item)
             return
         data = await asyncio.to_thread(item.read_data)
-        by_domain: dict[str, list[str]] = defaultdict(list)
+        local: list[Recipient] = []
+        pipes: list[Recipient] = []
+        by_domain: dict[str, list[Recipient]] = defaultdict(list)
         for rcpt in pending:
-            by_domain[domain_of(rcpt.address)].append(rcpt.address)
-
-        jobs = []
-        for domain, addresses in by_domain.items():
-            if self.is_local_domain(domain):
-                jobs.append(self._deliver_local(item.sender, addresses, data))
+            if rcpt.kind == PIPE:
+                pipes.append(rcpt)
+            elif rcpt.kind == MAILBOX or self.is_local_domain(domain_of(rcpt.address)):
+                local.append(rcpt)
             else:
-                jobs.append(self.remote.deliver(domain, item.sender, addresses, data))
-        results = [r for batch in await asyncio.gather(*jobs) for r in batch]
-        await self._record(item, results)
+                by_domain[domain_of(rcpt.address)].append(rcpt)
+
+        # Each job answers for its recipients in order, so results pair up by position.
+        batches: list[list[Recipient]] = []
+        jobs = []
+        for domain, rcpts in by_domain.items():
+            batches.append(rcpts)
+            jobs.append(self.remote.deliver(domain, item.sender, [r.address for r in rcpts],
+                                            data))
+        if local:
+            batches.append(local)
+            jobs.append(self._deliver_local(item.sender, [r.address for r in local], data))
+        if pipes:
+            batches.append(pipes)
+            jobs.append(self._deliver_pipes(item.sender, pipes, data))
+        outcomes = await asyncio.gather(*jobs)
+        pairs = [pair for rcpts, results in zip(batches, outcomes, strict=True)
+                 for pair in zip(rcpts, results, strict=True)]
+        await self._record(item, pairs)
+
+    async def _deliver_pipes(
+        self, sender: str, rcpts: list[Recipient], data: bytes
+    ) -> list[RecipientResult]:
+        results = []
+        for rcpt in rcpts:
+            delivered, reply = await run_pipe(rcpt.command or "", data, sender=sender,
+                                              recipient=rcpt.address,
+                                              timeout=self.pipe_timeout)
+            outcome = (Outcome.SENT if delivered else
+                       Outcome.TEMPORARY if delivered is None else Outcome.PERMANENT)
+            results.append(RecipientResult(rcpt.address, outcome, reply, "pipe"))
+        return results
 
     async def _deliver_local(
         self, sender: str, addresses: list[str], data: bytes
@@ -180,15 +212,15 @@ class DeliveryManager:
                                                "local"))
         return results
 
-    async def _record(self, item: QueueItem, results: list[RecipientResult]) -> None:
+    async def _record(
+        self, item: QueueItem, results: list[tuple[Recipient, RecipientResult]]
+    ) -> None:
         now = time.time()
         item.attempts += 1
         item.last_attempt = now
-        by_address = {r.address: r for r in item.recipients}
         failed: list[FailedRecipient] = []
         give_up = now - item.created >= self.schedule_policy.give_up_after
-        for result in results:
-            rcpt = by_address[result.address]
+        for rcpt, result in results:
             rcpt.attempts += 1
             rcpt.last_error = "" if result.outcome is Outcome.SENT else result.reply
             log.info("delivery %s to=<%s> status=%s host=%s tls=%s reply=%r", item.id,
@@ -205,7 +237,8 @@ class DeliveryManager:
                     reply = f"{reply} (gave up after {self.schedule_policy.give_up_after:.0f}s)"
                 failed.append(FailedRecipient(
                     address=rcpt.address, status=status, diagnostic=f"smtp; {reply}",
-                    remote_mta=result.remote_host if result.remote_host != "local" else None,
+                    remote_mta=(result.remote_host
+                                if result.remote_host not in ("local", "pipe") else None),
                     original_recipient=rcpt.params.get("ORCPT"),
                 ))
         if failed:
