@@ -13,11 +13,13 @@ from .config import Config
 from .headers import addresses, get_all, parse_headers
 from .message import protocol_name, received_header, submission_fixups
 from .queue import Queue, QueueFullError, QueueItem, Recipient, new_id
+from .router import Expansion, Router
 from .senders import SenderPolicy
 from .signing import MessageSigner
 from .smtp.parse import Path
 from .smtp.session import Envelope, SessionInfo
 from .smtp.throttle import AuthThrottle
+from .srs import SRS
 from .users import Users
 
 log = logging.getLogger("mailrelay.smtp")
@@ -35,6 +37,8 @@ class InboundPolicy:
         tls_context: ssl.SSLContext | None,
         senders: SenderPolicy,
         signer: MessageSigner,
+        router: Router,
+        srs: SRS | None,
     ):
         self.config = config
         self.hostname = config.hostname
@@ -48,6 +52,8 @@ class InboundPolicy:
         self._tls_context = tls_context
         self.senders = senders
         self.signer = signer
+        self.router = router
+        self.srs = srs
         self.throttle = AuthThrottle(
             config.limits.auth_failures_per_ip, config.limits.auth_block_time,
             delay_step=config.limits.auth_failure_delay,
@@ -96,10 +102,10 @@ class InboundPolicy:
         except AddressError:
             return f"550 5.1.2 <{address}>: address literals are not accepted"
         if self.config.is_local_domain(domain):
-            if self._users().mailbox_for(f"{local}@{domain}") is not None:
-                return None
-            log.info("rcpt refused: ip=%s to=<%s> (unknown user)", info.peer_ip, address)
-            return f"550 5.1.1 <{address}>: no such user here"
+            reply = self.router.check_recipient(f"{local}@{domain}")
+            if reply is not None:
+                log.info("rcpt refused: ip=%s to=<%s> (%s)", info.peer_ip, address, reply)
+            return reply
         if info.user is not None:
             return None
         log.info("relay refused: ip=%s from=<%s> to=<%s>", info.peer_ip, envelope.sender, address)
@@ -129,36 +135,74 @@ class InboundPolicy:
             recipient=envelope.recipients[0] if len(envelope.recipients) == 1 else None,
             tls=tls,
         )
-        recipients = [
-            Recipient(addr, params={k: v for k, v in params.items() if v is not None})
-            for addr, params in zip(envelope.recipients, envelope.recipient_params, strict=True)
-        ]
-        meta = {"client_ip": info.peer_ip, "helo": info.helo}
+        meta: dict[str, str] = {"client_ip": info.peer_ip, "helo": info.helo}
         if info.user:
             meta["user"] = info.user
         for key, name in (("RET", "ret"), ("ENVID", "envid")):
             value = envelope.sender_params.get(key)
             if value:
                 meta[name] = value.upper() if key == "RET" else value
-        chunks = [received, body]
         if info.user is not None:
             prepared = await self._prepare_submission(info.user, envelope.sender, body)
             if isinstance(prepared, str):
                 return prepared
-            chunks = [received, *prepared, body]
+            head = [received, *prepared]
+        else:
+            head = [received]
+
+        params = [{k: v for k, v in p.items() if v is not None}
+                  for p in envelope.recipient_params]
+        expansion = self.router.expand(envelope.recipients, params)
+        batches: list[tuple[str, list[Recipient], list[bytes]]] = []
+        if info.user is not None:
+            # Our user's own mail: already signed; aliases may add more recipients.
+            batches.append((envelope.sender, expansion.local + expansion.remote, [*head, body]))
+        else:
+            if expansion.local:
+                batches.append((envelope.sender, expansion.local, [*head, body]))
+            if expansion.remote:
+                batches.append(await self._forwarded(envelope.sender, expansion, head, body))
+        if not any(rcpts for _, rcpts, _ in batches):
+            return "554 5.5.1 No valid recipients"
+        return await self._enqueue(info, item_id, batches, meta)
+
+    async def _forwarded(
+        self, sender: str, expansion: Expansion, head: list[bytes], body: bytes
+    ) -> tuple[str, list[Recipient], list[bytes]]:
+        """Mail an alias sends elsewhere: the envelope sender becomes an SRS address of
+        ours (so SPF passes at the next hop and bounces come back through us), and we
+        sign it for that domain."""
+        domain = expansion.forwarding_domain or self.config.domains[0]
+        new_sender = self.srs.forward(sender, domain) if sender and self.srs else sender
+        message = b"".join([*head[1:], body])
+        signature = await asyncio.to_thread(self.signer.signature, message,
+                                            parse_headers(body), new_sender)
+        return new_sender, expansion.remote, [signature, *head, body]
+
+    async def _enqueue(
+        self, info: SessionInfo, item_id: str,
+        batches: list[tuple[str, list[Recipient], list[bytes]]], meta: dict[str, str],
+    ) -> str:
+        """Store every part durably before answering; all or nothing."""
+        stored: list[QueueItem] = []
         try:
-            item = await self.queue.put(envelope.sender, recipients, chunks, meta,
-                                        item_id=item_id)
-        except QueueFullError as exc:
-            log.warning("queue refused message from %s: %s", info.peer_ip, exc)
-            return "452 4.3.1 Insufficient system storage, try again later"
-        except OSError as exc:
+            for index, (sender, rcpts, chunks) in enumerate(batches):
+                if rcpts:
+                    stored.append(await self.queue.put(
+                        sender, rcpts, chunks, meta, item_id=item_id if index == 0 else None))
+        except (QueueFullError, OSError) as exc:
+            for item in stored:  # not acknowledged, so not accepted: take it back
+                await self.queue.remove(item)
+            if isinstance(exc, QueueFullError):
+                log.warning("queue refused message from %s: %s", info.peer_ip, exc)
+                return "452 4.3.1 Insufficient system storage, try again later"
             log.error("queue write failed: %s", exc)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 return "452 4.3.1 Insufficient system storage, try again later"
             return "451 4.3.0 Local error in processing, try again later"
-        log.info("queued %s from=<%s> to=%s size=%d ip=%s user=%s", item.id, item.sender,
-                 ",".join(f"<{r}>" for r in envelope.recipients), item.size, info.peer_ip,
-                 info.user or "-")
-        self.on_queued(item)
-        return f"250 2.0.0 Ok: queued as {item.id}"
+        for item in stored:
+            log.info("queued %s from=<%s> to=%s size=%d ip=%s user=%s", item.id, item.sender,
+                     ",".join(f"<{r.address}>" for r in item.recipients), item.size,
+                     info.peer_ip, info.user or "-")
+            self.on_queued(item)
+        return f"250 2.0.0 Ok: queued as {stored[0].id}"

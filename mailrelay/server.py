@@ -10,6 +10,7 @@ import signal
 import time
 from pathlib import Path
 
+from .aliases import Aliases
 from .config import Config
 from .delivery.local import Maildirs
 from .delivery.manager import DeliveryManager, Schedule
@@ -21,10 +22,12 @@ from .fsutil import atomic_write
 from .headers import parse_headers
 from .inbound import InboundPolicy
 from .queue import Queue, QueueItem
+from .router import Router
 from .senders import SenderPolicy
 from .signing import MessageSigner
 from .smtp.listener import ConnectionLimits, Listeners
 from .smtp.session import Port
+from .srs import SRS, load_or_create_secrets
 from .tls import CertificateStore
 from .users import Users
 
@@ -40,6 +43,10 @@ class Server:
         self.queue = Queue(config.data_dir / "queue")
         self.users = Users.load(config)
         self.keyring, _ = self._load_keyring()
+        self.aliases, _ = self._load_aliases(None)
+        self.srs: SRS | None = None
+        self.router = Router(config.is_local_domain, lambda: self.users, lambda: self.aliases,
+                             None)
         self.signer = MessageSigner(lambda: self.keyring, config.is_local_domain)
         self.certificates = CertificateStore(config.tls, config.hostname,
                                              config.data_dir / "selfsigned")
@@ -52,6 +59,8 @@ class Server:
         """Load everything, resume the queue, then bind the listeners."""
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.srs = SRS(load_or_create_secrets(config.data_dir))
+        self.router.srs = self.srs
         self.certificates.load()
         tls_context = self.certificates.server_context()
 
@@ -79,7 +88,8 @@ class Server:
         self.delivery.start()
 
         policy = InboundPolicy(config, lambda: self.users, self.queue, self.delivery.schedule,
-                               tls_context, SenderPolicy(config.senders), self.signer)
+                               tls_context, SenderPolicy(config.senders, self.router.owners),
+                               self.signer, self.router, self.srs)
         self.listeners = Listeners(policy, ConnectionLimits(
             config.limits.max_connections, config.limits.max_connections_per_ip))
         kinds = ((Port.SMTP, config.listen.smtp), (Port.SUBMISSION, config.listen.submission),
@@ -114,6 +124,13 @@ class Server:
             log.error("dkim: %s (this key does not sign; the domain's other keys do)", error)
         return keyring, not errors
 
+    def _load_aliases(self, previous: Aliases | None) -> tuple[Aliases, bool]:
+        """A broken aliases file keeps that domain's previous aliases (chasquid exits)."""
+        aliases, errors = Aliases.load(self.config, previous)
+        for error in errors:
+            log.error("aliases: %s (keeping the last good aliases of that domain)", error)
+        return aliases, not errors
+
     def reload(self) -> bool:
         """Re-read users, DKIM keys and certificates; a broken file keeps the last good state."""
         ok = True
@@ -123,7 +140,8 @@ class Server:
             log.error("reload: users not reloaded, keeping the previous ones: %s", exc)
             ok = False
         self.keyring, keys_ok = self._load_keyring()
-        ok = ok and keys_ok
+        self.aliases, aliases_ok = self._load_aliases(self.aliases)
+        ok = ok and keys_ok and aliases_ok
         if not self.certificates.reload():
             ok = False
         log.info("reload: %s", "done" if ok else "done with errors (see above)")
@@ -138,7 +156,7 @@ class Server:
                     log.info("certificates changed on disk, reloading")
                     self.certificates.reload()
                 if self._domain_files_changed():
-                    log.info("users or DKIM key files changed on disk, reloading")
+                    log.info("users, aliases or DKIM key files changed on disk, reloading")
                     self.reload()
             except Exception:
                 log.exception("file watcher")
@@ -154,7 +172,8 @@ class Server:
         stamp = []
         for domain in self.config.domains:
             directory = self.config.domain_dir(domain)
-            for path in [directory / "users", *sorted(directory.glob("dkim:*.pem"))]:
+            for path in [directory / "users", directory / "aliases",
+                         *sorted(directory.glob("dkim:*.pem"))]:
                 try:
                     st = path.stat()
                     stamp.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))

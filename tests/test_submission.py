@@ -150,4 +150,5 @@ async def test_suffix_address_reaches_the_real_user(relay):
                                      b"Subject: tagged\r\n\r\nhi\r\n")
     assert code == 250
     [stored] = await relay.wait_mailbox(1)
-    assert b"Delivered-To: Me+Lists@Example.com" in stored
+    assert b"Delivered-To: me@example.com" in stored
+    assert b"for <Me+Lists@Example.com>" in stored

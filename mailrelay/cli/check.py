@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from ..aliases import Aliases
 from ..config import load_config
+from ..dkim.keys import KeyRing
 from ..tls import find_certificates
 from ..users import UserDB
 
@@ -29,12 +32,17 @@ def run(args: argparse.Namespace) -> int:
         print("certificates: none found (TLS, AUTH and port 465 need one)")
     if not config.domains:
         print(f"no domains: create {config.domains_dir}/<domain>/")
+    aliases, alias_errors = Aliases.load(config)
+    keyring, key_errors = KeyRing.load(config)
     for domain in config.domains:
-        directory = config.domain_dir(domain)
-        users = UserDB.load(directory / "users", domain)
-        aliases = directory / "aliases"
-        alias_note = "aliases file" if aliases.exists() else "no aliases"
-        dkim = sorted(p.name for p in directory.glob("dkim:*.pem"))
-        dkim_note = f"{len(dkim)} DKIM key(s)" if dkim else "no DKIM keys"
-        print(f"domain {domain}: {len(users.names())} user(s), {alias_note}, {dkim_note}")
-    return 0
+        users = UserDB.load(config.domain_dir(domain) / "users", domain)
+        catch_all = " + catch-all" if aliases.catch_all(domain) else ""
+        keys = keyring.keys_for(domain)
+        dkim_note = (f"{len(keys)} DKIM key(s) ({', '.join(k.selector for k in keys)})"
+                     if keys else "no DKIM keys")
+        print(f"domain {domain}: {len(users.names())} user(s), "
+              f"{aliases.count(domain)} alias(es){catch_all}, {dkim_note}")
+    errors = [*alias_errors, *key_errors]
+    for error in errors:
+        print(f"mailrelay: {error}", file=sys.stderr)
+    return 1 if errors else 0

@@ -150,3 +150,23 @@ def test_nonexistent_config_dir(tmp_path, argv):
     line = one_line_error(result)
     assert str(missing) in line
     assert result.stdout == ""
+
+
+def test_check_reports_broken_aliases_and_dkim_keys(confdir):
+    domain_dir = confdir / "domains" / "example.com"
+    (domain_dir / "aliases").write_text("# ok\nsales: me\nbroken line\n")
+    (domain_dir / "dkim:bad.pem").write_text("not a key\n")
+    result = check(confdir)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = result.stderr.splitlines()
+    assert any(f"{domain_dir / 'aliases'}:3:" in line for line in errors), errors
+    assert any("dkim:bad.pem" in line for line in errors), errors
+    assert "domain example.com: 1 user(s)" in result.stdout
+
+
+def test_check_counts_aliases_and_catch_all(confdir):
+    (confdir / "domains" / "example.com" / "aliases").write_text("sales: me\n*: me\n")
+    result = check(confdir)
+    assert result.returncode == 0, result.stderr
+    assert "domain example.com: 1 user(s), 1 alias(es) + catch-all, no DKIM keys" in result.stdout
