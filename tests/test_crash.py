@@ -6,29 +6,15 @@ import asyncio
 import random
 import re
 import signal
-import sys
 
 import pytest
 
 from tests.support.client import RawSMTP
+from tests.support.process import start_server
 from tests.support.relay import USER
 
 CLIENTS = 6
 MESSAGES_PER_CLIENT = 15
-
-
-async def start_server(env) -> asyncio.subprocess.Process:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailrelay.cli.main", "serve", "-c", str(env.config_dir),
-        stderr=asyncio.subprocess.PIPE)
-    log = b""
-    while b"mailrelay ready" not in log:
-        line = await asyncio.wait_for(process.stderr.readline(), 30)
-        assert line, f"server exited: {log.decode()}"
-        log += line
-    # Keep draining its log so the pipe never fills up and blocks the server.
-    process.log_drain = asyncio.ensure_future(process.stderr.read())
-    return process
 
 
 async def client_load(env, client_number: int, acked: set[str]) -> None:

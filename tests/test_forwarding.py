@@ -14,6 +14,7 @@ from mailrelay.dkim.signer import sign
 from mailrelay.headers import get_all, parse_headers
 from tests.support.client import RawSMTP
 from tests.support.dkim_dns import dnsfunc_for, publish_new_key
+from tests.support.process import start_server
 
 ALICE_MESSAGE = (
     b"From: Alice <alice@sender.test>\r\n"
@@ -154,3 +155,38 @@ async def test_aliases_reload_keeps_last_good_table(env):
     assert env.server.reload() is True
     assert (await client.cmd("RCPT TO:<support@example.com>"))[0] == 250
     assert (await client.cmd("RCPT TO:<sales@example.com>"))[0] == 550
+
+
+async def test_aliases_edit_reaches_the_running_server(env, tmp_path):
+    """`mailrelay aliases edit` with a scripted $EDITOR: the running server (its own
+    process, reloaded through SIGHUP) routes by the new file within 2 seconds."""
+    import asyncio
+    import os
+    import subprocess
+    import time
+
+    server = await start_server(env)
+    try:
+        editor = tmp_path / "editor.py"
+        editor.write_text("import sys\nopen(sys.argv[1], 'a').write('sales: me\\n')\n")
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "mailrelay.cli.main", "aliases", "edit", "example.com",
+             "-c", str(env.config_dir)],
+            env={**os.environ, "EDITOR": f"{sys.executable} {editor}"},
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stderr
+        edited = time.monotonic()
+        while True:
+            client = await RawSMTP.connect("127.0.0.1", env.ports["smtp"])
+            await client.cmd("EHLO mx.sender.test")
+            await client.cmd("MAIL FROM:<alice@sender.test>")
+            code, _ = await client.cmd("RCPT TO:<sales@example.com>")
+            await client.close()
+            if code == 250 or time.monotonic() - edited > 2:
+                break
+            await asyncio.sleep(0.1)
+        assert code == 250, "the new alias was not in use within 2 s"
+    finally:
+        server.terminate()
+        await server.wait()

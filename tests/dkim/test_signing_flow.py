@@ -198,3 +198,15 @@ async def test_sender_rights_can_be_turned_off(env):
     env.add_sink("127.0.0.2")
     await env.start()
     assert await _try_send(env, "anyone@elsewhere.test", "anyone@elsewhere.test") == 250
+
+
+async def test_user_may_send_as_an_alias_that_delivers_to_them(env):
+    (env.config_dir / "domains" / "example.com" / "aliases").write_text(
+        "sales: me\nteam: me, someone@elsewhere.test\n*: me\n")
+    env.add_mx("remote.test", (10, "mx1.remote.test", "127.0.0.2"))
+    env.add_sink("127.0.0.2")
+    await env.start()
+    assert await _try_send(env, "sales@example.com", "Sales <sales@example.com>") == 250
+    assert await _try_send(env, "team@example.com", "team@example.com") == 250
+    # The catch-all delivers everything to me, but does not make every address mine.
+    assert await _try_send(env, "ceo@example.com", "ceo@example.com") == 550
