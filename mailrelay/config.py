@@ -135,6 +135,15 @@ class AliasSettings:
 
 
 @dataclass(frozen=True)
+class InboundSettings:
+    """Checks on mail from outside (port 25, no AUTH)."""
+
+    reject_spf_fail: bool = True  # 550 5.7.23 (unless DMARC passes through DKIM)
+    reject_dmarc: bool = True  # 550 5.7.1 when the sender's DMARC policy is p=reject
+    on_dns_error: str = "accept"  # accept | tempfail: what to do when the checks hit DNS trouble
+
+
+@dataclass(frozen=True)
 class SenderSettings:
     # Authenticated users may send (MAIL FROM and From:) only as their own addresses...
     restrict: bool = True
@@ -155,6 +164,7 @@ class Config:
     domains: tuple[str, ...]
     senders: SenderSettings = field(default_factory=SenderSettings)
     aliases: AliasSettings = field(default_factory=AliasSettings)
+    inbound: InboundSettings = field(default_factory=InboundSettings)
 
     @property
     def domains_dir(self) -> Path:
@@ -237,6 +247,14 @@ def _as_port(value: Any) -> int:
     return port
 
 
+def _one_of(*choices: str):
+    def convert(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, not {value!r}")
+        return str(value)
+    return convert
+
+
 def _as_str(value: Any) -> str:
     if value is None or isinstance(value, bool | dict | list):
         raise ValueError(f"expected text, not {value!r}")
@@ -297,7 +315,7 @@ def load_config(config_dir: Path | str) -> Config:
     top_spec: dict[str, Any] = {
         "hostname": _scalar_of(_as_str),
         "listen": None, "data_dir": _scalar_of(_as_str), "tls": None, "dns": None,
-        "delivery": None, "limits": None, "senders": None, "aliases": None,
+        "delivery": None, "limits": None, "senders": None, "aliases": None, "inbound": None,
     }
     top = reader.mapping(root, "top level")
     for key, (key_node, _) in top.items():
@@ -371,10 +389,16 @@ def load_config(config_dir: Path | str) -> Config:
         "max_depth": _scalar_of(_as_positive_int),
     }))
 
+    inbound = InboundSettings(**_section(reader, sub("inbound"), "inbound", {
+        "reject_spf_fail": _scalar_of(_as_bool),
+        "reject_dmarc": _scalar_of(_as_bool),
+        "on_dns_error": _scalar_of(_one_of("accept", "tempfail")),
+    }))
+
     return Config(
         config_dir=config_dir, hostname=hostname, listen=listen, data_dir=data_dir, tls=tls,
         dns=dns, delivery=delivery, limits=limits, domains=discover_domains(config_dir),
-        senders=senders, aliases=aliases,
+        senders=senders, aliases=aliases, inbound=inbound,
     )
 
 

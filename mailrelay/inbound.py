@@ -9,6 +9,8 @@ import ssl
 from collections.abc import Callable
 
 from .address import AddressError, normalize, split
+from .arc import arc_seal
+from .authcheck import AuthResults, check_message, decide, strip_our_authentication_results
 from .config import Config
 from .headers import addresses, get_all, parse_headers
 from .message import protocol_name, received_header, submission_fixups
@@ -142,13 +144,18 @@ class InboundPolicy:
             value = envelope.sender_params.get(key)
             if value:
                 meta[name] = value.upper() if key == "RET" else value
+        results: AuthResults | None = None
         if info.user is not None:
             prepared = await self._prepare_submission(info.user, envelope.sender, body)
             if isinstance(prepared, str):
                 return prepared
             head = [received, *prepared]
         else:
-            head = [received]
+            checked = await self._check_inbound(info, envelope.sender, body)
+            if isinstance(checked, str):
+                return checked
+            results, body = checked
+            head = [received, results.header]
 
         params = [{k: v for k, v in p.items() if v is not None}
                   for p in envelope.recipient_params]
@@ -161,23 +168,62 @@ class InboundPolicy:
             if expansion.local:
                 batches.append((envelope.sender, expansion.local, [*head, body]))
             if expansion.remote:
-                batches.append(await self._forwarded(envelope.sender, expansion, head, body))
+                batches.append(await self._forwarded(envelope.sender, expansion, head, body,
+                                                     results))
         if not any(rcpts for _, rcpts, _ in batches):
             return "554 5.5.1 No valid recipients"
         return await self._enqueue(info, item_id, batches, meta)
 
+    async def _check_inbound(
+        self, info: SessionInfo, sender: str, body: bytes
+    ) -> tuple[AuthResults, bytes] | str:
+        """SPF, DKIM and DMARC of mail from outside: the results (and the body without
+        forged Authentication-Results claiming to be ours), or the refusal reply."""
+        settings = self.config.inbound
+
+        def run() -> tuple[AuthResults, bytes]:
+            cleaned = strip_our_authentication_results(body, self.hostname)
+            results = check_message(cleaned, client_ip=info.peer_ip, helo=info.helo,
+                                    mail_from=sender, authserv_id=self.hostname,
+                                    dns=self.config.dns)
+            return results, cleaned
+
+        results, cleaned = await asyncio.to_thread(run)
+        log.info("inbound checks ip=%s from=<%s> spf=%s dkim=%s dmarc=%s", info.peer_ip, sender,
+                 results.spf, ",".join(r for r, _, _ in results.dkim) or "none", results.dmarc)
+        reply = decide(results, reject_spf=settings.reject_spf_fail,
+                       reject_dmarc=settings.reject_dmarc)
+        if reply is None and settings.on_dns_error == "tempfail" and "temperror" in (
+            results.spf, results.dmarc, *(r for r, _, _ in results.dkim)
+        ):
+            reply = "451 4.4.3 Temporary DNS failure checking the sender, try again later"
+        if reply is not None:
+            log.info("inbound refused ip=%s from=<%s>: %s", info.peer_ip, sender, reply)
+            return reply
+        return results, cleaned
+
     async def _forwarded(
-        self, sender: str, expansion: Expansion, head: list[bytes], body: bytes
+        self, sender: str, expansion: Expansion, head: list[bytes], body: bytes,
+        results: AuthResults | None,
     ) -> tuple[str, list[Recipient], list[bytes]]:
         """Mail an alias sends elsewhere: the envelope sender becomes an SRS address of
-        ours (so SPF passes at the next hop and bounces come back through us), and we
-        sign it for that domain."""
+        ours (so SPF passes at the next hop and bounces come back through us), an ARC set
+        records what we saw, and we sign it for that domain."""
         domain = expansion.forwarding_domain or self.config.domains[0]
         new_sender = self.srs.forward(sender, domain) if sender and self.srs else sender
         message = b"".join([*head[1:], body])
-        signature = await asyncio.to_thread(self.signer.signature, message,
+        arc = b""
+        keys = self.signer.keys_for(domain)
+        if results is not None and keys:
+            arc = await asyncio.to_thread(
+                arc_seal, message, key=keys, authserv_id=self.hostname,
+                results_header_value=results.header, dns=self.config.dns)
+            if not arc:
+                log.warning("forward: no ARC set added for %s (no RSA key, or the existing "
+                            "chain could not be checked)", domain)
+        signature = await asyncio.to_thread(self.signer.signature, arc + message,
                                             parse_headers(body), new_sender)
-        return new_sender, expansion.remote, [signature, *head, body]
+        return new_sender, expansion.remote, [signature, arc, *head, body]
 
     async def _enqueue(
         self, info: SessionInfo, item_id: str,

@@ -29,6 +29,9 @@ class MessageSigner:
                 return domain
         return None
 
+    def keys_for(self, domain: str) -> list:
+        return self._keyring().keys_for(domain)
+
     def signature(self, message: bytes, fields: list[tuple[str, str]], sender: str) -> bytes:
         """DKIM-Signature header fields to prepend (empty when we have no key to sign with).
 

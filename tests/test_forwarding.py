@@ -44,6 +44,11 @@ async def forwarding(env, tmp_path):
     env.alice_key = load_key(alice_key_path, "sender.test", "s1")
     env.add_mx("gmail.test", (10, "mx.gmail.test", "127.0.0.7"))
     env.add_mx("sender.test", (10, "mx.sender.test", "127.0.0.8"))
+    env.dns.add("sender.test", "TXT", "v=spf1 ip4:127.0.0.1 -all")
+    env.dns.add("_dmarc.sender.test", "TXT", "v=DMARC1; p=reject")
+    env.dns.add("soft.test", "TXT", "v=spf1 ip4:192.0.2.1 ~all")
+    env.dns.add("strict.test", "TXT", "v=spf1 ip4:192.0.2.1 ?all")
+    env.dns.add("_dmarc.strict.test", "TXT", "v=DMARC1; p=reject")
     env.gmail = env.add_sink("127.0.0.7", hostname="mx.gmail.test")
     env.sender_mx = env.add_sink("127.0.0.8", hostname="mx.sender.test")
     await env.start()
@@ -68,11 +73,19 @@ async def test_catch_all_forward_uses_srs_and_keeps_the_original_signature(forwa
     assert re.fullmatch(r"SRS0=[^=]{4}=[A-Z2-7]{2}=sender\.test=alice@example\.com",
                         received.sender), received.sender
     dnsfunc = dnsfunc_for(env.dns)
-    signatures = get_all(parse_headers(received.data), "DKIM-Signature")
+    fields = parse_headers(received.data)
+    signatures = get_all(fields, "DKIM-Signature")
     domains = sorted(re.search(r"d=([\w.]+)", s).group(1) for s in signatures)
     assert domains == ["example.com", "sender.test"]
     for index in range(len(signatures)):
         assert dkim.DKIM(received.data).verify(idx=index, dnsfunc=dnsfunc), index
+    # Our Authentication-Results records what we saw; the ARC set carries it onwards.
+    [results] = get_all(fields, "Authentication-Results")
+    assert results.startswith("mail.example.com;")
+    assert "spf=pass" in results and "dkim=pass header.d=sender.test" in results
+    cv, _, reason = dkim.arc_verify(received.data, dnsfunc=dnsfunc)
+    assert cv == dkim.CV_Pass, reason
+    assert "dkim=pass" in get_all(fields, "ARC-Authentication-Results")[0]
     await env.wait_queue_empty()
 
 
@@ -190,3 +203,47 @@ async def test_aliases_edit_reaches_the_running_server(env, tmp_path):
     finally:
         server.terminate()
         await server.wait()
+
+
+async def test_spf_fail_is_refused(forwarding):
+    env = forwarding
+    env.dns.remove("sender.test", "TXT")
+    env.dns.add("sender.test", "TXT", "v=spf1 ip4:192.0.2.1 -all")  # 127.0.0.1 not allowed
+    client = await RawSMTP.connect("127.0.0.1", env.ports["smtp"])
+    await client.cmd("EHLO mx.sender.test")
+    await client.cmd("MAIL FROM:<alice@sender.test>")
+    await client.cmd("RCPT TO:<x@example.com>")
+    await client.cmd("DATA")
+    await client.send(ALICE_MESSAGE + b".")
+    code, lines = await client.reply()
+    assert code == 550 and lines[0].startswith("5.7.23")
+    assert env.gmail.messages == [] and env.server.queue.items == {}
+
+
+async def test_dmarc_reject_is_refused(forwarding):
+    env = forwarding
+    message = ALICE_MESSAGE.replace(b"alice@sender.test", b"bob@strict.test")
+    code = await send_port_25(env, "bob@strict.test", ["x@example.com"], message)
+    assert code == 550
+    assert env.server.queue.items == {}
+
+
+async def test_softfail_passes_and_is_recorded(forwarding):
+    env = forwarding
+    message = ALICE_MESSAGE.replace(b"alice@sender.test", b"carol@soft.test")
+    assert await send_port_25(env, "carol@soft.test", ["me@example.com"], message) == 250
+    [stored] = await env.wait_mailbox(1)
+    [results] = get_all(parse_headers(stored), "Authentication-Results")
+    assert "spf=softfail" in results
+
+
+async def test_forged_authentication_results_are_removed(forwarding):
+    env = forwarding
+    forged = (b"Authentication-Results: mail.example.com; dkim=pass header.d=paypal.test\r\n"
+              b"Authentication-Results: other.test; spf=pass\r\n" + ALICE_MESSAGE)
+    assert await send_port_25(env, "alice@sender.test", ["me@example.com"], forged) == 250
+    [stored] = await env.wait_mailbox(1)
+    results = get_all(parse_headers(stored), "Authentication-Results")
+    assert len(results) == 2
+    assert not any("paypal.test" in r for r in results)
+    assert any(r.startswith("other.test;") for r in results)
