@@ -111,6 +111,10 @@ class DeliverySettings:
     concurrency: int = 20
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
+    # Deliver local mail through this command instead of the built-in Maildir, e.g.
+    # "/usr/lib/dovecot/dovecot-lda -d {address}" ({user}, {domain}, {address} filled in).
+    local_mda: str | None = None
+    pipe_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,7 @@ class AliasSettings:
     drop_characters: str = "."
     suffix_separators: str = "+"
     max_depth: int = 10
+    srs_max_age: float = 21 * 86400.0  # how long bounces to our SRS addresses are accepted
 
 
 @dataclass(frozen=True)
@@ -362,6 +367,8 @@ def load_config(config_dir: Path | str) -> Config:
         "concurrency": _scalar_of(_as_positive_int),
         "connect_timeout": _scalar_of(parse_duration),
         "command_timeout": _scalar_of(parse_duration),
+        "local_mda": _scalar_of(lambda v: None if v is None else _as_str(v)),
+        "pipe_timeout": _scalar_of(parse_duration),
     }))
     if not delivery.retry_intervals:
         raise reader.error("delivery.retry_intervals must not be empty", sub("delivery"))
@@ -387,6 +394,7 @@ def load_config(config_dir: Path | str) -> Config:
         "drop_characters": _scalar_of(lambda v: "" if v is None else _as_str(v)),
         "suffix_separators": _scalar_of(lambda v: "" if v is None else _as_str(v)),
         "max_depth": _scalar_of(_as_positive_int),
+        "srs_max_age": _scalar_of(parse_duration),
     }))
 
     inbound = InboundSettings(**_section(reader, sub("inbound"), "inbound", {

@@ -59,7 +59,8 @@ class Server:
         """Load everything, resume the queue, then bind the listeners."""
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.srs = SRS(load_or_create_secrets(config.data_dir))
+        self.srs = SRS(load_or_create_secrets(config.data_dir),
+                       max_age_days=max(1, round(config.aliases.srs_max_age / 86400)))
         self.router.srs = self.srs
         self.certificates.load()
         tls_context = self.certificates.server_context()
@@ -79,6 +80,7 @@ class Server:
                               config.delivery.give_up_after),
             reporting_mta=config.hostname, concurrency=config.delivery.concurrency,
             default_domain=config.domains[0] if config.domains else None,
+            pipe_timeout=config.delivery.pipe_timeout, local_mda=config.delivery.local_mda,
         )
         items = await asyncio.to_thread(self.queue.load)
         for item in items:

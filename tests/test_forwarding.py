@@ -247,3 +247,21 @@ async def test_forged_authentication_results_are_removed(forwarding):
     assert len(results) == 2
     assert not any("paypal.test" in r for r in results)
     assert any(r.startswith("other.test;") for r in results)
+
+
+async def test_local_mda_command_instead_of_maildir(env, tmp_path):
+    out = tmp_path / "mda"
+    out.mkdir()
+    script = tmp_path / "mda.py"
+    script.write_text("import sys\n"
+                      f"target = {str(out)!r} + '/' + sys.argv[1]\n"
+                      "open(target, 'ab').write(sys.stdin.buffer.read())\n")
+    env.write_config(delivery={"smtp_port": env.sink_port,
+                               "local_mda": f"{sys.executable} {script} {{address}}"},
+                     limits={"auth_failure_delay": "0s"})
+    env.add_user()
+    await env.start()
+    assert await send_port_25(env, "alice@sender.test", ["Me@example.com"], ALICE_MESSAGE) == 250
+    await env.wait_queue_empty()
+    assert b"Hi there." in (out / "me@example.com").read_bytes()
+    assert env.mailbox() == [], "the built-in Maildir is not used"

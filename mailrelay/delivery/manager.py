@@ -8,6 +8,7 @@ import heapq
 import itertools
 import logging
 import random
+import shlex
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -60,6 +61,7 @@ class DeliveryManager:
         concurrency: int = 20,
         default_domain: str | None = None,
         pipe_timeout: float = 60.0,
+        local_mda: str | None = None,
     ):
         self.queue = queue
         self.remote = remote
@@ -71,6 +73,7 @@ class DeliveryManager:
         self.reporting_mta = reporting_mta
         self.default_domain = default_domain or reporting_mta
         self.pipe_timeout = pipe_timeout
+        self.local_mda = local_mda
         self.concurrency = concurrency
         self._heap: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}
@@ -187,8 +190,7 @@ class DeliveryManager:
             delivered, reply = await run_pipe(rcpt.command or "", data, sender=sender,
                                               recipient=rcpt.address,
                                               timeout=self.pipe_timeout)
-            outcome = (Outcome.SENT if delivered else
-                       Outcome.TEMPORARY if delivered is None else Outcome.PERMANENT)
+            outcome = _command_outcome(delivered)
             results.append(RecipientResult(rcpt.address, outcome, reply, "pipe"))
         return results
 
@@ -201,6 +203,13 @@ class DeliveryManager:
             if mailbox is None:  # removed since the message was accepted
                 results.append(RecipientResult(address, Outcome.PERMANENT,
                                                "550 5.1.1 no such user here", "local"))
+                continue
+            if self.local_mda:
+                delivered, reply = await run_pipe(
+                    mda_command(self.local_mda, mailbox), data, sender=sender,
+                    recipient=mailbox, timeout=self.pipe_timeout)
+                outcome = _command_outcome(delivered)
+                results.append(RecipientResult(address, outcome, reply, "local"))
                 continue
             try:
                 await asyncio.to_thread(self.maildirs.deliver, mailbox, sender, data, address)
@@ -278,6 +287,20 @@ class DeliveryManager:
         bounce = await self.enqueue("", [item.sender], dsn)
         log.info("queue %s: DSN %s to <%s> for %s", item.id, bounce.id, item.sender,
                  ", ".join(f.address for f in wanted))
+
+
+def _command_outcome(delivered: bool | None) -> Outcome:
+    """run_pipe's answer: True delivered, None retry later, False failed for good."""
+    if delivered is None:
+        return Outcome.TEMPORARY
+    return Outcome.SENT if delivered else Outcome.PERMANENT
+
+
+def mda_command(template: str, address: str) -> str:
+    """The local MDA command line for one mailbox (each value shell-quoted)."""
+    user, _, domain = address.rpartition("@")
+    return template.format(user=shlex.quote(user), domain=shlex.quote(domain),
+                           address=shlex.quote(address))
 
 
 def _notify_failure(item: QueueItem, address: str) -> bool:
