@@ -28,6 +28,7 @@ from ..config import Config, load_config
 from ..errors import ConfigError, MailrelayError
 from ..fsutil import atomic_write
 from ..users import Users
+from .common import local_domain
 
 PID_FILE = "mailrelay.pid"  # written by the server into data_dir (server.PID_FILE)
 NEW_FILE_MODE = 0o644  # aliases hold no secrets; chasquid's files are world-readable too
@@ -58,18 +59,6 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     check.set_defaults(func=cmd_check)
 
 
-def _local_domain(config: Config, domain: str) -> str:
-    try:
-        domain = normalize_domain(domain)
-    except AddressError as exc:
-        raise MailrelayError(str(exc)) from None
-    if domain not in config.domains:
-        known = ", ".join(config.domains) if config.domains else "none"
-        raise MailrelayError(f"{domain} is not a local domain (known: {known}; "
-                             f"create {config.domain_dir(domain)}/ to add it)")
-    return domain
-
-
 def _editor() -> list[str]:
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
     try:
@@ -95,7 +84,7 @@ def _ask_edit_again() -> bool:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    domain = _local_domain(config, args.domain)
+    domain = local_domain(config, args.domain)
     path = aliases_path(config, domain)
     try:
         original: bytes | None = path.read_bytes()
@@ -213,7 +202,7 @@ def _describe(targets: list[Target]) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    domains = [_local_domain(config, args.domain)] if args.domain else list(config.domains)
+    domains = [local_domain(config, args.domain)] if args.domain else list(config.domains)
     users = Users.load(config)
     aliases = Aliases.load(config)[0]  # broken files are reported one by one below
     failed = False

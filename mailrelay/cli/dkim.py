@@ -6,11 +6,11 @@ import argparse
 import sys
 import time
 
-from ..address import AddressError, normalize_domain
-from ..config import Config, load_config
+from ..config import load_config
 from ..dkim.keys import ALGOS, dns_record, format_txt, generate_key, load_domain_keys, write_key
 from ..dkim.signer import DKIMKey
 from ..errors import MailrelayError
+from .common import local_domain
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -38,21 +38,9 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     dns.set_defaults(func=cmd_dns)
 
 
-def _local_domain(config: Config, domain: str) -> str:
-    try:
-        domain = normalize_domain(domain)
-    except AddressError as exc:
-        raise MailrelayError(str(exc)) from None
-    if domain not in config.domains:
-        known = ", ".join(config.domains) if config.domains else "none"
-        raise MailrelayError(f"{domain} is not a local domain (known: {known}; "
-                             f"create {config.domain_dir(domain)}/ to add it)")
-    return domain
-
-
 def cmd_keygen(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    domain = _local_domain(config, args.domain)
+    domain = local_domain(config, args.domain)
     selector = args.selector or time.strftime("%Y%m%d")
     key = generate_key(args.algo)
     path = write_key(config.domain_dir(domain), selector, key)
@@ -65,7 +53,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_dns(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    domains = [_local_domain(config, args.domain)] if args.domain else list(config.domains)
+    domains = [local_domain(config, args.domain)] if args.domain else list(config.domains)
     printed = failed = 0
     for domain in domains:
         keys, errors = load_domain_keys(config.domain_dir(domain), domain)

@@ -6,10 +6,11 @@ import argparse
 import getpass
 import sys
 
-from ..address import AddressError, normalize_domain, normalize_local, split
+from ..address import AddressError, normalize_local, split
 from ..config import Config, load_config
 from ..errors import MailrelayError
 from ..users import USERS_FILE, UserDB
+from .common import local_domain
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -54,14 +55,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 
 def _domain_db(config: Config, domain: str) -> UserDB:
-    try:
-        domain = normalize_domain(domain)
-    except AddressError as exc:
-        raise MailrelayError(str(exc)) from None
-    if domain not in config.domains:
-        known = ", ".join(config.domains) if config.domains else "none"
-        raise MailrelayError(f"{domain} is not a local domain (known: {known}; "
-                             f"create {config.domain_dir(domain)}/ to add it)")
+    domain = local_domain(config, domain)
     return UserDB.load(config.domain_dir(domain) / USERS_FILE, domain)
 
 
