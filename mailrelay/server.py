@@ -114,7 +114,11 @@ class Server:
         """Queue a message we generate ourselves (DSNs), DKIM-signed like all our mail."""
         signature = await asyncio.to_thread(self.signer.signature, data, parse_headers(data),
                                             sender)
-        item = await self.queue.put(sender, recipients, [signature, data], {"generated": True})
+        # Through the router: a bounce of forwarded mail goes to our SRS address, which
+        # stands for the original sender.
+        expansion = self.router.expand(recipients, [{} for _ in recipients])
+        item = await self.queue.put(sender, expansion.local + expansion.remote,
+                                    [signature, data], {"generated": True})
         assert self.delivery is not None
         self.delivery.schedule(item)
         return item

@@ -15,6 +15,7 @@ from mailrelay.headers import get_all, parse_headers
 from tests.support.client import RawSMTP
 from tests.support.dkim_dns import dnsfunc_for, publish_new_key
 from tests.support.process import start_server
+from tests.support.sink import SinkBehaviour
 
 ALICE_MESSAGE = (
     b"From: Alice <alice@sender.test>\r\n"
@@ -265,3 +266,15 @@ async def test_local_mda_command_instead_of_maildir(env, tmp_path):
     await env.wait_queue_empty()
     assert b"Hi there." in (out / "me@example.com").read_bytes()
     assert env.mailbox() == [], "the built-in Maildir is not used"
+
+
+async def test_our_bounce_of_a_forward_reaches_the_original_sender(forwarding):
+    """Gmail refuses the forward at RCPT: our DSN goes to the SRS sender, i.e. to alice."""
+    env = forwarding
+    env.gmail.behaviour = SinkBehaviour(rcpt=lambda addr: "550 5.1.1 no such user")
+    assert await send_port_25(env, "alice@sender.test", ["x@example.com"], ALICE_MESSAGE) == 250
+    [dsn] = await env.sender_mx.until(1)
+    assert dsn.recipients == ["alice@sender.test"]
+    assert dsn.sender == "<>"
+    assert b"multipart/report" in dsn.data and b"me@gmail.test" in dsn.data
+    await env.wait_queue_empty()
