@@ -128,6 +128,9 @@ class LimitSettings:
     auth_failures_per_ip: int = 5
     auth_block_time: float = 600.0
     auth_failure_delay: float = 1.0
+    # Back-pressure: answer 452 4.3.1 rather than accept what cannot be stored.
+    max_queue_items: int = 100_000
+    min_free_space: int = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -383,6 +386,8 @@ def load_config(config_dir: Path | str) -> Config:
         "auth_failures_per_ip": _scalar_of(_as_positive_int),
         "auth_block_time": _scalar_of(parse_duration),
         "auth_failure_delay": _scalar_of(parse_duration),
+        "max_queue_items": _scalar_of(_as_positive_int),
+        "min_free_space": _scalar_of(parse_size),
     }))
 
     senders = SenderSettings(**_section(reader, sub("senders"), "senders", {

@@ -87,6 +87,11 @@ class InboundPolicy:
     # -- envelope -------------------------------------------------------------
 
     async def check_sender(self, info: SessionInfo, path: Path) -> str | None:
+        try:
+            self.queue.check_space()  # say so now, before the client sends the data
+        except QueueFullError as exc:
+            log.warning("refusing mail from %s: %s", info.peer_ip, exc)
+            return "452 4.3.1 Insufficient system storage, try again later"
         if info.user is None:
             return None  # inbound mail: any sender (SPF checks come on top of this)
         if self.senders.settings.restrict and (
@@ -243,7 +248,7 @@ class InboundPolicy:
                 log.warning("queue refused message from %s: %s", info.peer_ip, exc)
                 return "452 4.3.1 Insufficient system storage, try again later"
             log.error("queue write failed: %s", exc)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 return "452 4.3.1 Insufficient system storage, try again later"
             return "451 4.3.0 Local error in processing, try again later"
         for item in stored:

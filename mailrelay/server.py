@@ -40,7 +40,8 @@ PID_FILE = "mailrelay.pid"
 class Server:
     def __init__(self, config: Config):
         self.config = config
-        self.queue = Queue(config.data_dir / "queue")
+        self.queue = Queue(config.data_dir / "queue", max_items=config.limits.max_queue_items,
+                           min_free_bytes=config.limits.min_free_space)
         self.users = Users.load(config)
         self.keyring, _ = self._load_keyring()
         self.aliases, _ = self._load_aliases(None)

@@ -146,6 +146,7 @@ async def test_bad_base64_in_auth(relay):
     assert code == 501 and lines[0].startswith("5.5.2")
     code, _ = await client.auth_plain(USER, PASSWORD)
     assert code == 235
+    await client.close()
 
 
 async def test_auth_login_dialogue(relay):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import Any
 
 
-async def start_server(env) -> asyncio.subprocess.Process:
+async def start_server(env, **kwargs: Any) -> asyncio.subprocess.Process:
+    """Start it on ``env``'s config and wait until it is ready (kwargs go to the exec)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "mailrelay.cli.main", "serve", "-c", str(env.config_dir),
-        stderr=asyncio.subprocess.PIPE)
+        stderr=asyncio.subprocess.PIPE, **kwargs)
     log = b""
     while b"mailrelay ready" not in log:
         line = await asyncio.wait_for(process.stderr.readline(), 30)
