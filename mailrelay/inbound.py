@@ -73,6 +73,11 @@ class InboundPolicy:
             return "454 4.7.0 Too many failed logins, try again later"
         # scrypt takes tens of milliseconds: keep it off the event loop.
         user = await asyncio.to_thread(self._users().authenticate, username, password)
+        if self.throttle.blocked(ip):
+            # Blocked while this attempt was being checked (guesses sent at once on many
+            # connections): its answer, right or wrong, would be one guess too many.
+            log.warning("auth blocked: ip=%s user=%r (too many failures)", ip, username[:100])
+            return "454 4.7.0 Too many failed logins, try again later"
         if user is None:
             delay = self.throttle.failure(ip)
             log.warning("auth failed: ip=%s user=%r", ip, username[:100])

@@ -50,6 +50,8 @@ class AuthThrottle:
 
     def _prune(self, now: float) -> None:
         # Bound memory under a distributed attack: forget stale entries.
-        if len(self._failures) > 10000:
+        if len(self._failures) + len(self._blocked_until) > 10000:
             for ip in [ip for ip, ts in self._failures.items() if now - ts[-1] >= self.block_time]:
                 del self._failures[ip]
+            for ip in [ip for ip, until in self._blocked_until.items() if now >= until]:
+                del self._blocked_until[ip]
