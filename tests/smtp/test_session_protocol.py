@@ -214,3 +214,31 @@ async def test_connection_limit_per_ip(env, port):
     fourth = await RawSMTP.connect("127.0.0.1", env.ports[port])
     assert (await fourth.cmd("NOOP"))[0] == 250
     await second.close()
+
+
+@pytest.mark.parametrize("sequence", [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\n", b"\r.\r\n"])
+async def test_smuggling_sequences_never_end_the_message(relay, sequence):
+    client = await mx_client(relay)
+    await client.cmd("MAIL FROM:<a@elsewhere.test>")
+    await client.cmd(f"RCPT TO:<{USER}>")
+    await client.cmd("DATA")
+    await client.send(b"Subject: smuggle\r\n\r\nfirst" + sequence +
+                      b"MAIL FROM:<evil@elsewhere.test>\r\nRCPT TO:<me@example.com>\r\nDATA\r\n"
+                      b"Subject: injected\r\n\r\nsecond\r\n.\r\n")
+    code, _ = await client.reply()
+    assert code == 250
+    assert (await client.cmd("NOOP"))[0] == 250, "no stray replies from an injected session"
+    await client.cmd("QUIT")
+    await client.close()
+    [stored] = await relay.wait_mailbox(1)
+    assert b"first" in stored and b"Subject: injected" in stored
+    await asyncio.sleep(0.2)
+    assert len(relay.mailbox()) == 1
+
+
+async def test_nul_bytes_in_commands_are_refused(relay):
+    client = await mx_client(relay)
+    code, lines = await client.cmd(b"MAIL FROM:<a\x00b@elsewhere.test>")
+    assert code == 500 and lines[0].startswith("5.5.2")
+    assert (await client.cmd("MAIL FROM:<a@elsewhere.test>"))[0] == 250
+    await client.close()
