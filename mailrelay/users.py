@@ -8,6 +8,11 @@ File format (``domains/<domain>/users``), one user per line::
 
 ``!`` marks a receive-only user (chasquid's "denied"): mail is accepted for it,
 but it cannot log in. Salt and key are base64 without padding (PHC string format).
+
+chasquid's own users file (protobuf text format, see :mod:`mailrelay.chasquid_users`)
+is also read, so passwords keep working on a directory taken over from chasquid. That
+is read-only in spirit: ``save()`` on such a database writes this format, which chasquid
+cannot read back.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .address import AddressError, normalize_domain, normalize_local, split, strip_suffix
+from .chasquid_users import is_chasquid_users, login_entries
 from .errors import ConfigError, MailrelayError
 from .fsutil import atomic_write
 
@@ -137,12 +143,18 @@ def verify_password(password: str, encoded: str) -> bool:
         parsed = parse_hash(encoded)
     except ValueError:
         return False
-    try:
-        key = parsed.derive(_password_bytes(password))
-    except (ValueError, MemoryError):
-        return False
+    # NFC first (how we hash); then the bytes as typed, which is how chasquid hashed the
+    # passwords of imported users (only tried when the two differ).
+    candidates = dict.fromkeys([_password_bytes(password), password.encode("utf-8", "replace")])
+    matched = False
+    for candidate in candidates:
+        try:
+            key = parsed.derive(candidate)
+        except (ValueError, MemoryError):
+            return False
+        matched |= hmac.compare_digest(key, parsed.key)
     # Evaluated after the derivation so an empty password costs the same time.
-    return hmac.compare_digest(key, parsed.key) and bool(password)
+    return matched and bool(password)
 
 
 def check_localpart(localpart: str) -> str:
@@ -179,6 +191,9 @@ class UserDB:
             return cls(path, domain)
         except OSError as exc:
             raise ConfigError(f"cannot read: {exc.strerror or exc}", path) from None
+        if is_chasquid_users(raw):
+            # chasquid's file, read in place; save() would write our format instead.
+            return cls(path, domain, login_entries(raw, path))
         entries: dict[str, str] = {}
         header_lines: list[str] = []
         in_header = True

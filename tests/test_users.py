@@ -229,3 +229,17 @@ def test_broken_users_file_fails_load(tmp_path):
     (tmp_path / "domains/example.com/users").write_text("broken\n")
     with pytest.raises(ConfigError, match=r"users:1: "):
         Users.load(config)
+
+
+def test_password_hashed_as_typed_in_decomposed_form_still_matches():
+    """chasquid hashed the bytes as typed; we hash NFC. Both forms must log in."""
+    import base64
+    import hashlib
+
+    decomposed = "cafe\u0301"  # "café" with a combining accent
+    salt = b"0123456789abcdef"
+    key = hashlib.scrypt(decomposed.encode(), salt=salt, n=2**4, r=8, p=1, dklen=32)
+    encoded = ("$scrypt$ln=4,r=8,p=1$" + base64.b64encode(salt).decode().rstrip("=") + "$"
+               + base64.b64encode(key).decode().rstrip("="))
+    assert verify_password(decomposed, encoded)
+    assert not verify_password("cafe", encoded)
