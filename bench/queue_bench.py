@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.report import emit
 from mailrelay import queue as queue_module
 from mailrelay.fsutil import write_all
 from mailrelay.queue import MAGIC, Queue, Recipient
@@ -370,12 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     report["same_filesystem_as_default_data_dir"] = same_fs
-    print(table(report))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit(report, table(report), args.json)
     return 0
 
 

@@ -15,7 +15,6 @@ The messages are a short text part (format=flowed, as Thunderbird writes it) and
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import re
 import shutil
@@ -30,6 +29,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from bench.report import emit
 from mailrelay.dkim.signer import DKIMKey, sign
 
 SIZES = {"1KiB": 1024, "10KiB": 10 * 1024, "100KiB": 100 * 1024}
@@ -229,12 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = run_bench(args.seconds, args.repeat, with_openssl=not args.no_openssl,
                        dkimpy_seconds=min(2.0, args.seconds * 2), log=progress)
-    print(table(report))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit(report, table(report), args.json)
     return 0
 
 
