@@ -36,24 +36,20 @@ NEW_FILE_MODE = 0o644  # aliases hold no secrets; chasquid's files are world-rea
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser("aliases", parents=[common], help="edit and test aliases")
-    # -c also after the action; SUPPRESS keeps one given earlier (see cli/user.py).
-    late = argparse.ArgumentParser(add_help=False)
-    late.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="DIR",
-                      help="configuration directory")
     actions = parser.add_subparsers(dest="aliases_command", metavar="ACTION", required=True)
 
-    edit = actions.add_parser("edit", parents=[late],
+    edit = actions.add_parser("edit", parents=[common],
                               help="edit a domain's aliases in $VISUAL/$EDITOR, "
                                    "checked before it is installed")
     edit.add_argument("domain", metavar="DOMAIN", help="a local domain")
     edit.set_defaults(func=cmd_edit)
 
-    resolve = actions.add_parser("resolve", parents=[late],
+    resolve = actions.add_parser("resolve", parents=[common],
                                  help="show where mail for an address goes")
     resolve.add_argument("address", metavar="ADDR", help="local@domain")
     resolve.set_defaults(func=cmd_resolve)
 
-    check = actions.add_parser("check", parents=[late], help="validate the aliases files")
+    check = actions.add_parser("check", parents=[common], help="validate the aliases files")
     check.add_argument("domain", metavar="DOMAIN", nargs="?",
                        help="only this domain (default: all)")
     check.set_defaults(func=cmd_check)

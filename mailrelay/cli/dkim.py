@@ -15,13 +15,9 @@ from .common import local_domain
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser("dkim", parents=[common], help="DKIM keys and DNS records")
-    # -c also after the action; SUPPRESS keeps one given earlier (see cli/user.py).
-    late = argparse.ArgumentParser(add_help=False)
-    late.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="DIR",
-                      help="configuration directory")
     actions = parser.add_subparsers(dest="dkim_command", metavar="ACTION", required=True)
 
-    keygen = actions.add_parser("keygen", parents=[late],
+    keygen = actions.add_parser("keygen", parents=[common],
                                 help="create a signing key and print its DNS record")
     keygen.add_argument("domain", metavar="DOMAIN", help="a local domain")
     keygen.add_argument("--selector", metavar="S",
@@ -31,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                              "every receiver, so use it beside an RSA key)")
     keygen.set_defaults(func=cmd_keygen)
 
-    dns = actions.add_parser("dns", parents=[late],
+    dns = actions.add_parser("dns", parents=[common],
                              help="print the DNS TXT records of a domain's keys")
     dns.add_argument("domain", metavar="DOMAIN", nargs="?",
                      help="a local domain (default: every domain with keys)")

@@ -15,14 +15,11 @@ from .common import local_domain
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser("user", parents=[common], help="manage users")
-    # -c is also accepted after the subcommand; SUPPRESS so that a subcommand
-    # without -c does not overwrite one given earlier with the default.
-    late = argparse.ArgumentParser(add_help=False)
-    late.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="DIR",
-                      help="configuration directory")
+    # The actions take -c too: ``common``'s -c has no default (see main.common_options),
+    # so one given earlier is kept.
     actions = parser.add_subparsers(dest="user_command", metavar="ACTION", required=True)
 
-    add = actions.add_parser("add", parents=[late], help="add a user")
+    add = actions.add_parser("add", parents=[common], help="add a user")
     add.add_argument("address", metavar="ADDR", help="local@domain")
     how = add.add_mutually_exclusive_group()
     how.add_argument("--password-stdin", action="store_true",
@@ -31,22 +28,22 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                      help="the user receives mail but cannot log in")
     add.set_defaults(func=cmd_add)
 
-    passwd = actions.add_parser("passwd", parents=[late], help="change a user's password")
+    passwd = actions.add_parser("passwd", parents=[common], help="change a user's password")
     passwd.add_argument("address", metavar="ADDR", help="local@domain")
     passwd.add_argument("--password-stdin", action="store_true",
                         help="read the password from the first line of standard input")
     passwd.set_defaults(func=cmd_passwd)
 
-    remove = actions.add_parser("remove", parents=[late], help="remove a user")
+    remove = actions.add_parser("remove", parents=[common], help="remove a user")
     remove.add_argument("address", metavar="ADDR", help="local@domain")
     remove.set_defaults(func=cmd_remove)
 
-    listing = actions.add_parser("list", parents=[late], help="list users")
+    listing = actions.add_parser("list", parents=[common], help="list users")
     listing.add_argument("domain", metavar="DOMAIN", nargs="?",
                          help="only this domain (default: all)")
     listing.set_defaults(func=cmd_list)
 
-    auth = actions.add_parser("authenticate", parents=[late],
+    auth = actions.add_parser("authenticate", parents=[common],
                               help="check a password (exit 0 if right, 1 if not)")
     auth.add_argument("address", metavar="ADDR", help="local@domain")
     auth.add_argument("--password-stdin", action="store_true",
