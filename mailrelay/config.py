@@ -115,6 +115,27 @@ class DeliverySettings:
     # "/usr/lib/dovecot/dovecot-lda -d {address}" ({user}, {domain}, {address} filled in).
     local_mda: str | None = None
     pipe_timeout: float = 60.0
+    # Tell the sender once that a message is still queued after this long (0: never).
+    delay_warning_after: float = 4 * 3600.0
+    # Outbound SMTP connections in all, and to one destination domain at a time.
+    max_connections: int = 100
+    max_connections_per_domain: int = 10
+    # An idle connection to an MX stays open this long for the next message to reuse it.
+    connection_idle_time: float = 5.0
+    # Opportunistic TLS: after a failed STARTTLS handshake, retry the host without TLS
+    # (never for a domain whose MTA-STS policy is "enforce").
+    tls_fallback_plain: bool = True
+    # Trust anchors (PEM) for verifying MX certificates and MTA-STS policy hosts;
+    # None: the system's store.
+    ca_file: Path | None = None
+    mta_sts: bool = True
+    mta_sts_port: int = 443  # HTTPS port of mta-sts.<domain> (other values are for tests)
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    # Prometheus /metrics over HTTP on this address (keep it on loopback); None: off.
+    listen: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +194,7 @@ class Config:
     senders: SenderSettings = field(default_factory=SenderSettings)
     aliases: AliasSettings = field(default_factory=AliasSettings)
     inbound: InboundSettings = field(default_factory=InboundSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     @property
     def domains_dir(self) -> Path:
@@ -324,6 +346,7 @@ def load_config(config_dir: Path | str) -> Config:
         "hostname": _scalar_of(_as_str),
         "listen": None, "data_dir": _scalar_of(_as_str), "tls": None, "dns": None,
         "delivery": None, "limits": None, "senders": None, "aliases": None, "inbound": None,
+        "metrics": None,
     }
     top = reader.mapping(root, "top level")
     for key, (key_node, _) in top.items():
@@ -372,6 +395,14 @@ def load_config(config_dir: Path | str) -> Config:
         "command_timeout": _scalar_of(parse_duration),
         "local_mda": _scalar_of(lambda v: None if v is None else _as_str(v)),
         "pipe_timeout": _scalar_of(parse_duration),
+        "delay_warning_after": _scalar_of(parse_duration),
+        "max_connections": _scalar_of(_as_positive_int),
+        "max_connections_per_domain": _scalar_of(_as_positive_int),
+        "connection_idle_time": _scalar_of(parse_duration),
+        "tls_fallback_plain": _scalar_of(_as_bool),
+        "ca_file": base_path,
+        "mta_sts": _scalar_of(_as_bool),
+        "mta_sts_port": _scalar_of(_as_port),
     }))
     if not delivery.retry_intervals:
         raise reader.error("delivery.retry_intervals must not be empty", sub("delivery"))
@@ -408,10 +439,14 @@ def load_config(config_dir: Path | str) -> Config:
         "on_dns_error": _scalar_of(_one_of("accept", "tempfail")),
     }))
 
+    metrics = MetricsSettings(**_section(reader, sub("metrics"), "metrics", {
+        "listen": _scalar_of(lambda v: None if v is None else parse_hostport(v)),
+    }))
+
     return Config(
         config_dir=config_dir, hostname=hostname, listen=listen, data_dir=data_dir, tls=tls,
         dns=dns, delivery=delivery, limits=limits, domains=discover_domains(config_dir),
-        senders=senders, aliases=aliases, inbound=inbound,
+        senders=senders, aliases=aliases, inbound=inbound, metrics=metrics,
     )
 
 

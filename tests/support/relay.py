@@ -62,6 +62,8 @@ class RelayEnv:
             "delivery": {
                 "smtp_port": self.sink_port, "retry_intervals": ["1s"],
                 "give_up_after": "1h", "connect_timeout": "3s", "command_timeout": "10s",
+                # Sinks have certificates from the test CA, so delivery can verify them.
+                "ca_file": "test-ca.pem",
             },
             "limits": {"auth_failure_delay": "0s", "command_timeout": "30s"},
         }
@@ -72,6 +74,7 @@ class RelayEnv:
                 settings[section] = values
         self.settings = settings
         self.config_dir.mkdir(parents=True, exist_ok=True)
+        self.ca.cert_pem.write_to_path(str(self.config_dir / "test-ca.pem"))
         (self.config_dir / "mailrelay.yaml").write_text(yaml.safe_dump(settings))
         cert_dir = self.config_dir / "certs" / HOSTNAME
         cert_dir.mkdir(parents=True, exist_ok=True)
