@@ -83,8 +83,8 @@ async def test_kill_9_mid_load_loses_nothing(env, seed, submission):
             await asyncio.sleep(0.1)
         lost = acked - set(delivered)
         duplicates = len(delivered) - len(set(delivered))
-        print(f"submission={submission} seed={seed} acked={len(acked)} delivered={len(delivered)} lost={len(lost)} "
-              f"duplicates={duplicates}")
+        print(f"submission={submission} seed={seed} acked={len(acked)} "
+              f"delivered={len(delivered)} lost={len(lost)} duplicates={duplicates}")
         assert not lost, f"accepted but lost: {sorted(lost)}"
     finally:
         server.send_signal(signal.SIGTERM)
