@@ -1,18 +1,44 @@
-"""Delivery to remote MX hosts with aiosmtplib: one transaction per domain and host."""
+"""Delivery to remote MX hosts with aiosmtplib: one transaction per domain and host.
+
+TLS (RFC 3207, RFC 7435): STARTTLS with a verifying context first ("verified": the
+chain leads to a trust anchor and the certificate names the MX host); when only the
+certificate check fails, again on a new connection without verification ("unverified");
+without STARTTLS, or after a failed handshake when allowed, in the clear ("plain").
+A domain's MTA-STS policy (RFC 8461) in "enforce" mode allows only verified TLS to the
+MX hosts it names; in "testing" mode what enforce would refuse is only logged.
+
+Connections are limited in all and per destination domain, and stay open for a short
+while after a transaction so the next message for the same MX host reuses them.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
+from typing import Protocol
 
 import aiosmtplib
 
+from ..errors import ConfigError
 from .mx import MXHost, PermanentDNSError, TemporaryDNSError, resolve_mx
 
 log = logging.getLogger("mailrelay.delivery")
+
+VERIFIED = "verified"
+UNVERIFIED = "unverified"
+PLAIN = "plain"
+
+# How long a host whose certificate does not verify goes straight to unverified TLS,
+# so it does not cost two connections per message; and how many such hosts we remember.
+UNVERIFIABLE_MEMORY = 3600.0
+_UNVERIFIABLE_MAX = 10_000
+_QUIT_TIMEOUT = 5.0
 
 
 class Outcome(Enum):
@@ -27,17 +53,34 @@ class RecipientResult:
     outcome: Outcome
     reply: str  # the remote reply ("550 5.1.1 no such user") or our own reason
     remote_host: str | None = None
-    tls: str = "plain"  # plain | unverified | verified
+    tls: str = PLAIN  # plain | unverified | verified
+
+
+class STSPolicy(Protocol):
+    """A domain's MTA-STS policy (mailrelay.delivery.mta_sts provides it)."""
+
+    @property
+    def mode(self) -> str: ...  # "enforce" | "testing" ("none" policies are not returned)
+
+    def matches(self, mx_host: str) -> bool: ...
+
+
+class PolicySource(Protocol):
+    async def policy_for(self, domain: str) -> STSPolicy | None: ...
 
 
 class HostFailure(Exception):
     """This host could not take the message; try the next one (or retry later)."""
 
-    def __init__(self, reply: str, permanent: bool = False, tls_failed: bool = False):
+    def __init__(self, reply: str, permanent: bool = False, sts: bool = False):
         super().__init__(reply)
         self.reply = reply
         self.permanent = permanent
-        self.tls_failed = tls_failed
+        self.sts = sts  # refused by the MTA-STS policy
+
+
+class _Stale(Exception):
+    """A reused connection failed before the transaction started: open a new one."""
 
 
 def _reply_text(code: int, message: str) -> str:
@@ -46,11 +89,102 @@ def _reply_text(code: int, message: str) -> str:
 
 def _opportunistic_tls_context() -> ssl.SSLContext:
     # Opportunistic STARTTLS (RFC 7435): encrypt even when the certificate cannot be
-    # verified; verification policy (MTA-STS) is layered on top of this.
+    # verified (the verifying context is tried first; see _negotiate).
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def _verifying_tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    # create_default_context: CERT_REQUIRED and check_hostname, TLS 1.2 or later.
+    try:
+        if ca_file is None:
+            return ssl.create_default_context()
+        return ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"delivery.ca_file {ca_file}: {exc}") from None
+
+
+class _Limits:
+    """Open outbound connections, in all and per destination domain.
+
+    A counter rather than semaphores: a pooled idle connection holds its slot, and a
+    delivery that finds no free slot closes an idle one instead of waiting for it to
+    expire, which needs to know whose slot is whose.
+    """
+
+    def __init__(self, total: int, per_domain: int):
+        self.total = max(1, total)
+        self.per_domain = max(1, per_domain)
+        self.open = 0
+        self.by_domain: dict[str, int] = {}
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def room(self, domain: str) -> tuple[bool, bool]:
+        """(room in all, room for ``domain``)"""
+        return self.open < self.total, self.by_domain.get(domain, 0) < self.per_domain
+
+    def take(self, domain: str) -> None:
+        self.open += 1
+        self.by_domain[domain] = self.by_domain.get(domain, 0) + 1
+
+    def release(self, domain: str) -> None:
+        self.open -= 1
+        self._decrement(domain)
+        self.notify()
+
+    def move(self, old: str, new: str) -> bool:
+        """Count a (pooled) connection for another domain, if that domain has room."""
+        if old == new:
+            return True
+        if self.by_domain.get(new, 0) >= self.per_domain:
+            return False
+        self.by_domain[new] = self.by_domain.get(new, 0) + 1
+        self._decrement(old)
+        self.notify()
+        return True
+
+    def _decrement(self, domain: str) -> None:
+        left = self.by_domain[domain] - 1
+        if left:
+            self.by_domain[domain] = left
+        else:
+            del self.by_domain[domain]
+
+    def notify(self) -> None:
+        """Something changed (a slot freed, a connection went idle): waiters look again."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def changed(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+
+
+@dataclass(eq=False)
+class _Connection:
+    smtp: aiosmtplib.SMTP
+    host: str  # the MX name (what the certificate was checked against)
+    address: str
+    port: int
+    tls: str
+    domain: str  # whose per-domain slot this connection holds
+    idle_since: float = 0.0
+    expiry: asyncio.TimerHandle | None = None
+    released: bool = False
+
+    @property
+    def key(self) -> tuple[str, str, int, str]:
+        # The name is part of the key: "verified" was checked against this name only.
+        return self.host, self.address, self.port, self.tls
 
 
 class RemoteDelivery:
@@ -62,6 +196,13 @@ class RemoteDelivery:
         max_mx_hosts: int = 5,
         connect_timeout: float = 30.0,
         command_timeout: float = 300.0,
+        *,
+        max_connections: int = 100,
+        max_connections_per_domain: int = 10,
+        connection_idle_time: float = 5.0,
+        tls_fallback_plain: bool = True,
+        ca_file: Path | None = None,
+        policies: PolicySource | None = None,
     ):
         self.hostname = hostname
         self.resolver = resolver
@@ -69,7 +210,18 @@ class RemoteDelivery:
         self.max_mx_hosts = max_mx_hosts
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
+        self.connection_idle_time = connection_idle_time
+        self.tls_fallback_plain = tls_fallback_plain
+        self.policies = policies
         self.tls_context = _opportunistic_tls_context()
+        self.verify_context = _verifying_tls_context(ca_file)
+        self._limits = _Limits(max_connections, max_connections_per_domain)
+        self._idle: dict[tuple[str, str, int, str], list[_Connection]] = {}
+        self._unverifiable: dict[tuple[str, str], float] = {}  # (MX name, address): until
+        self._closing: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # -- one message --------------------------------------------------------------
 
     async def deliver(
         self, domain: str, sender: str, recipients: list[str], data: bytes,
@@ -81,64 +233,121 @@ class RemoteDelivery:
                      host: str | None = None) -> list[RecipientResult]:
             return [RecipientResult(r, outcome, reply, host) for r in recipients]
 
+        domain = domain.lower()
+        # The policy (maybe an HTTPS fetch) is looked up while DNS answers.
+        policy_job = (asyncio.create_task(self._policy(domain), name=f"mta-sts-{domain}")
+                      if self.policies is not None else None)
         try:
-            hosts = await resolve_mx(domain, self.resolver, self.max_mx_hosts)
-        except PermanentDNSError as exc:
-            status = "556 5.1.10" if "null MX" in str(exc) else "550 5.1.2"
-            return everyone(Outcome.PERMANENT, f"{status} {domain}: {exc}")
-        except TemporaryDNSError as exc:
-            return everyone(Outcome.TEMPORARY, f"451 4.4.3 {domain}: {exc}")
+            try:
+                hosts = await resolve_mx(domain, self.resolver, self.max_mx_hosts)
+            except PermanentDNSError as exc:
+                status = "556 5.1.10" if "null MX" in str(exc) else "550 5.1.2"
+                return everyone(Outcome.PERMANENT, f"{status} {domain}: {exc}")
+            except TemporaryDNSError as exc:
+                return everyone(Outcome.TEMPORARY, f"451 4.4.3 {domain}: {exc}")
+            policy = await policy_job if policy_job is not None else None
+        finally:
+            if policy_job is not None and not policy_job.done():
+                policy_job.cancel()
+
+        enforce = policy is not None and policy.mode == "enforce"
+        testing = policy is not None and policy.mode == "testing"
+        if policy is not None:
+            outside = [h.name for h in hosts if not policy.matches(h.name)]
+            if outside and enforce:
+                log.warning("delivery: MTA-STS enforce for %s: not using MX %s (not in the "
+                            "policy)", domain, ", ".join(outside))
+                hosts = [h for h in hosts if policy.matches(h.name)]
+                if not hosts:
+                    return everyone(Outcome.TEMPORARY,
+                                    f"451 4.7.5 MTA-STS: no MX host of {domain} matches its "
+                                    f"policy ({', '.join(outside)})")
+            elif outside and testing:
+                log.warning("delivery: MTA-STS testing for %s: MX %s not in the policy; "
+                            "enforce would not use them", domain, ", ".join(outside))
 
         last = HostFailure(f"451 4.4.1 {domain}: no MX host could be reached")
         for host in hosts:
             for address in host.addresses:
                 try:
-                    try:
-                        return await self._transaction(host, address, sender, recipients, data,
-                                                       mail_options or [], use_tls=True)
-                    except HostFailure as failure:
-                        if not failure.tls_failed:
-                            raise
-                        log.info("delivery: TLS with %s [%s] failed (%s); retrying without TLS",
-                                 host.name, address, failure.reply)
-                        return await self._transaction(host, address, sender, recipients, data,
-                                                       mail_options or [], use_tls=False)
+                    results, tls = await self._deliver_via(
+                        domain, host, address, sender, recipients, data,
+                        mail_options or [], enforce)
                 except HostFailure as failure:
-                    log.info("delivery: %s [%s] for %s: %s", host.name, address, domain,
-                             failure.reply)
+                    (log.warning if failure.sts else log.info)(
+                        "delivery: %s [%s] for %s: %s", host.name, address, domain,
+                        failure.reply)
                     if failure.permanent:
                         return everyone(Outcome.PERMANENT, failure.reply, host.name)
-                    last = failure
+                    # Why a domain is stuck: a policy refusal says more than a later
+                    # host's connection failure.
+                    if failure.sts or not last.sts:
+                        last = failure
+                    continue
+                if testing and (tls != VERIFIED or not policy.matches(host.name)):
+                    log.warning("delivery: MTA-STS testing for %s: delivered to %s [%s] with "
+                                "TLS %s; enforce would have refused it", domain, host.name,
+                                address, tls)
+                return results
         return everyone(Outcome.TEMPORARY, last.reply)
 
-    async def _transaction(
-        self, host: MXHost, address: str, sender: str, recipients: list[str], data: bytes,
-        mail_options: list[str], use_tls: bool,
-    ) -> list[RecipientResult]:
-        smtp = aiosmtplib.SMTP(
-            hostname=address, port=self.smtp_port, local_hostname=self.hostname,
-            timeout=self.command_timeout, start_tls=False, use_tls=False,
-        )
-        tls_state = "plain"
+    async def _policy(self, domain: str) -> STSPolicy | None:
+        assert self.policies is not None
         try:
+            return await self.policies.policy_for(domain)
+        except Exception as exc:  # a policy we cannot get is no policy (RFC 8461 5)
+            log.warning("delivery: MTA-STS policy of %s unavailable: %s", domain, exc)
+            return None
+
+    async def _deliver_via(
+        self, domain: str, host: MXHost, address: str, sender: str, recipients: list[str],
+        data: bytes, mail_options: list[str], enforce: bool,
+    ) -> tuple[list[RecipientResult], str]:
+        """One transaction with one address of ``host``, on a pooled or a new connection."""
+        where = f"{host.name} [{address}]"
+        states = (VERIFIED,) if enforce else (VERIFIED, UNVERIFIED, PLAIN)
+        while (conn := await self._obtain(domain, host.name, address, states)) is not None:
+            log.info("delivery: %s for %s: tls=%s (reused connection)", where, domain, conn.tls)
             try:
-                await smtp.connect(timeout=self.connect_timeout)
-            except aiosmtplib.SMTPConnectResponseError as exc:
-                raise HostFailure(f"greeting: {_reply_text(exc.code, exc.message)}") from None
-            except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError) as exc:
-                raise HostFailure(f"451 4.4.1 connection to {host.name} [{address}] failed: "
-                                  f"{exc}") from None
-            await smtp.ehlo()
-            if use_tls and smtp.supports_extension("starttls"):
-                try:
-                    await smtp.starttls(tls_context=self.tls_context, server_hostname=host.name)
-                except aiosmtplib.SMTPResponseException as exc:
-                    raise HostFailure(_reply_text(exc.code, exc.message), tls_failed=True) from None
-                except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
-                    raise HostFailure(f"451 4.7.5 TLS handshake failed: {exc}",
-                                      tls_failed=True) from None
-                tls_state = "unverified"
-                await smtp.ehlo()
+                results = await self._transaction(conn, sender, recipients, data,
+                                                  mail_options, reused=True)
+            except _Stale as exc:
+                log.debug("delivery: reused connection to %s failed (%s); trying another",
+                          where, exc)
+                self._drop(conn)
+                continue
+            except BaseException:
+                self._drop(conn)
+                raise
+            await self._checkin(conn)
+            return results, conn.tls
+
+        # No idle connection, and a slot for a new one is ours.
+        conn = await self._open(domain, host, address, enforce)
+        log.info("delivery: %s for %s: tls=%s (new connection)", where, domain, conn.tls)
+        try:
+            results = await self._transaction(conn, sender, recipients, data, mail_options,
+                                              reused=False)
+        except BaseException:
+            self._drop(conn)
+            raise
+        await self._checkin(conn)
+        return results, conn.tls
+
+    async def _transaction(
+        self, conn: _Connection, sender: str, recipients: list[str], data: bytes,
+        mail_options: list[str], reused: bool,
+    ) -> list[RecipientResult]:
+        smtp = conn.smtp
+        where = f"{conn.host} [{conn.address}]"
+        if reused:
+            # Both resets the session and shows the connection is still alive; a short
+            # timeout, since a silently vanished peer would otherwise take command_timeout.
+            try:
+                await smtp.rset(timeout=min(self.command_timeout, self.connect_timeout))
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                raise _Stale(f"RSET: {exc}") from None
+        try:
             options = list(mail_options)
             if smtp.supports_extension("size"):
                 options.append(f"SIZE={len(data)}")
@@ -148,7 +357,13 @@ class RemoteDelivery:
                 await smtp.mail(sender, options=options, encoding="utf-8")
             except aiosmtplib.SMTPSenderRefused as exc:
                 reply = _reply_text(exc.code, exc.message)
+                if reused:  # maybe the session, not the sender: ask a new one
+                    raise _Stale(f"MAIL: {reply}") from None
                 raise HostFailure(reply, permanent=500 <= exc.code < 600) from None
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                if reused:
+                    raise _Stale(f"MAIL: {exc}") from None
+                raise
 
             results: dict[str, RecipientResult] = {}
             accepted: list[str] = []
@@ -160,7 +375,7 @@ class RemoteDelivery:
                     outcome = Outcome.PERMANENT if 500 <= exc.code < 600 else Outcome.TEMPORARY
                     results[rcpt] = RecipientResult(rcpt, outcome,
                                                     _reply_text(exc.code, exc.message),
-                                                    host.name, tls_state)
+                                                    conn.host, conn.tls)
             if accepted:
                 try:
                     response = await smtp.data(data)
@@ -169,14 +384,244 @@ class RemoteDelivery:
                     outcome = Outcome.PERMANENT if 500 <= exc.code < 600 else Outcome.TEMPORARY
                     reply = _reply_text(exc.code, exc.message)
                 for rcpt in accepted:
-                    results[rcpt] = RecipientResult(rcpt, outcome, reply, host.name, tls_state)
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-                await smtp.quit()
+                    results[rcpt] = RecipientResult(rcpt, outcome, reply, conn.host, conn.tls)
             return [results[r] for r in recipients]
-        except aiosmtplib.SMTPResponseException as exc:  # e.g. EHLO refused
-            raise HostFailure(_reply_text(exc.code, exc.message),
-                              permanent=False) from None
+        except aiosmtplib.SMTPResponseException as exc:
+            raise HostFailure(_reply_text(exc.code, exc.message)) from None
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            raise HostFailure(f"451 4.4.2 {host.name} [{address}]: {exc}") from None
-        finally:
+            raise HostFailure(f"451 4.4.2 {where}: {exc}") from None
+
+    # -- new connections and TLS ------------------------------------------------------
+
+    async def _open(self, domain: str, host: MXHost, address: str,
+                    enforce: bool) -> _Connection:
+        """A new connection, in the slot _obtain took, with TLS as good as we can get."""
+        try:
+            smtp, tls = await self._negotiate(host, address, enforce)
+        except BaseException:
+            self._limits.release(domain)
+            raise
+        return _Connection(smtp, host.name, address, self.smtp_port, tls, domain)
+
+    async def _negotiate(self, host: MXHost, address: str,
+                         enforce: bool) -> tuple[aiosmtplib.SMTP, str]:
+        """Connect, EHLO and STARTTLS; the connection and its TLS state.
+
+        Python's ssl cannot tell after a CERT_NONE handshake whether the certificate
+        would have verified, so the verifying handshake comes first and a certificate
+        failure costs a second connection (remembered per host to avoid that next time).
+        """
+        where = f"{host.name} [{address}]"
+        plans = [VERIFIED]
+        if not enforce:
+            if self._is_unverifiable(host.name, address):
+                plans = [UNVERIFIED]
+            else:
+                plans.append(UNVERIFIED)
+            if self.tls_fallback_plain:
+                plans.append(PLAIN)
+        prefix = "MTA-STS: " if enforce else ""
+        reason = ""
+        while plans:
+            plan = plans.pop(0)
+            smtp = await self._connect(host, address)
+            try:
+                if plan == PLAIN:  # after a failed handshake: this time without TLS
+                    log.info("delivery: %s: TLS failed (%s); delivering without TLS",
+                             where, reason)
+                    return smtp, PLAIN
+                if not smtp.supports_extension("starttls"):
+                    if enforce:
+                        raise HostFailure(f"451 4.7.5 MTA-STS: {where} does not offer "
+                                          f"STARTTLS", sts=True)
+                    return smtp, PLAIN
+                context = self.verify_context if plan == VERIFIED else self.tls_context
+                try:
+                    await smtp.starttls(tls_context=context, server_hostname=host.name,
+                                        timeout=self.connect_timeout)
+                except ssl.SSLCertVerificationError as exc:
+                    reason = f"certificate does not verify: {exc.verify_message}"
+                    if plan == VERIFIED and not enforce:
+                        self._remember_unverifiable(host.name, address)
+                        log.info("delivery: %s: %s; using TLS without verification", where,
+                                 reason)
+                    smtp.close()
+                    continue
+                except aiosmtplib.SMTPResponseException as exc:  # STARTTLS refused
+                    reason = f"STARTTLS: {_reply_text(exc.code, exc.message)}"
+                except (aiosmtplib.SMTPException, ssl.SSLError, OSError, TimeoutError) as exc:
+                    reason = f"TLS handshake failed: {str(exc) or type(exc).__name__}"
+                else:
+                    if plan == VERIFIED:
+                        self._unverifiable.pop((host.name, address), None)
+                    await smtp.ehlo()  # RFC 3207 4.2: forget what was said in the clear
+                    return smtp, plan
+                # Not a certificate problem: unverified TLS would fail the same way.
+                smtp.close()
+                with contextlib.suppress(ValueError):
+                    plans.remove(UNVERIFIED)
+            except HostFailure:
+                smtp.close()
+                raise
+            except aiosmtplib.SMTPResponseException as exc:  # e.g. EHLO after STARTTLS
+                smtp.close()
+                raise HostFailure(_reply_text(exc.code, exc.message)) from None
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                smtp.close()
+                raise HostFailure(f"451 4.4.2 {where}: {exc}") from None
+            except BaseException:
+                smtp.close()
+                raise
+        raise HostFailure(f"451 4.7.5 {prefix}{where}: {reason}", sts=enforce)
+
+    async def _connect(self, host: MXHost, address: str) -> aiosmtplib.SMTP:
+        """A connection that has been greeted and has said EHLO."""
+        smtp = aiosmtplib.SMTP(
+            hostname=address, port=self.smtp_port, local_hostname=self.hostname,
+            timeout=self.command_timeout, start_tls=False, use_tls=False,
+        )
+        try:
+            await smtp.connect(timeout=self.connect_timeout)
+        except aiosmtplib.SMTPConnectResponseError as exc:
             smtp.close()
+            raise HostFailure(f"greeting: {_reply_text(exc.code, exc.message)}") from None
+        except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            smtp.close()
+            raise HostFailure(f"451 4.4.1 connection to {host.name} [{address}] failed: "
+                              f"{exc}") from None
+        except BaseException:
+            smtp.close()
+            raise
+        try:
+            await smtp.ehlo()
+        except aiosmtplib.SMTPResponseException as exc:
+            smtp.close()
+            raise HostFailure(_reply_text(exc.code, exc.message)) from None
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            smtp.close()
+            raise HostFailure(f"451 4.4.2 {host.name} [{address}]: {exc}") from None
+        except BaseException:
+            smtp.close()
+            raise
+        return smtp
+
+    def _is_unverifiable(self, name: str, address: str) -> bool:
+        until = self._unverifiable.get((name, address))
+        if until is None:
+            return False
+        if until > time.monotonic():
+            return True
+        del self._unverifiable[(name, address)]
+        return False
+
+    def _remember_unverifiable(self, name: str, address: str) -> None:
+        now = time.monotonic()
+        if len(self._unverifiable) >= _UNVERIFIABLE_MAX:
+            self._unverifiable = {k: v for k, v in self._unverifiable.items() if v > now}
+            while len(self._unverifiable) >= _UNVERIFIABLE_MAX:  # oldest first
+                del self._unverifiable[next(iter(self._unverifiable))]
+        self._unverifiable.pop((name, address), None)
+        self._unverifiable[(name, address)] = now + UNVERIFIABLE_MEMORY
+
+    # -- limits and the pool of idle connections ---------------------------------------
+
+    async def _obtain(self, domain: str, host: str, address: str,
+                      states: tuple[str, ...]) -> _Connection | None:
+        """An idle connection to reuse, or None once a slot for a new one is taken."""
+        while True:
+            conn = self._checkout(domain, host, address, states)
+            if conn is not None:
+                return conn
+            total, for_domain = self._limits.room(domain)
+            if total and for_domain:
+                self._limits.take(domain)
+                return None
+            # An idle connection is only a guess that it will be useful; a delivery
+            # waiting for its slot is not. (One we could use was checked out above.)
+            victim = self._idle_victim(None if not total else domain)
+            if victim is not None:
+                await self._discard(victim)
+                continue
+            await self._limits.changed()
+
+    def _idle_victim(self, domain: str | None) -> _Connection | None:
+        """The longest idle pooled connection (of ``domain``'s, unless None), unpooled."""
+        candidates = [c for stack in self._idle.values() for c in stack
+                      if domain is None or c.domain == domain]
+        if not candidates:
+            return None
+        victim = min(candidates, key=lambda c: c.idle_since)
+        self._unpool(victim)
+        return victim
+
+    def _checkout(self, domain: str, host: str, address: str,
+                  states: tuple[str, ...]) -> _Connection | None:
+        """An idle connection to ``host`` at ``address`` with one of ``states`` (best first)."""
+        if self._closed:
+            return None
+        for state in states:
+            stack = self._idle.get((host, address, self.smtp_port, state), [])
+            # Most recently used first (likeliest still open); ours before other domains'.
+            candidates = sorted(reversed(stack), key=lambda c: c.domain != domain)
+            for conn in candidates:
+                if not conn.smtp.is_connected:
+                    self._unpool(conn)
+                    self._drop(conn)
+                    continue
+                if not self._limits.move(conn.domain, domain):
+                    break  # another domain's, and ours has no room for it
+                self._unpool(conn)
+                conn.domain = domain
+                return conn
+        return None
+
+    async def _checkin(self, conn: _Connection) -> None:
+        """Keep a connection after its transaction, or close it."""
+        if self._closed or self.connection_idle_time <= 0 or not conn.smtp.is_connected:
+            await self._discard(conn)
+            return
+        conn.idle_since = time.monotonic()
+        conn.expiry = asyncio.get_running_loop().call_later(
+            self.connection_idle_time, self._expire, conn)
+        self._idle.setdefault(conn.key, []).append(conn)
+        self._limits.notify()  # a waiting delivery may want to close it
+
+    def _unpool(self, conn: _Connection) -> None:
+        stack = self._idle.get(conn.key)
+        if stack and conn in stack:
+            stack.remove(conn)
+            if not stack:
+                del self._idle[conn.key]
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+            conn.expiry = None
+
+    def _expire(self, conn: _Connection) -> None:
+        self._unpool(conn)
+        task = asyncio.get_running_loop().create_task(self._discard(conn))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _discard(self, conn: _Connection) -> None:
+        """Say QUIT and close; the slot is free only once the connection is closed."""
+        try:
+            if conn.smtp.is_connected:
+                with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                    await conn.smtp.quit(timeout=_QUIT_TIMEOUT)
+        finally:
+            self._drop(conn)
+
+    def _drop(self, conn: _Connection) -> None:
+        conn.smtp.close()
+        if not conn.released:
+            conn.released = True
+            self._limits.release(conn.domain)
+
+    async def close(self) -> None:
+        """Close the idle connections (at shutdown, after the deliveries have stopped)."""
+        self._closed = True
+        idle = [conn for stack in self._idle.values() for conn in stack]
+        for conn in idle:
+            self._unpool(conn)
+        jobs = [self._discard(conn) for conn in idle]
+        await asyncio.gather(*jobs, *self._closing, return_exceptions=True)

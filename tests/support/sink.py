@@ -34,6 +34,12 @@ class SinkBehaviour:
     mail: str | None = None
     rcpt: Callable[[str], str | None] | None = None
     data: str | None = None
+    # Seconds to wait before answering DATA (a slow remote host).
+    delay: float = 0.0
+    # Answer STARTTLS with 220, then send garbage instead of a TLS handshake and hang up.
+    break_tls: bool = False
+    # Reply to RSET instead of 250 (e.g. "421 4.3.2 going away": a stale connection).
+    rset: str | None = None
 
 
 class _Handler:
@@ -55,7 +61,12 @@ class _Handler:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
+    async def handle_RSET(self, server, session, envelope):
+        return self.sink.behaviour.rset or "250 OK"
+
     async def handle_DATA(self, server, session, envelope):
+        if self.sink.behaviour.delay:
+            await asyncio.sleep(self.sink.behaviour.delay)
         if self.sink.behaviour.data:
             return self.sink.behaviour.data
         self.sink.record(Received(
@@ -71,11 +82,57 @@ class SinkBehaviourHolder:
     behaviour: SinkBehaviour = field(default_factory=SinkBehaviour)
     messages: list[Received] = field(default_factory=list)
     lock: threading.Condition = field(default_factory=threading.Condition)
+    connections: int = 0  # TCP connections accepted so far
+    active: int = 0  # open right now
+    max_active: int = 0  # the most open at once
 
     def record(self, message: Received) -> None:
         with self.lock:
             self.messages.append(message)
             self.lock.notify_all()
+
+    def opened(self) -> None:
+        with self.lock:
+            self.connections += 1
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+
+    def closed(self) -> None:
+        with self.lock:
+            self.active -= 1
+            self.lock.notify_all()
+
+
+class _SinkSMTP(AioSMTP):
+    """aiosmtpd's SMTP, counting connections and able to break STARTTLS on purpose."""
+
+    def __init__(self, handler, state: SinkBehaviourHolder, **kwargs):
+        super().__init__(handler, **kwargs)
+        self._state = state
+        self._counted = False
+        self._lost = False
+
+    def connection_made(self, transport):
+        # Called again after STARTTLS for the same connection: count it once.
+        if not self._counted:
+            self._counted = True
+            self._state.opened()
+        super().connection_made(transport)
+
+    def connection_lost(self, error):
+        if self._counted and not self._lost:
+            self._lost = True
+            self._state.closed()
+        super().connection_lost(error)
+
+    async def smtp_STARTTLS(self, arg):
+        if self._state.behaviour.break_tls and not arg and self.tls_context:
+            await self.push("220 Ready to start TLS")
+            assert self.transport is not None
+            self.transport.write(b"this is not a TLS handshake\r\n" * 8)
+            self.transport.close()
+            return
+        await super().smtp_STARTTLS(arg)
 
 
 class Sink:
@@ -86,11 +143,12 @@ class Sink:
         self.state = SinkBehaviourHolder()
         handler = _Handler(self.state)
         tls = tls_context
+        state = self.state
 
         class _Controller(Controller):
             def factory(self):
-                return AioSMTP(self.handler, hostname=hostname, tls_context=tls,
-                               data_size_limit=None, enable_SMTPUTF8=True)
+                return _SinkSMTP(self.handler, state, hostname=hostname, tls_context=tls,
+                                 data_size_limit=None, enable_SMTPUTF8=True)
 
         self.controller = _Controller(handler, hostname=host, port=port)
 
@@ -106,8 +164,36 @@ class Sink:
     def behaviour(self, value: SinkBehaviour) -> None:
         self.state.behaviour = value
 
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted since start (or reset_counters)."""
+        return self.state.connections
+
+    @property
+    def max_active(self) -> int:
+        return self.state.max_active
+
+    def reset_counters(self) -> None:
+        with self.state.lock:
+            self.state.connections = 0
+            self.state.max_active = self.state.active
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Block until no connection is open (e.g. the relay's pool was closed)."""
+        deadline = time.monotonic() + timeout
+        with self.state.lock:
+            while self.state.active > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"sink {self.host}: {self.state.active} connection(s) "
+                                         f"still open after {timeout}s")
+                self.state.lock.wait(left)
+
     def start(self) -> None:
         self.controller.start()
+        # The Controller connects once itself to check the server is up: not a client.
+        self.wait_idle()
+        self.reset_counters()
 
     def stop(self) -> None:
         self.controller.stop()
