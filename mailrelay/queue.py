@@ -73,6 +73,7 @@ class QueueItem:
     next_attempt: float = 0.0
     last_attempt: float = 0.0
     body_offset: int = 0
+    delay_warned: bool = False  # the sender was told once that the message is delayed
 
     @property
     def pending(self) -> list[Recipient]:
@@ -89,6 +90,7 @@ class QueueItem:
             "attempts": self.attempts,
             "next_attempt": self.next_attempt,
             "last_attempt": self.last_attempt,
+            "delay_warned": self.delay_warned,
             "recipients": [asdict(r) for r in self.recipients],
         }
 
@@ -234,6 +236,32 @@ class Queue:
         return self.directory / f"{item.id}{STATE_SUFFIX}"
 
 
+def scan(directory: Path) -> tuple[list[QueueItem], list[str]]:
+    """Read the spool without touching it (for ``mailrelay queue`` when no server runs).
+
+    Unlike ``Queue.load`` nothing is deleted or moved aside: a temporary or unreadable
+    file is the server's to deal with. Returns the items (oldest first) and one line per
+    file that could not be read.
+    """
+    items: list[QueueItem] = []
+    problems: list[str] = []
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return items, problems  # nothing was ever queued
+    for name in names:
+        if name.startswith(".") or not name.endswith(MSG_SUFFIX):
+            continue
+        path = Path(directory) / name
+        try:
+            items.append(_read_item(path))
+        except FileNotFoundError:
+            continue  # delivered and removed while we were reading
+        except (OSError, ValueError) as exc:
+            problems.append(f"{path}: {exc}")
+    return items, problems
+
+
 def _envelope_dict(item: QueueItem) -> dict[str, Any]:
     return {
         "id": item.id,
@@ -280,6 +308,7 @@ def _read_item(path: Path) -> QueueItem:
     item.attempts = state.get("attempts", 0)
     item.next_attempt = state.get("next_attempt", 0.0)
     item.last_attempt = state.get("last_attempt", 0.0)
+    item.delay_warned = state.get("delay_warned", False)
     # The state lists the recipients in envelope order (the same address may appear
     # twice, e.g. as a mailbox and as a pipe), so match by position.
     for rcpt, saved in zip(item.recipients, state.get("recipients", []), strict=False):

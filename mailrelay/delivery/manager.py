@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ..address import domain_of
 from ..dsn import FailedRecipient, build_dsn, is_auto_generated
+from ..events import Events
 from ..queue import FAILED, MAILBOX, PENDING, PIPE, SENT, Queue, QueueItem, Recipient
 from .local import Maildirs
 from .pipe import run_pipe
@@ -32,6 +33,8 @@ class Schedule:
     retry_intervals: tuple[float, ...]
     give_up_after: float
     jitter: float = 0.1
+    # Tell the sender once that the message is still queued after this long (0: never).
+    delay_warning_after: float = 0.0
 
     def next_delay(self, attempts: int) -> float:
         base = self.retry_intervals[min(max(attempts, 1), len(self.retry_intervals)) - 1]
@@ -62,8 +65,10 @@ class DeliveryManager:
         default_domain: str | None = None,
         pipe_timeout: float = 60.0,
         local_mda: str | None = None,
+        events: Events | None = None,
     ):
         self.queue = queue
+        self.events = events if events is not None else Events()
         self.remote = remote
         self.maildirs = maildirs
         self.is_local_domain = is_local_domain
@@ -91,13 +96,61 @@ class DeliveryManager:
         heapq.heappush(self._heap, (when, next(self._seq), item.id))
         self._wakeup.set()
 
-    def flush(self, ids: list[str] | None = None) -> int:
-        """Retry now (all items, or the given ones); returns how many were scheduled."""
+    def flush(self, ids: list[str] | None = None, domain: str | None = None) -> int:
+        """Retry now: all items, the given ones, or those with a pending recipient at
+        ``domain``; returns how many were scheduled. An item whose attempt is in flight
+        counts too: it is being retried right now."""
         wanted = ids if ids is not None else list(self.queue.items)
         items = [self.queue.items[i] for i in wanted if i in self.queue.items]
+        if domain is not None:
+            items = [item for item in items if _has_pending_at(item, domain)]
         for item in items:
             self.schedule(item, 0.0)
         return len(items)
+
+    def attempting(self, item_id: str) -> bool:
+        """Whether a delivery attempt of this item is in flight."""
+        return item_id in self._active
+
+    async def remove(self, item_id: str, bounce: bool = False) -> tuple[list[str], str | None]:
+        """Take a message out of the queue (``mailrelay queue remove``).
+
+        An attempt in flight is waited for first rather than refused or cut off: stopping
+        it halfway could deliver a message we then report as failed. With ``bounce`` the
+        sender gets a DSN (5.0.0) for the recipients still pending, through ``_bounce``, so
+        a <> sender, NOTIFY and auto-generated mail are respected.
+        Returns the pending recipients reported and the DSN's queue id (None: no DSN).
+        Raises KeyError when the id is not queued (or was delivered meanwhile).
+        """
+        while (task := self._active.get(item_id)) is not None:
+            await asyncio.wait([task])
+        item = self.queue.items.get(item_id)
+        if item is None:
+            raise KeyError(item_id)
+        # Out of the scheduler's sight before any await: no attempt may start meanwhile.
+        del self.queue.items[item_id]
+        self._due.pop(item_id, None)
+        pending = item.pending if bounce else []
+        dsn_id = None
+        if pending:
+            failed = [FailedRecipient(
+                address=rcpt.address, status="5.0.0",
+                diagnostic="x-mailrelay; removed by the administrator"
+                           + (f" (last attempt: {rcpt.last_error})" if rcpt.last_error else ""),
+                original_recipient=rcpt.params.get("ORCPT"),
+            ) for rcpt in pending]
+            try:
+                bounce = await self._bounce(item, failed)
+            except BaseException:
+                # Not bounced (e.g. the queue is full), so not removed either.
+                self.queue.items[item_id] = item
+                self.schedule(item)
+                raise
+            dsn_id = bounce.id if bounce else None
+        await self.queue.remove(item)
+        log.info("queue %s: removed by the administrator%s", item_id,
+                 f", DSN {dsn_id}" if dsn_id else "")
+        return [rcpt.address for rcpt in pending], dsn_id
 
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="delivery-scheduler")
@@ -232,9 +285,8 @@ class DeliveryManager:
         for rcpt, result in results:
             rcpt.attempts += 1
             rcpt.last_error = "" if result.outcome is Outcome.SENT else result.reply
-            log.info("delivery %s to=<%s> status=%s host=%s tls=%s reply=%r", item.id,
-                     result.address, result.outcome.value, result.remote_host or "-",
-                     result.tls, result.reply)
+            self.events.delivery_attempt(
+                item, result, final=result.outcome is not Outcome.TEMPORARY or give_up)
             if result.outcome is Outcome.SENT:
                 rcpt.status = SENT
             elif result.outcome is Outcome.PERMANENT or give_up:
@@ -257,9 +309,36 @@ class DeliveryManager:
             log.info("queue %s: done", item.id)
             return
         item.next_attempt = now + self.schedule_policy.next_delay(item.attempts)
+        warn = self._delay_warning_due(item, now)
+        if warn:
+            item.delay_warned = True
+        # Saved before the warning is queued: a crash in between loses one warning
+        # rather than sending it twice.
         await self.queue.save_state(item)
+        if warn:
+            await self._warn_delayed(item, {rcpt.address: result for rcpt, result in results})
         if not self._stopping:
             self.schedule(item)
+
+    def _delay_warning_due(self, item: QueueItem, now: float) -> bool:
+        after = self.schedule_policy.delay_warning_after
+        return (bool(after) and not item.delay_warned and now - item.created >= after
+                and not item.meta.get("generated"))
+
+    async def _warn_delayed(self, item: QueueItem, results: dict[str, RecipientResult]) -> None:
+        """RFC 3464 "delayed" report for the recipients still pending (once per message)."""
+        delayed = []
+        for rcpt in item.pending:
+            result = results.get(rcpt.address)
+            reply = result.reply if result else rcpt.last_error
+            delayed.append(FailedRecipient(
+                address=rcpt.address, status=_enhanced_status(reply, "4.0.0"),
+                diagnostic=f"smtp; {reply}", action="delayed",
+                remote_mta=(result.remote_host if result and result.remote_host
+                            not in ("local", "pipe") else None),
+                original_recipient=rcpt.params.get("ORCPT"),
+            ))
+        await self._bounce(item, delayed, notify="DELAY")
 
     def _bounce_domain(self, sender: str) -> str:
         """MAILER-DAEMON@ one of our domains, so the DSN carries an aligned DKIM signature:
@@ -267,26 +346,32 @@ class DeliveryManager:
         domain = domain_of(sender)
         return domain if self.is_local_domain(domain) else self.default_domain
 
-    async def _bounce(self, item: QueueItem, failed: list[FailedRecipient]) -> None:
-        """Tell the sender, unless that could loop (null sender, auto-generated mail)."""
-        wanted = [f for f in failed if _notify_failure(item, f.address)]
+    async def _bounce(
+        self, item: QueueItem, failed: list[FailedRecipient], notify: str = "FAILURE"
+    ) -> QueueItem | None:
+        """Tell the sender, unless that could loop (null sender, auto-generated mail);
+        returns the queued DSN, if any."""
+        wanted = [f for f in failed if _notify_wanted(item, f.address, notify)]
         if not item.sender or not wanted:
             log.info("queue %s: %d recipient(s) failed, no DSN (sender <%s>)", item.id,
                      len(failed), item.sender)
-            return
+            return None
         data = await asyncio.to_thread(item.read_data)
         if is_auto_generated(data):
             log.info("queue %s: failed auto-generated message, no DSN", item.id)
-            return
+            return None
         dsn = build_dsn(
             reporting_mta=self.reporting_mta, original_sender=item.sender,
             original_message=data, recipients=wanted, arrival_date=item.created,
-            envid=item.meta.get("envid"), return_full=item.meta.get("ret") == "FULL",
+            envid=item.meta.get("envid"),
+            # A delay warning returns headers only: the message is still on its way.
+            return_full=item.meta.get("ret") == "FULL" and notify == "FAILURE",
             from_domain=self._bounce_domain(item.sender),
         )
         bounce = await self.enqueue("", [item.sender], dsn)
-        log.info("queue %s: DSN %s to <%s> for %s", item.id, bounce.id, item.sender,
-                 ", ".join(f.address for f in wanted))
+        self.events.dsn_generated(bounce.id, item.id, item.sender,
+                                  [f.address for f in wanted], kind=wanted[0].action)
+        return bounce
 
 
 def _command_outcome(delivered: bool | None) -> Outcome:
@@ -296,6 +381,14 @@ def _command_outcome(delivered: bool | None) -> Outcome:
     return Outcome.SENT if delivered else Outcome.PERMANENT
 
 
+def _has_pending_at(item: QueueItem, domain: str) -> bool:
+    for rcpt in item.pending:
+        with contextlib.suppress(ValueError):  # AddressError: an odd local recipient
+            if domain_of(rcpt.address) == domain:
+                return True
+    return False
+
+
 def mda_command(template: str, address: str) -> str:
     """The local MDA command line for one mailbox (each value shell-quoted)."""
     user, _, domain = address.rpartition("@")
@@ -303,9 +396,11 @@ def mda_command(template: str, address: str) -> str:
                            address=shlex.quote(address))
 
 
-def _notify_failure(item: QueueItem, address: str) -> bool:
+def _notify_wanted(item: QueueItem, address: str, event: str) -> bool:
+    """RFC 3461 NOTIFY: without the parameter, failures and delays are both reported."""
     for rcpt in item.recipients:
         if rcpt.address == address:
             notify = rcpt.params.get("NOTIFY")
-            return notify is None or "FAILURE" in notify.upper().split(",")
+            return notify is None or event in notify.upper().split(",")
     return True
+
