@@ -12,6 +12,7 @@ from .address import AddressError, normalize, split
 from .arc import arc_seal
 from .authcheck import AuthResults, check_message, decide, strip_our_authentication_results
 from .config import Config
+from .events import Events
 from .headers import addresses, get_all, parse_headers
 from .message import protocol_name, received_header, submission_fixups
 from .queue import Queue, QueueFullError, QueueItem, Recipient, new_id
@@ -41,6 +42,7 @@ class InboundPolicy:
         signer: MessageSigner,
         router: Router,
         srs: SRS | None,
+        events: Events | None = None,
     ):
         self.config = config
         self.hostname = config.hostname
@@ -56,6 +58,7 @@ class InboundPolicy:
         self.signer = signer
         self.router = router
         self.srs = srs
+        self.events = events if events is not None else Events()
         self.throttle = AuthThrottle(
             config.limits.auth_failures_per_ip, config.limits.auth_block_time,
             delay_step=config.limits.auth_failure_delay,
@@ -68,25 +71,27 @@ class InboundPolicy:
 
     async def authenticate(self, info: SessionInfo, username: str, password: str) -> str:
         ip = info.peer_ip
+        blocked = "454 4.7.0 Too many failed logins, try again later"
         if self.throttle.blocked(ip):
-            log.warning("auth blocked: ip=%s user=%r (too many failures)", ip, username[:100])
-            return "454 4.7.0 Too many failed logins, try again later"
+            self.events.auth_failed(info, username, blocked, blocked=True)
+            return blocked
         # scrypt takes tens of milliseconds: keep it off the event loop.
         user = await asyncio.to_thread(self._users().authenticate, username, password)
         if self.throttle.blocked(ip):
             # Blocked while this attempt was being checked (guesses sent at once on many
             # connections): its answer, right or wrong, would be one guess too many.
-            log.warning("auth blocked: ip=%s user=%r (too many failures)", ip, username[:100])
-            return "454 4.7.0 Too many failed logins, try again later"
+            self.events.auth_failed(info, username, blocked, blocked=True)
+            return blocked
         if user is None:
             delay = self.throttle.failure(ip)
-            log.warning("auth failed: ip=%s user=%r", ip, username[:100])
+            reply = "535 5.7.8 Authentication credentials invalid"
+            self.events.auth_failed(info, username, reply)
             if delay:
                 await asyncio.sleep(delay)
-            return "535 5.7.8 Authentication credentials invalid"
+            return reply
         self.throttle.success(ip)
         info.user = user
-        log.info("auth ok: ip=%s user=%s session=%s", ip, user, info.session_id)
+        self.events.auth_ok(info, user)
         return "235 2.7.0 Authentication successful"
 
     # -- envelope -------------------------------------------------------------
@@ -102,7 +107,6 @@ class InboundPolicy:
         if self.senders.settings.restrict and (
             path.is_null or not self.senders.may_send_as(info.user, path.address)
         ):
-            log.info("sender refused: user=%s from=<%s>", info.user, path.address)
             return f"550 5.7.1 Not authorised to send as <{path.address}>"
         return None
 
@@ -114,13 +118,9 @@ class InboundPolicy:
         except AddressError:
             return f"550 5.1.2 <{address}>: address literals are not accepted"
         if self.config.is_local_domain(domain):
-            reply = self.router.check_recipient(f"{local}@{domain}")
-            if reply is not None:
-                log.info("rcpt refused: ip=%s to=<%s> (%s)", info.peer_ip, address, reply)
-            return reply
+            return self.router.check_recipient(f"{local}@{domain}")
         if info.user is not None:
             return None
-        log.info("relay refused: ip=%s from=<%s> to=<%s>", info.peer_ip, envelope.sender, address)
         return f"554 5.7.1 <{address}>: Relay access denied"
 
     # -- DATA -----------------------------------------------------------------
@@ -131,7 +131,6 @@ class InboundPolicy:
         fields = parse_headers(body)
         for address in addresses(get_all(fields, "From")):
             if not self.senders.may_send_as(user, address):
-                log.info("sender refused: user=%s header From: <%s>", user, address)
                 return f"550 5.7.1 Not authorised to send as <{address}> (From: header)"
         fixups = submission_fixups(fields, split(user)[1])
         signature = await asyncio.to_thread(self.signer.signature, fixups + body, fields, sender)
@@ -208,7 +207,6 @@ class InboundPolicy:
         ):
             reply = "451 4.4.3 Temporary DNS failure checking the sender, try again later"
         if reply is not None:
-            log.info("inbound refused ip=%s from=<%s>: %s", info.peer_ip, sender, reply)
             return reply
         return results, cleaned
 
@@ -257,8 +255,6 @@ class InboundPolicy:
                 return "452 4.3.1 Insufficient system storage, try again later"
             return "451 4.3.0 Local error in processing, try again later"
         for item in stored:
-            log.info("queued %s from=<%s> to=%s size=%d ip=%s user=%s", item.id, item.sender,
-                     ",".join(f"<{r.address}>" for r in item.recipients), item.size,
-                     info.peer_ip, info.user or "-")
+            self.events.queued_message(info, item)
             self.on_queued(item)
         return f"250 2.0.0 Ok: queued as {stored[0].id}"

@@ -21,7 +21,7 @@ def received_header(
     lines = [f"Received: from {_clean(helo)} ([{peer_ip}])",
              f"\tby {hostname} (mailrelay) with {protocol} id {queue_id}"]
     if tls:
-        lines.append(f"\t({_clean(tls, 200)})")
+        lines.append(f"\t({' '.join(_clean(part, 100) for part in tls.split())})")
     date = email.utils.formatdate(now, localtime=False, usegmt=False)
     if recipient and "\r" not in recipient and "\n" not in recipient:
         lines.append(f"\tfor <{recipient}>; {date}")

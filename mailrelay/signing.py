@@ -7,6 +7,7 @@ from collections.abc import Callable
 from .address import AddressError, domain_of
 from .dkim.keys import KeyRing
 from .dkim.signer import sign
+from .events import Events
 from .headers import addresses, get_all
 
 
@@ -14,9 +15,11 @@ class MessageSigner:
     """Signs with every key of the signing domain: the From: header's domain when it is
     ours (so DKIM aligns for DMARC), else the envelope sender's domain when that is ours."""
 
-    def __init__(self, keyring: Callable[[], KeyRing], is_local_domain: Callable[[str], bool]):
+    def __init__(self, keyring: Callable[[], KeyRing], is_local_domain: Callable[[str], bool],
+                 events: Events | None = None):
         self._keyring = keyring
         self.is_local_domain = is_local_domain
+        self.events = events if events is not None else Events()
 
     def signing_domain(self, fields: list[tuple[str, str]], sender: str) -> str | None:
         candidates = [*addresses(get_all(fields, "From"))[:1], sender]
@@ -41,4 +44,8 @@ class MessageSigner:
         if domain is None:
             return b""
         keys = self._keyring().keys_for(domain)
-        return sign(message, keys) if keys else b""
+        if not keys:
+            return b""
+        signature = sign(message, keys)
+        self.events.dkim_signed(domain, [key.algorithm for key in keys])
+        return signature

@@ -46,6 +46,8 @@ async def test_example_config_serves_and_delivers_locally(tmp_path):
     settings = yaml.safe_load((config / "mailrelay.yaml").read_text())
     ports = {name: free_port() for name in settings["listen"]}
     settings["listen"] = {name: [f"127.0.0.1:{port}"] for name, port in ports.items()}
+    metrics_port = free_port()  # the example's 9125 may be taken, or used by a parallel run
+    settings["metrics"]["listen"] = f"127.0.0.1:{metrics_port}"
     (config / "mailrelay.yaml").write_text(yaml.safe_dump(settings))
 
     server = await asyncio.create_subprocess_exec(
@@ -75,6 +77,13 @@ async def test_example_config_serves_and_delivers_locally(tmp_path):
             await asyncio.sleep(0.1)
         [delivered] = list(new.iterdir())
         assert b"from the example config" in delivered.read_bytes()
+        # The example serves metrics on loopback.
+        reader, writer = await asyncio.open_connection("127.0.0.1", metrics_port)
+        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        response = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert response.startswith(b"HTTP/1.0 200 ")
+        assert b'mailrelay_messages_queued_total{port="submission"} 1.0' in response
     finally:
         server.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(server.wait(), 30) == 0

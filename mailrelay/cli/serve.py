@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import resource
 import sys
 
@@ -28,10 +29,22 @@ def _raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM to the device:inode of the journal's stream."""
+    with contextlib.suppress(OSError, ValueError):
+        device, inode = os.environ.get("JOURNAL_STREAM", "").split(":")
+        st = os.fstat(sys.stderr.fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    return False
+
+
 def run(args: argparse.Namespace) -> int:
+    # The journal stamps every line itself; elsewhere the time leads the line (a format
+    # fail2ban's date detection knows: "2026-01-02 03:04:05,678").
+    time_field = "" if _stderr_is_journal() else "%(asctime)s "
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=time_field + "%(levelname)s %(name)s: %(message)s",
     )
     config = load_config(args.config)
     _raise_open_files_limit()

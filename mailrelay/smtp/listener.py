@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 import os
 import socket
+import time
 from collections import Counter
 
-from .session import Backend, Port, Session
-
-log = logging.getLogger("mailrelay.smtp")
+from .session import Backend, Port, Session, SessionInfo
 
 TLS_HANDSHAKE_TIMEOUT = 30.0
 
@@ -47,9 +45,10 @@ class Listeners:
         self.backend = backend
         self.limits = limits
         self.servers: list[asyncio.Server] = []
-        self.sessions: set[asyncio.Task[None]] = set()
+        self.sessions: dict[asyncio.Task[None], Session | None] = {}
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}"
+        self._closed = False
 
     async def start(self, port: Port, host: str, number: int) -> asyncio.Server:
         ssl_context = self.backend.tls_context() if port is Port.SUBMISSION_TLS else None
@@ -71,32 +70,47 @@ class Listeners:
         peer = writer.get_extra_info("peername") or ("?", 0)
         ip = peer[0]
         session_id = f"{self._prefix}.{next(self._ids)}"
+        info = SessionInfo(port=port, peer_ip=ip, peer_port=peer[1], session_id=session_id)
         if not self.limits.try_acquire(ip):
-            log.info("session %s: too many connections (from %s), refused", session_id, ip)
-            writer.write(b"421 4.7.0 Too many connections, try again later\r\n")
+            reply = "421 4.7.0 Too many connections, try again later"
+            self.backend.events.rejected(info, "CONNECT", reply)
+            writer.write(f"{reply}\r\n".encode())
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(writer.drain(), 5)
             writer.close()
             return
         task = asyncio.current_task()
         assert task is not None
-        self.sessions.add(task)
-        log.info("session %s: connect from %s:%s to %s", session_id, ip, peer[1], port.value)
+        self.sessions[task] = None
+        self.backend.events.connected(info)
+        started = time.monotonic()
+        session = None
         try:
-            await Session(self.backend, port, reader, writer, session_id).run()
+            session = Session(self.backend, port, reader, writer, session_id)
+            self.sessions[task] = session
+            if self._closed:
+                session.shutdown()
+            await session.run()
         except asyncio.CancelledError:
             # Cut off at shutdown. This task is the connection's top level: ending it
             # quietly keeps asyncio (3.11) from logging the cancellation as an error.
             writer.close()
         finally:
-            self.sessions.discard(task)
+            self.sessions.pop(task, None)
             self.limits.release(ip)
-            log.debug("session %s: closed", session_id)
+            # The session's info knows the user it authenticated as, if any.
+            self.backend.events.disconnected(session.info if session else info,
+                                             time.monotonic() - started)
 
     def close(self) -> None:
-        """Stop accepting new connections (sessions in flight go on)."""
+        """Stop accepting new connections. Sessions between transactions are closed with
+        421; those in a transaction go on (see drain)."""
+        self._closed = True
         for server in self.servers:
             server.close()
+        for session in self.sessions.values():
+            if session is not None:
+                session.shutdown()
 
     async def drain(self, timeout: float) -> None:
         """Wait for sessions in flight, then cut off the rest."""

@@ -17,10 +17,13 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .parse import Path, SyntaxErrorReply, decode_xtext, parse_path, split_command
 from .stream import ClientGone, LineTooLong, SMTPStream
+
+if TYPE_CHECKING:
+    from ..events import Events
 
 log = logging.getLogger("mailrelay.smtp")
 
@@ -29,6 +32,8 @@ AUTH_LINE_LIMIT = 12288  # RFC 4954 4: at least 12288 octets for AUTH responses
 # Verbs of other protocols: a browser or proxy talking to us (ALPACA) gets no reply at all.
 FOREIGN_VERBS = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DELETE",
                            "USER", "PASS"})
+# Refusals of these go to the mail log (the others are protocol chatter).
+LOGGED_REFUSALS = frozenset({"MAIL", "RCPT", "DATA"})
 
 
 class Port(Enum):
@@ -75,6 +80,7 @@ class Backend(Protocol):
     max_recipients: int
     command_timeout: float
     max_errors: int
+    events: Events
 
     def tls_context(self) -> ssl.SSLContext | None: ...
 
@@ -122,6 +128,15 @@ class Session:
                                 session_id=session_id)
         self.envelope = Envelope()
         self.errors = 0
+        self.events = backend.events
+        # The command being answered, and the addresses it is about, for the mail log.
+        self._verb = ""
+        self._about_from: str | None = None
+        self._about_to: list[str] = []
+        # Shutdown: a session waiting for its next command outside a transaction is told
+        # 421 and closed at once; one inside a transaction may finish it first.
+        self._shutdown = False
+        self._idle_task: asyncio.Task | None = None
         self._note_tls()
 
     # -- plumbing -------------------------------------------------------------
@@ -132,6 +147,7 @@ class Session:
             self.info.tls_version = ssl_object.version()
             cipher = ssl_object.cipher()
             self.info.tls_cipher = cipher[0] if cipher else None
+            self.events.tls_established(self.info)
 
     def send(self, reply: str | list[str]) -> None:
         """Queue a reply; it is flushed before we wait for more input (pipelining)."""
@@ -142,8 +158,12 @@ class Session:
             sep = " " if i == len(lines) - 1 else "-"
             out.append(f"{code}{sep}{text}\r\n")
         self.writer.write("".join(out).encode("utf-8", "replace"))
+        self.events.reply(lines[-1][:3])
         if lines[-1][:1] in "45":
             self._count_error(lines[-1])
+            if self._verb in LOGGED_REFUSALS:
+                self.events.rejected(self.info, self._verb, lines[-1], self._about_from,
+                                     self._about_to)
 
     def _count_error(self, reply: str) -> None:
         # Transient replies caused by us (queue trouble) do not count against the client.
@@ -154,14 +174,40 @@ class Session:
     async def flush(self) -> None:
         await self.writer.drain()
 
-    async def read_line(self, limit: int = COMMAND_LINE_LIMIT) -> bytes:
+    def shutdown(self) -> None:
+        """The server is stopping (RFC 5321 3.8: 421 is allowed at any time)."""
+        self._shutdown = True
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+
+    def _closing_reply(self) -> str:
+        return f"421 4.3.2 {self.backend.hostname} Service shutting down, closing"
+
+    async def read_line(self, limit: int = COMMAND_LINE_LIMIT, command: bool = False) -> bytes:
+        """One line; ``command``: the next command, where a shutdown may interrupt us."""
+        idle = command and self.envelope.sender is None
+        if idle and self._shutdown:
+            raise CloseSession(self._closing_reply())
         if not self.stream.has_buffered_input():
             await self.flush()
         try:
             async with asyncio.timeout(self.backend.command_timeout):
-                return await self.stream.readline(limit)
+                if not idle:
+                    return await self.stream.readline(limit)
+                self._idle_task = asyncio.current_task()
+                try:
+                    return await self.stream.readline(limit)
+                finally:
+                    self._idle_task = None
         except TimeoutError:
             raise CloseSession(f"421 4.4.2 {self.backend.hostname} Timeout, closing") from None
+        except asyncio.CancelledError:
+            if not (idle and self._shutdown):
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            raise CloseSession(self._closing_reply()) from None
 
     # -- main loop ------------------------------------------------------------
 
@@ -172,7 +218,7 @@ class Session:
                 if self.errors >= self.backend.max_errors:
                     raise CloseSession("421 4.7.0 Too many errors, closing")
                 try:
-                    raw = await self.read_line()
+                    raw = await self.read_line(command=True)
                 except LineTooLong:
                     self.send("500 5.5.2 Line too long")
                     continue
@@ -205,6 +251,7 @@ class Session:
             self.send("500 5.5.2 Invalid UTF-8 in command")
             return
         verb, arg = split_command(line)
+        self.events.command(verb)
         if verb in FOREIGN_VERBS:
             log.info("session %s: %s from %s, closing", self.info.session_id, verb,
                      self.info.peer_ip)
@@ -213,10 +260,13 @@ class Session:
         if handler is None:
             self.send("500 5.5.1 Command unrecognized")
             return
+        self._verb = verb
         try:
             await handler(arg)
         except SyntaxErrorReply as exc:
             self.send(exc.reply)
+        finally:
+            self._verb, self._about_from, self._about_to = "", None, []
 
     # -- commands -------------------------------------------------------------
 
@@ -405,6 +455,7 @@ class Session:
             self.send("503 5.5.1 Nested MAIL command")
             return
         path = parse_path(arg, "FROM:", utf8_allowed=False, null_allowed=True)
+        self._about_from = path.address
         reply = self._check_mail_params(path)
         if reply is None:
             reply = await self.backend.check_sender(self.info, path)
@@ -450,7 +501,9 @@ class Session:
         if self.envelope.sender is None:
             self.send("503 5.5.1 Need MAIL command first")
             return
+        self._about_from = self.envelope.sender
         path = parse_path(arg, "TO:", utf8_allowed=self.envelope.smtputf8, null_allowed=False)
+        self._about_to = [path.address]
         for key, value in path.params.items():
             if key == "NOTIFY":
                 words = (value or "").upper().split(",")
@@ -488,6 +541,7 @@ class Session:
         if self.envelope.sender is None:
             self.send("503 5.5.1 Need MAIL command first")
             return
+        self._about_from, self._about_to = self.envelope.sender, list(self.envelope.recipients)
         if not self.envelope.recipients:
             self.send("554 5.5.1 No valid recipients")
             return

@@ -120,14 +120,16 @@ async def test_guessing_is_slowed_then_blocked_per_ip(guarded, port, caplog):
     assert (await second.auth_plain(USER, PASSWORD))[0] == 454
     await env.sink.until(1)
 
-    # The refusal is logged, with the IP and never a password.
-    blocked = [r for r in caplog.records
-               if r.name == "mailrelay.smtp" and "blocked" in r.getMessage()]
+    # The refusal is in the mail log (README, "Mail log"), with the IP and never a password.
+    def auth_failed(reason: str) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "mailrelay.mail"
+                and r.getMessage().startswith("auth-failed ")
+                and f'reason="{reason}"' in r.getMessage()]
+
+    blocked = auth_failed("454 4.7.0")
     assert blocked and all(r.levelno >= logging.WARNING for r in blocked)
-    assert all("127.0.0.1" in r.getMessage() for r in blocked)
-    failed = [r for r in caplog.records
-              if r.name == "mailrelay.smtp" and "auth failed" in r.getMessage()]
-    assert len(failed) == MAX_FAILURES
+    assert all(" ip=127.0.0.1 " in r.getMessage() for r in blocked)
+    assert len(auth_failed("535 5.7.8")) == MAX_FAILURES
     assert_no_secrets(caplog)
 
     # After auth_block_time the IP may log in again.

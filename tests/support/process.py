@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 from typing import Any
 
 
-async def start_server(env, **kwargs: Any) -> asyncio.subprocess.Process:
-    """Start it on ``env``'s config and wait until it is ready (kwargs go to the exec)."""
+async def start_server(env, log_file: Path | None = None,
+                       **kwargs: Any) -> asyncio.subprocess.Process:
+    """Start it on ``env``'s config and wait until it is ready (kwargs go to the exec).
+
+    With ``log_file`` its stderr (the log) goes to that file, as a log file fail2ban reads.
+    """
+    command = [sys.executable, "-m", "mailrelay.cli.main", "serve", "-c", str(env.config_dir)]
+    if log_file is not None:
+        with open(log_file, "wb") as handle:
+            process = await asyncio.create_subprocess_exec(*command, stderr=handle, **kwargs)
+        for _ in range(600):
+            if b"mailrelay ready" in log_file.read_bytes():
+                return process
+            assert process.returncode is None, f"server exited: {log_file.read_text()}"
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"server not ready after 30 s: {log_file.read_text()}")
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailrelay.cli.main", "serve", "-c", str(env.config_dir),
-        stderr=asyncio.subprocess.PIPE, **kwargs)
+        *command, stderr=asyncio.subprocess.PIPE, **kwargs)
     log = b""
     while b"mailrelay ready" not in log:
         line = await asyncio.wait_for(process.stderr.readline(), 30)
