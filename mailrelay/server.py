@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
+import ssl
 import time
 from pathlib import Path
 
 from .aliases import Aliases
-from .config import Config
+from .config import Config, load_config
+from .control import ControlServer, socket_path
 from .delivery.local import Maildirs
 from .delivery.manager import DeliveryManager, Schedule
+from .delivery.mta_sts import MTASTS
 from .delivery.remote import RemoteDelivery
 from .dkim.keys import KeyRing
 from .dnsresolver import make_resolver
 from .errors import ConfigError
+from .events import Events
 from .fsutil import atomic_write
 from .headers import parse_headers
 from .inbound import InboundPolicy
+from .metrics import MetricsServer
 from .queue import Queue, QueueItem
 from .router import Router
+from .sdnotify import Notifier
 from .senders import SenderPolicy
 from .signing import MessageSigner
 from .smtp.listener import ConnectionLimits, Listeners
@@ -48,12 +55,18 @@ class Server:
         self.srs: SRS | None = None
         self.router = Router(config.is_local_domain, lambda: self.users, lambda: self.aliases,
                              None)
-        self.signer = MessageSigner(lambda: self.keyring, config.is_local_domain)
+        # Mail log and metrics; a registry per server (tests run several in one process).
+        self.events = Events()
+        self.events.watch_queue(self.queue)
+        self.metrics: MetricsServer | None = None
+        self.signer = MessageSigner(lambda: self.keyring, config.is_local_domain, self.events)
         self.certificates = CertificateStore(config.tls, config.hostname,
                                              config.data_dir / "selfsigned")
         self.listeners: Listeners | None = None
         self.delivery: DeliveryManager | None = None
+        self.mta_sts: MTASTS | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self.control: ControlServer | None = None
         self._last_domain_stamp: tuple = ()
 
     async def start(self) -> None:
@@ -67,21 +80,39 @@ class Server:
         tls_context = self.certificates.server_context()
 
         resolver = make_resolver(config.dns)
+        if config.delivery.mta_sts:
+            ca_file = config.delivery.ca_file
+            try:
+                # Policy hosts must present a certificate trusted here (RFC 8461 3.3).
+                sts_context = ssl.create_default_context(
+                    cafile=str(ca_file) if ca_file else None)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"delivery.ca_file: cannot load {ca_file}: {exc}") from None
+            self.mta_sts = MTASTS(resolver, config.data_dir / "mta-sts", sts_context,
+                                  port=config.delivery.mta_sts_port)
         remote = RemoteDelivery(
             config.hostname, resolver, smtp_port=config.delivery.smtp_port,
             max_mx_hosts=config.delivery.max_mx_hosts,
             connect_timeout=config.delivery.connect_timeout,
             command_timeout=config.delivery.command_timeout,
+            max_connections=config.delivery.max_connections,
+            max_connections_per_domain=config.delivery.max_connections_per_domain,
+            connection_idle_time=config.delivery.connection_idle_time,
+            tls_fallback_plain=config.delivery.tls_fallback_plain,
+            ca_file=config.delivery.ca_file,
+            policies=self.mta_sts,
         )
         self.delivery = DeliveryManager(
             self.queue, remote, Maildirs(config.data_dir / "mail"), config.is_local_domain,
             local_mailbox=lambda address: self.users.mailbox_for(address),
             enqueue=self.enqueue_generated,
             schedule=Schedule(tuple(config.delivery.retry_intervals),
-                              config.delivery.give_up_after),
+                              config.delivery.give_up_after,
+                              delay_warning_after=config.delivery.delay_warning_after),
             reporting_mta=config.hostname, concurrency=config.delivery.concurrency,
             default_domain=config.domains[0] if config.domains else None,
             pipe_timeout=config.delivery.pipe_timeout, local_mda=config.delivery.local_mda,
+            events=self.events,
         )
         items = await asyncio.to_thread(self.queue.load)
         for item in items:
@@ -89,10 +120,25 @@ class Server:
         if items:
             log.info("queue: resumed %d message(s)", len(items))
         self.delivery.start()
+        if self.mta_sts:
+            self.mta_sts.start()
+        # For `mailrelay queue`. Without it mail still flows, so only a second server on
+        # this data_dir (ConfigError) stops the start.
+        self.control = ControlServer(socket_path(config.data_dir), self.queue, self.delivery)
+        try:
+            await self.control.start()
+        except ConfigError:
+            self.control = None
+            await self.stop()
+            raise
+        except OSError as exc:
+            self.control = None
+            log.error("control socket %s: %s; `mailrelay queue` cannot reach this server",
+                      socket_path(config.data_dir), exc.strerror or exc)
 
         policy = InboundPolicy(config, lambda: self.users, self.queue, self.delivery.schedule,
                                tls_context, SenderPolicy(config.senders, self.router.owners),
-                               self.signer, self.router, self.srs)
+                               self.signer, self.router, self.srs, events=self.events)
         self.listeners = Listeners(policy, ConnectionLimits(
             config.limits.max_connections, config.limits.max_connections_per_ip))
         kinds = ((Port.SMTP, config.listen.smtp), (Port.SUBMISSION, config.listen.submission),
@@ -106,10 +152,23 @@ class Server:
             raise ConfigError(f"cannot listen on {host}:{number}: {exc.strerror}") from None
         for host, number in self.listeners.addresses():
             log.info("listening on %s:%d", host, number)
+        if config.metrics.listen:
+            await self._start_metrics(*config.metrics.listen)
         # For commands that ask the running server to reload (`mailrelay aliases edit`).
         atomic_write(self.pid_path, f"{os.getpid()}\n".encode(), mode=0o644)
         self._last_domain_stamp = self._domain_files_stamp()
         self._watch_task = asyncio.create_task(self._watch_files(), name="file-watcher")
+
+    async def _start_metrics(self, host: str, number: int) -> None:
+        # Mail flows without metrics: a port in use is logged, not fatal.
+        metrics = MetricsServer(self.events.registry, host, number)
+        try:
+            await metrics.start()
+        except OSError as exc:
+            log.error("metrics: cannot listen on %s:%d: %s", host, number, exc.strerror or exc)
+            return
+        self.metrics = metrics
+        log.info("metrics on http://%s:%d/metrics", host, number)
 
     async def enqueue_generated(self, sender: str, recipients: list[str], data: bytes) -> QueueItem:
         """Queue a message we generate ourselves (DSNs), DKIM-signed like all our mail."""
@@ -139,8 +198,9 @@ class Server:
         return aliases, not errors
 
     def reload(self) -> bool:
-        """Re-read users, DKIM keys and certificates; a broken file keeps the last good state."""
-        ok = True
+        """Re-read mailrelay.yaml (domains apply, other changes are reported), users, DKIM
+        keys, aliases and certificates; a broken file keeps the last good state."""
+        ok = self._reload_config()
         try:
             self.users = Users.load(self.config)
         except ConfigError as exc:
@@ -153,6 +213,29 @@ class Server:
             ok = False
         log.info("reload: %s", "done" if ok else "done with errors (see above)")
         return ok
+
+    def _reload_config(self) -> bool:
+        """New and removed domain directories take effect now; every other setting is read
+        once at start (listeners, limits, delivery), so a change is only reported."""
+        try:
+            fresh = load_config(self.config.config_dir)
+        except ConfigError as exc:
+            log.error("reload: %s (keeping the running configuration)", exc)
+            return False
+        changed = changed_settings(self.config, fresh)
+        if changed:
+            log.warning("reload: changed settings need a restart to take effect: %s",
+                        ", ".join(changed))
+        if fresh.domains != self.config.domains:
+            added = sorted(set(fresh.domains) - set(self.config.domains))
+            removed = sorted(set(self.config.domains) - set(fresh.domains))
+            log.info("reload: domains added: %s; removed: %s",
+                     ", ".join(added) or "none", ", ".join(removed) or "none")
+            # Config is frozen and shared by reference (router, signer, delivery and the
+            # inbound policy hold it or its is_local_domain), so the domains are swapped in
+            # place, before users, aliases and keys are loaded for them.
+            object.__setattr__(self.config, "domains", fresh.domains)
+        return True
 
     async def _watch_files(self) -> None:
         # Cheap polling: acme.sh renewals and `user add` take effect without a signal.
@@ -176,7 +259,7 @@ class Server:
 
     def _domain_files_stamp(self) -> tuple:
         """Identity of every users file and DKIM key, to notice edits by polling."""
-        stamp = []
+        stamp: list[tuple] = [("domains", self._domain_dir_names())]
         for domain in self.config.domains:
             directory = self.config.domain_dir(domain)
             for path in [directory / "users", directory / "aliases",
@@ -187,6 +270,14 @@ class Server:
                 except FileNotFoundError:
                     stamp.append((str(path), None))
         return tuple(stamp)
+
+    def _domain_dir_names(self) -> tuple[str, ...]:
+        """A new domain directory is noticed by polling too (the reload validates it)."""
+        try:
+            return tuple(sorted(e.name for e in self.config.domains_dir.iterdir()
+                                if e.is_dir() and not e.name.startswith(".")))
+        except OSError:
+            return ()
 
     @property
     def pid_path(self) -> Path:
@@ -199,26 +290,85 @@ class Server:
                 self.pid_path.unlink()
         if self._watch_task:
             self._watch_task.cancel()
+        if self.control:
+            await self.control.stop()
+        if self.metrics:
+            await self.metrics.stop()
+            self.metrics = None
         if self.listeners:
             self.listeners.close()
             await self.listeners.drain(grace)
         if self.delivery:
             await self.delivery.stop(grace)
+            await self.delivery.remote.close()  # the idle outbound connections
+        if self.mta_sts:
+            # After delivery: attempts still finishing may be waiting for a policy.
+            await self.mta_sts.stop()
+
+
+_LIVE_SETTINGS = frozenset({"config_dir", "domains"})
+
+
+def changed_settings(running: Config, fresh: Config) -> list[str]:
+    """Dotted names (``listen.smtp``) of settings that differ, apart from the live ones."""
+    changed = []
+    for item in dataclasses.fields(running):
+        if item.name in _LIVE_SETTINGS:
+            continue
+        old, new = getattr(running, item.name), getattr(fresh, item.name)
+        if dataclasses.is_dataclass(old) and dataclasses.is_dataclass(new):
+            changed += [f"{item.name}.{sub.name}" for sub in dataclasses.fields(old)
+                        if getattr(old, sub.name) != getattr(new, sub.name)]
+        elif old != new:
+            changed.append(item.name)
+    return changed
 
 
 async def serve(config: Config) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads."""
+    """Run until SIGTERM/SIGINT; SIGHUP reloads.
+
+    Under systemd (``Type=notify``) it says ``READY=1`` once the listeners are bound,
+    ``RELOADING=1`` … ``READY=1`` around a reload and ``STOPPING=1`` when told to stop.
+    """
+    notifier = Notifier()
     server = Server(config)
-    await server.start()
+    try:
+        await server.start()
+    except ConfigError as exc:
+        notifier.status(f"failed to start: {exc}")  # shown by `systemctl status`
+        raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, server.reload)
+    listening = len(server.listeners.addresses()) if server.listeners else 0
+    running_status = f"accepting mail on {listening} address(es)"
+
+    def on_stop() -> None:
+        if not stop.is_set():
+            notifier.stopping("stopping: finishing sessions in flight")
+        stop.set()
+
+    def on_reload() -> None:
+        if stop.is_set():
+            return  # stopping: systemd has heard STOPPING=1 and expects nothing else
+        notifier.reloading()
+        ok = False
+        try:
+            ok = server.reload()
+        except Exception:  # keep serving on the previous state; systemd must hear READY
+            log.exception("reload failed")
+        finally:
+            notifier.ready(running_status if ok else running_status
+                           + "; last reload had errors, see the log")
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop)
+    loop.add_signal_handler(signal.SIGINT, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
     log.info("mailrelay ready (%s)", config.hostname)
+    notifier.ready(running_status)
     await stop.wait()
     started = time.monotonic()
     log.info("stopping: no new connections, finishing sessions in flight")
     await server.stop()
     log.info("stopped in %.1fs", time.monotonic() - started)
+    notifier.close()
     return 0

@@ -32,6 +32,14 @@ log = logging.getLogger("mailrelay.tls")
 
 SELF_SIGNED_VALIDITY = dt.timedelta(days=3650)
 _READ_ATTEMPTS = 3  # re-read when a file is replaced while we load it
+# Polls that retry a mismatched pair though nothing changed on disk: a renewal writes the
+# chain and then the key, and the key's write may leave its stat unchanged (same inode and
+# size, same coarse mtime tick), so "retry when the files change" alone could miss it.
+_MISMATCH_RETRIES = 5
+
+
+class KeyMismatchError(ConfigError):
+    """The private key does not belong to the certificate (often: a renewal half-written)."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +151,7 @@ def _parse(name: str, cert_path: Path, key_path: Path,
 
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
-        raise ConfigError(f"private key does not match certificate {cert_path}", key_path)
+        raise KeyMismatchError(f"private key does not match certificate {cert_path}", key_path)
 
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -312,6 +320,7 @@ class CertificateStore:
         self._snapshot: _Snapshot | None = None
         self._snapshot_extra: tuple[Path, ...] = ()
         self._context: ssl.SSLContext | None = None
+        self._mismatch_retries = 0  # forced retries left after a KeyMismatchError
 
     @property
     def certificates(self) -> list[CertificateSource]:
@@ -359,9 +368,19 @@ class CertificateStore:
         """Like :meth:`load`, but on error keep serving the previous certificates."""
         try:
             self.load()
+        except KeyMismatchError as exc:
+            # Most likely a renewal caught between writing the chain and the key.
+            self._mismatch_retries = (self._mismatch_retries - 1 if self._mismatch_retries
+                                      else _MISMATCH_RETRIES)
+            when = "at the next check" if self._mismatch_retries else "when the files change"
+            log.error("TLS reload failed, keeping the previous certificates: %s (a renewal "
+                      "half-written? retrying %s)", exc, when)
+            return False
         except (MailrelayError, OSError) as exc:
+            self._mismatch_retries = 0
             log.error("TLS reload failed, keeping the previous certificates: %s", exc)
             return False
+        self._mismatch_retries = 0
         return True
 
     def server_context(self) -> ssl.SSLContext:
@@ -402,7 +421,7 @@ class CertificateStore:
 
     def changed_on_disk(self) -> bool:
         """Cheap stat-only check whether a reload could see something new."""
-        if self._snapshot is None:
+        if self._snapshot is None or self._mismatch_retries:
             return True
         current = _snapshot(self.settings)
         if self._snapshot_extra:
