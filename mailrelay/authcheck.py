@@ -18,9 +18,9 @@ import contextvars
 import ipaddress
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import dkim
@@ -61,8 +61,9 @@ class DNSTempError(Exception):
 class DNSLookup:
     """Blocking lookups at the configured nameservers, all within one deadline."""
 
-    def __init__(self, settings: DNSSettings, budget: float | None = None):
-        self.resolver = _sync_resolver(settings)
+    def __init__(self, settings: DNSSettings, budget: float | None = None,
+                 resolver: dns.resolver.Resolver | None = None):
+        self.resolver = resolver if resolver is not None else _sync_resolver(settings)
         self.per_lookup = settings.timeout
         self.deadline = time.monotonic() + (2 * settings.timeout if budget is None else budget)
 
@@ -95,6 +96,15 @@ class DNSLookup:
         qname = name.decode("ascii", "replace") if isinstance(name, bytes) else name
         records = self.txt(qname)
         return records[0] if records else None
+
+
+def caching_resolver(settings: DNSSettings, size: int = 10_000) -> dns.resolver.Resolver:
+    """A blocking resolver that keeps answers for their TTL (negative ones for the SOA's
+    minimum, RFC 2308): mail from one sender domain arrives in bursts, and each message
+    costs an SPF and a DMARC lookup. dnspython's LRUCache is thread-safe."""
+    resolver = _sync_resolver(settings)
+    resolver.cache = dns.resolver.LRUCache(size)
+    return resolver
 
 
 def _sync_resolver(settings: DNSSettings) -> dns.resolver.Resolver:
@@ -244,8 +254,21 @@ def _check_signature(lookup: DNSLookup, verifier: dkim.DKIM, index: int, value: 
 
 # -- DMARC (RFC 7489) ------------------------------------------------------------
 
-@lru_cache(maxsize=1)
+_psl_lock = threading.Lock()
+_psl_list: PublicSuffixList | None = None
+
+
 def _psl() -> PublicSuffixList:
+    """The list, built once (about a second): checks in several threads wait for it."""
+    global _psl_list
+    if _psl_list is None:
+        with _psl_lock:
+            if _psl_list is None:
+                _psl_list = _load_psl()
+    return _psl_list
+
+
+def _load_psl() -> PublicSuffixList:
     # Debian's list (package "publicsuffix") is kept current by apt; otherwise the one
     # publicsuffix2 ships. Never fetched from the network.
     if _DEBIAN_PSL.is_file():
@@ -371,11 +394,12 @@ def from_domains(message: bytes) -> list[str]:
 # -- the whole check ---------------------------------------------------------------
 
 def check_message(message: bytes, *, client_ip: str, helo: str, mail_from: str,
-                  authserv_id: str, dns: DNSSettings, timeout: float | None = None
-                  ) -> AuthResults:
+                  authserv_id: str, dns: DNSSettings, timeout: float | None = None,
+                  resolver: dns.resolver.Resolver | None = None) -> AuthResults:
     """SPF, DKIM and DMARC of one message. ``timeout`` bounds all its DNS lookups together
-    (default: twice ``dns.timeout``); a lookup without answer in time is a temperror."""
-    lookup = DNSLookup(dns, timeout)
+    (default: twice ``dns.timeout``); a lookup without answer in time is a temperror.
+    ``resolver``: a (caching) resolver to share between checks; else a new one."""
+    lookup = DNSLookup(dns, timeout, resolver)
     spf_result, spf_domain = check_spf(lookup, client_ip, helo, mail_from)
     try:
         dkim_results = check_dkim(lookup, message)

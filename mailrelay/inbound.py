@@ -10,7 +10,13 @@ from collections.abc import Callable
 
 from .address import AddressError, normalize, split
 from .arc import arc_seal
-from .authcheck import AuthResults, check_message, decide, strip_our_authentication_results
+from .authcheck import (
+    AuthResults,
+    caching_resolver,
+    check_message,
+    decide,
+    strip_our_authentication_results,
+)
 from .config import Config
 from .events import Events
 from .headers import addresses, get_all, parse_headers
@@ -59,6 +65,7 @@ class InboundPolicy:
         self.router = router
         self.srs = srs
         self.events = events if events is not None else Events()
+        self._dns = caching_resolver(config.dns)
         self.throttle = AuthThrottle(
             config.limits.auth_failures_per_ip, config.limits.auth_block_time,
             delay_step=config.limits.auth_failure_delay,
@@ -194,7 +201,7 @@ class InboundPolicy:
             cleaned = strip_our_authentication_results(body, self.hostname)
             results = check_message(cleaned, client_ip=info.peer_ip, helo=info.helo,
                                     mail_from=sender, authserv_id=self.hostname,
-                                    dns=self.config.dns)
+                                    dns=self.config.dns, resolver=self._dns)
             return results, cleaned
 
         results, cleaned = await asyncio.to_thread(run)

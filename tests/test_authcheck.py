@@ -10,6 +10,7 @@ import authres
 import pytest
 
 from mailrelay.authcheck import (
+    caching_resolver,
     check_message,
     decide,
     org_domain,
@@ -277,3 +278,18 @@ def test_strip_our_authentication_results() -> None:
     assert strip_our_authentication_results(lf, "MX.example.com") == b"Subject: x\n\nbody"
     untouched = b"Subject: x\r\n\r\nbody"
     assert strip_our_authentication_results(untouched, "mx.example.com") == untouched
+
+
+# -- the shared caching resolver ----------------------------------------------------
+
+def test_caching_resolver_asks_once_per_ttl_also_for_names_that_do_not_exist(
+        world: World) -> None:
+    resolver = caching_resolver(world.dns)
+    for sender in ("bounce@sender.test", "x@nowhere.test"):
+        for _ in range(3):
+            check_message(message(), client_ip="127.0.0.1", helo="mail.test", mail_from=sender,
+                          authserv_id=AUTHSERV_ID, dns=world.dns, resolver=resolver)
+    assert world.server.queries.count(("sender.test", "TXT")) == 1
+    assert world.server.queries.count(("_dmarc.sender.test", "TXT")) == 1
+    # NXDOMAIN is kept for the SOA's minimum TTL (RFC 2308), like a positive answer.
+    assert world.server.queries.count(("nowhere.test", "TXT")) == 1
