@@ -1,0 +1,126 @@
+"""The whole-server benchmark still runs: every scenario for a few messages against
+mailrelay (and chasquid, when it is installed and we are root), and its parts work."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import replace
+
+import pytest
+
+from bench import server_bench
+from bench.server_bench import Scenario
+
+# Each scenario's shape, with a few messages: 2 connections x 2 (d: x 1).
+TINY = tuple(replace(s, connections=2, per_connection=1 if s.size > 10_000 else 2)
+             for s in server_bench.SCENARIOS)
+CHASQUID_HERE = (shutil.which("chasquid") is not None and shutil.which("chasquid-util")
+                 is not None and os.geteuid() == 0)
+
+
+@pytest.mark.parametrize("size", [300, 1024, 1025, 100 * 1024, 100 * 1024 + 77])
+def test_messages_have_the_size_and_clean_lines(size):
+    message = server_bench.make_message(size, "a@sender.invalid", server_bench.USER, 7)
+    assert len(message) == size
+    assert message.endswith(b"\r\n")
+    assert not re.search(rb"\r(?!\n)|(?<!\r)\n", message)  # no bare CR or LF
+    assert not any(line.startswith(b".") for line in message.split(b"\r\n"))
+
+
+def test_small_parts():
+    assert server_bench.percentile([3.0, 1.0, 2.0, 4.0], 0.5) == 2.0
+    assert server_bench.percentile([float(n) for n in range(1, 101)], 0.99) == 99.0
+    own, children = server_bench.proc_cpu(os.getpid())
+    assert own > 0 and children >= 0
+    assert server_bench.proc_status_kib(os.getpid()) > 0
+    with pytest.raises(ValueError):
+        server_bench.check_loopback("10.0.0.1")
+    server_bench.check_loopback("127.0.0.153")
+    base = server_bench.SCENARIOS[0]
+    points = server_bench.sweep_scenarios((1, 10, 32), base)
+    assert points[1] is base  # the point equal to scenario a is scenario a
+    assert [p.connections for p in points] == [1, 10, 32]
+    assert points[0].messages == 200 and points[2].per_connection == 7
+
+
+def check_report(report: dict, scenarios: list[Scenario]) -> None:
+    names = list(report["servers"])
+    assert names[0] == "mailrelay"
+    assert report["servers"]["mailrelay"]["process"].startswith("mailrelay")  # its own pid
+    if "chasquid" in names:
+        assert report["servers"]["chasquid"]["process"] == "chasquid"  # not unshare or sh
+    assert report["rounds"] == 1
+    for scenario in scenarios:
+        entry = report["results"][scenario.name]
+        for name in names:
+            runs = entry[name]["runs"]
+            assert len(runs) == 1
+            run = runs[0]
+            # Every message was accepted, and the discard MDA counted each one once.
+            assert run["messages"] == scenario.messages, (name, scenario.name)
+            assert run["accepted"] == run["messages"] == run["delivered"], run
+            assert run["errors"] == 0, run["error_samples"]
+            assert 0 < run["e2e_per_s"] <= run["accepted_per_s"]
+            assert 0 < run["latency_p50_ms"] <= run["latency_p99_ms"]
+            assert run["server_cpu_ms_per_msg"] >= 0 and run["mda_cpu_ms_per_msg"] >= 0
+            assert run["peak_rss_kib"] > 1024 and run["peak_rss_per_measurement"]
+            median = entry[name]["median"]
+            for metric in (*server_bench.METRICS, "peak_rss_kib", "rss_before_kib"):
+                assert median[metric] is not None, metric
+            assert median["accepted"] == median["messages"] == median["delivered"]
+        if len(names) == 2:
+            assert entry["ratio_mailrelay_to_chasquid"]["accepted_per_s"] > 0
+    sweep = report["sweep"]
+    for name in names:
+        assert len(sweep[name]["accepted_per_s"]) == len(sweep["connections"])
+
+
+def test_run_bench_briefly(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    report = server_bench.run_bench(work, repeat=1, scenarios=TINY, sweep=(1, 2),
+                                    sweep_messages=4)
+    if CHASQUID_HERE:
+        assert list(report["servers"]) == ["mailrelay", "chasquid"]
+        assert report["chasquid_absent"] is None
+        # chasquid's SPF lookups reached its loopback DNS server, and only that.
+        assert report["dns_queries"]["chasquid"].get("TXT sender.invalid", 0) > 0
+    else:
+        assert list(report["servers"]) == ["mailrelay"]
+        assert report["chasquid_absent"]
+    check_report(report, [*TINY, Scenario(**report["results"]["sweep-1"]["scenario"])])
+    assert report["sweep"]["scenarios"] == ["sweep-1", TINY[0].name]  # 2 x 2 is scenario a
+
+    results = tmp_path / "results"
+    text = server_bench.write_results(report, results)
+    assert "accepted msg/s" in text and "mx-100KiB" in text
+    assert json.loads((results / "server.json").read_text())["rounds"] == 1
+    assert (results / "server.md").read_text().startswith("## Whole server")
+    assert (results / "server.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_main_without_chasquid(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(server_bench, "SCENARIOS", TINY[:1])
+    monkeypatch.setattr(server_bench, "SWEEP", ())
+    results = tmp_path / "results"
+    work = tmp_path / "work"
+    assert server_bench.main(["--no-chasquid", "--repeat", "1", "--quiet",
+                              "--results", str(results), "--dir", str(work)]) == 0
+    report = json.loads((results / "server.json").read_text())
+    assert list(report["servers"]) == ["mailrelay"]
+    assert report["chasquid_absent"] == "not asked for"
+    assert report["results"]["mx-1KiB"]["mailrelay"]["median"]["delivered"] == 4
+    assert list(work.iterdir()) == []  # its temporary directory is gone
+    assert "mx-1KiB" in capsys.readouterr().out
+
+
+def test_chasquid_is_skipped_with_a_reason(monkeypatch):
+    monkeypatch.setattr(server_bench.shutil, "which", lambda name: None)
+    assert "not installed" in server_bench.chasquid_status(False, print)
+    monkeypatch.setattr(server_bench.os, "geteuid", lambda: 1000)
+    assert "needs root" in server_bench.chasquid_status(True, print)  # no apt-get as a user
+    monkeypatch.setattr(server_bench.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert "needs root" in server_bench.chasquid_status(False, print)  # no private resolv.conf
