@@ -18,6 +18,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -185,6 +186,25 @@ class _Connection:
     def key(self) -> tuple[str, str, int, str]:
         # The name is part of the key: "verified" was checked against this name only.
         return self.host, self.address, self.port, self.tls
+
+
+@contextlib.contextmanager
+def _closed_on_failure(smtp: aiosmtplib.SMTP, where: str) -> Iterator[None]:
+    """Close ``smtp`` on any failure; SMTP and network errors become this host's failure."""
+    try:
+        yield
+    except HostFailure:
+        smtp.close()
+        raise
+    except aiosmtplib.SMTPResponseException as exc:  # e.g. EHLO refused
+        smtp.close()
+        raise HostFailure(_reply_text(exc.code, exc.message)) from None
+    except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+        smtp.close()
+        raise HostFailure(f"451 4.4.2 {where}: {exc}") from None
+    except BaseException:
+        smtp.close()
+        raise
 
 
 class RemoteDelivery:
@@ -425,7 +445,7 @@ class RemoteDelivery:
         while plans:
             plan = plans.pop(0)
             smtp = await self._connect(host, address)
-            try:
+            with _closed_on_failure(smtp, where):
                 if plan == PLAIN:  # after a failed handshake: this time without TLS
                     log.info("delivery: %s: TLS failed (%s); delivering without TLS",
                              where, reason)
@@ -460,18 +480,6 @@ class RemoteDelivery:
                 smtp.close()
                 with contextlib.suppress(ValueError):
                     plans.remove(UNVERIFIED)
-            except HostFailure:
-                smtp.close()
-                raise
-            except aiosmtplib.SMTPResponseException as exc:  # e.g. EHLO after STARTTLS
-                smtp.close()
-                raise HostFailure(_reply_text(exc.code, exc.message)) from None
-            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                smtp.close()
-                raise HostFailure(f"451 4.4.2 {where}: {exc}") from None
-            except BaseException:
-                smtp.close()
-                raise
         raise HostFailure(f"451 4.7.5 {prefix}{where}: {reason}", sts=enforce)
 
     async def _connect(self, host: MXHost, address: str) -> aiosmtplib.SMTP:
@@ -492,17 +500,8 @@ class RemoteDelivery:
         except BaseException:
             smtp.close()
             raise
-        try:
+        with _closed_on_failure(smtp, f"{host.name} [{address}]"):
             await smtp.ehlo()
-        except aiosmtplib.SMTPResponseException as exc:
-            smtp.close()
-            raise HostFailure(_reply_text(exc.code, exc.message)) from None
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            smtp.close()
-            raise HostFailure(f"451 4.4.2 {host.name} [{address}]: {exc}") from None
-        except BaseException:
-            smtp.close()
-            raise
         return smtp
 
     def _is_unverifiable(self, name: str, address: str) -> bool:
