@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 
 import pytest
 import trustme
@@ -40,12 +39,7 @@ def sts_env(env: RelayEnv, https: PolicyServer) -> RelayEnv:
 
 def untrusted_sink(env: RelayEnv, ip: str, hostname: str) -> Sink:
     """An MX whose certificate names it correctly but comes from a CA nobody trusts."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    trustme.CA().issue_cert(hostname).configure_cert(context)
-    sink = Sink(ip, env.sink_port, context, hostname=hostname)
-    sink.start()
-    env.sinks.append(sink)
-    return sink
+    return env.add_sink(ip, hostname=hostname, ca=trustme.CA())
 
 
 async def wait_attempted(env: RelayEnv, timeout: float = 10.0) -> str:

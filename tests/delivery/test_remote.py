@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import trustme
 from mailrelay.config import DNSSettings
 from mailrelay.delivery.remote import Outcome, RemoteDelivery
 from mailrelay.dnsresolver import make_resolver
-from tests.support.sink import Sink, SinkBehaviour
+from tests.support.sink import SinkBehaviour
 
 MESSAGE = b"From: me@example.com\r\nTo: x@remote.test\r\nSubject: t\r\n\r\nbody\r\n"
 SENDER = "me@example.com"
@@ -44,16 +43,6 @@ async def remote_delivery(env, **kwargs) -> AsyncIterator[RemoteDelivery]:
         yield remote
     finally:
         await remote.close()
-
-
-def add_untrusted_sink(env, ca: trustme.CA, ip: str, hostname: str) -> Sink:
-    cert = ca.issue_cert(hostname)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(context)
-    sink = Sink(ip, env.sink_port, context, hostname=hostname)
-    sink.start()
-    env.sinks.append(sink)
-    return sink
 
 
 @dataclass(frozen=True)
@@ -97,7 +86,7 @@ async def test_verified_when_the_certificate_names_the_mx_host(env):
 async def test_unverified_with_a_certificate_from_an_unknown_ca(env, other_ca, caplog):
     caplog.set_level(logging.INFO, "mailrelay.delivery")
     env.add_mx("remote.test", (10, "mx1.remote.test", "127.0.0.2"))
-    sink = add_untrusted_sink(env, other_ca, "127.0.0.2", "mx1.remote.test")
+    sink = env.add_sink("127.0.0.2", hostname="mx1.remote.test", ca=other_ca)
     async with remote_delivery(env, connection_idle_time=0) as remote:
         [result] = await remote.deliver("remote.test", SENDER, ["a@remote.test"], MESSAGE)
         assert (result.outcome, result.tls) == (Outcome.SENT, "unverified")
@@ -336,7 +325,7 @@ async def test_enforce_delivers_over_verified_tls(env):
 async def test_enforce_refuses_a_certificate_that_does_not_verify(env, other_ca, caplog):
     caplog.set_level(logging.INFO, "mailrelay.delivery")
     env.add_mx("remote.test", (10, "mx1.remote.test", "127.0.0.2"))
-    sink = add_untrusted_sink(env, other_ca, "127.0.0.2", "mx1.remote.test")
+    sink = env.add_sink("127.0.0.2", hostname="mx1.remote.test", ca=other_ca)
     async with remote_delivery(env, policies=Policies(remote_test=ENFORCE)) as remote:
         [result] = await remote.deliver("remote.test", SENDER, ["a@remote.test"], MESSAGE)
     assert result.outcome is Outcome.TEMPORARY
@@ -398,7 +387,7 @@ async def test_enforce_does_not_reuse_an_unverified_connection(env, other_ca):
     # other.test has no policy and leaves an unverified connection to the shared MX idle.
     env.add_mx("other.test", (10, "mx1.remote.test", "127.0.0.2"))
     env.add_mx("remote.test", (10, "mx1.remote.test", "127.0.0.2"))
-    sink = add_untrusted_sink(env, other_ca, "127.0.0.2", "mx1.remote.test")
+    sink = env.add_sink("127.0.0.2", hostname="mx1.remote.test", ca=other_ca)
     async with remote_delivery(env, connection_idle_time=30,
                                policies=Policies(remote_test=ENFORCE)) as remote:
         [first] = await remote.deliver("other.test", SENDER, ["a@other.test"], MESSAGE)
@@ -413,7 +402,7 @@ async def test_testing_mode_delivers_and_warns(env, other_ca, caplog):
     caplog.set_level(logging.INFO, "mailrelay.delivery")
     env.add_mx("remote.test", (10, "mx0.remote.test", "127.0.0.2"),
                (20, "mx1.remote.test", "127.0.0.3"))
-    add_untrusted_sink(env, other_ca, "127.0.0.2", "mx0.remote.test")
+    env.add_sink("127.0.0.2", hostname="mx0.remote.test", ca=other_ca)
     async with remote_delivery(env, policies=Policies(remote_test=TESTING)) as remote:
         [result] = await remote.deliver("remote.test", SENDER, ["a@remote.test"], MESSAGE)
     assert (result.outcome, result.remote_host, result.tls) == (

@@ -97,10 +97,13 @@ class RelayEnv:
 
     # -- the remote side --------------------------------------------------------
 
-    def add_sink(self, ip: str, tls: bool = True, hostname: str = "mx.remote.test") -> Sink:
+    def add_sink(self, ip: str, tls: bool = True, hostname: str = "mx.remote.test",
+                 ca: trustme.CA | None = None) -> Sink:
+        """A sink on ``ip``; its certificate comes from the test CA, or from ``ca`` (e.g. a
+        CA the server does not trust)."""
         context = None
         if tls:
-            cert = self.ca.issue_cert(hostname)
+            cert = (ca or self.ca).issue_cert(hostname)
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             cert.configure_cert(context)
         sink = Sink(ip, self.sink_port, context, hostname=hostname)
