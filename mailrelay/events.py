@@ -148,7 +148,8 @@ class Events:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.tls_out = Counter("mailrelay_delivery_tls",
                                "Attempts at remote MX hosts, by TLS state "
-                               "(verified, unverified, plain)", ["state"], registry=r)
+                               "(verified, unverified, plain) and version",
+                               ["state", "version"], registry=r)
         self.dsns = Counter("mailrelay_dsn_generated",
                             "Delivery status notifications sent to senders, by kind",
                             ["kind"], registry=r)
@@ -251,7 +252,7 @@ class Events:
             self.latency.observe(max(0.0, time.time() - item.created))
         connected = via == "remote" and host is not None  # else there was no TLS state
         if connected:
-            self.tls_out.labels(result.tls).inc()
+            self.tls_out.labels(result.tls, result.tls_version or "none").inc()
         self._write("delivery", [("id", item.id), ("to", angle(result.address)),
                                  ("result", result.outcome.value),
                                  ("final", "yes" if final else "no"),

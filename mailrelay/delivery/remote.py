@@ -55,6 +55,7 @@ class RecipientResult:
     reply: str  # the remote reply ("550 5.1.1 no such user") or our own reason
     remote_host: str | None = None
     tls: str = PLAIN  # plain | unverified | verified
+    tls_version: str | None = None  # "TLSv1.3"; None in the clear
 
 
 class STSPolicy(Protocol):
@@ -178,6 +179,7 @@ class _Connection:
     port: int
     tls: str
     domain: str  # whose per-domain slot this connection holds
+    tls_version: str | None = None
     idle_since: float = 0.0
     expiry: asyncio.TimerHandle | None = None
     released: bool = False
@@ -395,7 +397,7 @@ class RemoteDelivery:
                     outcome = Outcome.PERMANENT if 500 <= exc.code < 600 else Outcome.TEMPORARY
                     results[rcpt] = RecipientResult(rcpt, outcome,
                                                     _reply_text(exc.code, exc.message),
-                                                    conn.host, conn.tls)
+                                                    conn.host, conn.tls, conn.tls_version)
             if accepted:
                 try:
                     response = await smtp.data(data)
@@ -404,7 +406,8 @@ class RemoteDelivery:
                     outcome = Outcome.PERMANENT if 500 <= exc.code < 600 else Outcome.TEMPORARY
                     reply = _reply_text(exc.code, exc.message)
                 for rcpt in accepted:
-                    results[rcpt] = RecipientResult(rcpt, outcome, reply, conn.host, conn.tls)
+                    results[rcpt] = RecipientResult(rcpt, outcome, reply, conn.host, conn.tls,
+                                                    conn.tls_version)
             return [results[r] for r in recipients]
         except aiosmtplib.SMTPResponseException as exc:
             raise HostFailure(_reply_text(exc.code, exc.message)) from None
@@ -421,7 +424,9 @@ class RemoteDelivery:
         except BaseException:
             self._limits.release(domain)
             raise
-        return _Connection(smtp, host.name, address, self.smtp_port, tls, domain)
+        ssl_object = smtp.get_transport_info("ssl_object") if tls != PLAIN else None
+        return _Connection(smtp, host.name, address, self.smtp_port, tls, domain,
+                           ssl_object.version() if ssl_object is not None else None)
 
     async def _negotiate(self, host: MXHost, address: str,
                          enforce: bool) -> tuple[aiosmtplib.SMTP, str]:

@@ -79,6 +79,7 @@ async def test_verified_when_the_certificate_names_the_mx_host(env):
         [result] = await remote.deliver("remote.test", SENDER, ["a@remote.test"], MESSAGE)
     assert (result.outcome, result.tls, result.remote_host) == (
         Outcome.SENT, "verified", "mx1.remote.test")
+    assert result.tls_version == "TLSv1.3"
     assert sink.messages[0].tls
     assert sink.connections == 1
 
@@ -114,6 +115,7 @@ async def test_plain_without_starttls(env):
     async with remote_delivery(env) as remote:
         [result] = await remote.deliver("remote.test", SENDER, ["a@remote.test"], MESSAGE)
     assert (result.outcome, result.tls) == (Outcome.SENT, "plain")
+    assert result.tls_version is None
     assert not sink.messages[0].tls
     assert sink.connections == 1
 

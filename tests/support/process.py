@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ async def start_server(env, log_file: Path | None = None,
     With ``log_file`` its stderr (the log) goes to that file, as a log file fail2ban reads.
     """
     command = [sys.executable, "-m", "mailrelay.cli.main", "serve", "-c", str(env.config_dir)]
+    # A test that wants notifications passes its own NOTIFY_SOCKET; none leaks from a
+    # service manager that runs the tests.
+    kwargs.setdefault("env", {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"})
     if log_file is not None:
         with open(log_file, "wb") as handle:
             process = await asyncio.create_subprocess_exec(*command, stderr=handle, **kwargs)
