@@ -14,8 +14,8 @@ writes into DIR (default bench/results/<UTC timestamp>/, which git ignores):
 
 Bounded in count and time: every measurement has a fixed length or message count, and
 the server bench starts no new round once the whole run has used --budget seconds minus
-a reserve for the round in progress; by default the run takes about 4-6 minutes on a
-2-core machine and stays under 10. --quick is a one-round look in about a minute.
+a reserve for the round in progress; by default the run takes about 2.5 minutes on a
+2-core machine and stays under 10. --quick is a one-round look in under a minute.
 """
 
 from __future__ import annotations

@@ -684,8 +684,10 @@ METRICS = ("accepted_per_s", "e2e_per_s", "latency_p50_ms", "latency_p99_ms",
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {m: statistics.median(r[m] for r in runs) for m in METRICS}
+    # The lowest of the rounds' peaks: a server keeps memory from earlier scenarios (after
+    # AUTH, scrypt's buffers), and the round that started lowest shows this scenario's own.
     rss = [r["peak_rss_kib"] for r in runs if r["peak_rss_kib"] is not None]
-    summary["peak_rss_kib"] = max(rss) if rss else None
+    summary["peak_rss_kib"] = min(rss) if rss else None
     before = [r["rss_before_kib"] for r in runs if r["rss_before_kib"] is not None]
     summary["rss_before_kib"] = statistics.median(before) if before else None
     for key in ("messages", "accepted", "delivered", "errors"):
@@ -789,21 +791,10 @@ def run_bench(work: Path, *, repeat: int = 3, with_chasquid: bool = True,
     for scenario in measurements:
         entry: dict[str, Any] = {"title": scenario.describe(), "scenario": asdict(scenario)}
         for name in names:
-            entry[name] = {"median": summarise(runs[name][scenario.name]),
-                           "runs": runs[name][scenario.name]}
-        if len(names) == 2:
-            ours, theirs = entry["mailrelay"]["median"], entry["chasquid"]["median"]
-            entry["ratio_mailrelay_to_chasquid"] = {
-                m: ours[m] / theirs[m] if theirs[m] else None
-                for m in (*METRICS, "peak_rss_kib") if ours[m] is not None
-                and theirs[m] is not None}
+            entry[name] = {"runs": runs[name][scenario.name]}
         results[scenario.name] = entry
-    sweep_report = {"connections": list(sweep),
-                    "scenarios": [p.name for p in points]}
-    for name in names:
-        sweep_report[name] = {m: [results[p.name][name]["median"][m] for p in points]
-                              for m in ("accepted_per_s", "e2e_per_s")}
-    return {
+    sweep_report = {"connections": list(sweep), "scenarios": [p.name for p in points]}
+    return summarise_report({
         "repeat": repeat, "rounds": rounds,
         "seconds": time.monotonic() - started,
         "servers": {s.name: {"version": s.version, "ports": s.ports, "process": s.comm}
@@ -814,7 +805,26 @@ def run_bench(work: Path, *, repeat: int = 3, with_chasquid: bool = True,
         "sweep": sweep_report,
         "dns_queries": queries,
         "notes": notes(absent),
-    }
+    })
+
+
+def summarise_report(report: dict[str, Any]) -> dict[str, Any]:
+    """Fill in the medians, the ratios and the sweep's series from the runs."""
+    names = list(report["servers"])
+    for entry in report["results"].values():
+        for name in names:
+            entry[name]["median"] = summarise(entry[name]["runs"])
+        if len(names) == 2:
+            ours, theirs = entry["mailrelay"]["median"], entry["chasquid"]["median"]
+            entry["ratio_mailrelay_to_chasquid"] = {
+                m: ours[m] / theirs[m] if theirs[m] else None
+                for m in (*METRICS, "peak_rss_kib") if ours[m] is not None
+                and theirs[m] is not None}
+    sweep = report["sweep"]
+    for name in names:
+        sweep[name] = {m: [report["results"][p][name]["median"][m] for p in sweep["scenarios"]]
+                       for m in ("accepted_per_s", "e2e_per_s")}
+    return report
 
 
 def notes(absent: str | None) -> list[str]:
@@ -829,9 +839,10 @@ def notes(absent: str | None) -> list[str]:
         "cutime+cstime: sh + cat, the same script for both) are the 'MDA CPU' column, not "
         "included in server CPU.",
         "peak RSS: VmHWM of the server process, reset to the current RSS before each "
-        "measurement (the largest of the rounds); each server runs through all scenarios, so "
-        "memory kept from an earlier one (e.g. scrypt's 16 MiB buffers after AUTH) stays in "
-        "it: rss_before_kib in the JSON is the RSS the measurement started from.",
+        "measurement; the lowest of the rounds, because each server runs through all "
+        "scenarios and memory kept from an earlier one (scrypt's 16 MiB buffers after AUTH: "
+        "mailrelay keeps them, chasquid's Go runtime gives them back) stays in later ones. "
+        "Every round's figure and the RSS it started from are in the JSON.",
         "chasquid 1.11 writes each queue file and renames it into place without any fsync "
         "(seen with strace); mailrelay fsyncs the file and its directory before the 250. "
         "Both data directories are on the same filesystem (machine line).",
@@ -972,10 +983,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="put the servers' configuration and data in a temporary "
                              "directory inside DIR (default: the system's temporary directory)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="measure nothing: redo the medians, table and plot of a "
+                             "server.json (into --results, default its directory)")
     parser.add_argument("--serve-dns", metavar="HOST:PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_dns:
         return serve_dns(args.serve_dns)
+    if args.render:
+        report = summarise_report(json.loads(args.render.read_text()))
+        report["notes"] = notes(report["chasquid_absent"])
+        write_results(report, args.results or args.render.parent)
+        return 0
     if args.repeat < 1 or args.scale <= 0:
         parser.error("--repeat must be at least 1 and --scale positive")
 

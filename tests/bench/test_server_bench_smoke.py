@@ -100,6 +100,11 @@ def test_run_bench_briefly(tmp_path):
     assert json.loads((results / "server.json").read_text())["rounds"] == 1
     assert (results / "server.md").read_text().startswith("## Whole server")
     assert (results / "server.png").read_bytes()[:4] == b"\x89PNG"
+    # --render redoes the table and the plot from the JSON alone.
+    again = tmp_path / "again"
+    assert server_bench.main(["--render", str(results / "server.json"),
+                              "--results", str(again)]) == 0
+    assert (again / "server.md").read_text() == (results / "server.md").read_text()
 
 
 def test_main_without_chasquid(tmp_path, monkeypatch, capsys):
