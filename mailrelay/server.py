@@ -8,7 +8,6 @@ import dataclasses
 import logging
 import os
 import signal
-import ssl
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from .control import ControlServer, socket_path
 from .delivery.local import Maildirs
 from .delivery.manager import DeliveryManager, Schedule
 from .delivery.mta_sts import MTASTS
-from .delivery.remote import RemoteDelivery
+from .delivery.remote import RemoteDelivery, verifying_tls_context
 from .dkim.keys import KeyRing
 from .dnsresolver import make_resolver
 from .errors import ConfigError
@@ -80,15 +79,10 @@ class Server:
         tls_context = self.certificates.server_context()
 
         resolver = make_resolver(config.dns)
+        # MX hosts and MTA-STS policy hosts (RFC 8461 3.3) are checked against one store.
+        verify_context = verifying_tls_context(config.delivery.ca_file)
         if config.delivery.mta_sts:
-            ca_file = config.delivery.ca_file
-            try:
-                # Policy hosts must present a certificate trusted here (RFC 8461 3.3).
-                sts_context = ssl.create_default_context(
-                    cafile=str(ca_file) if ca_file else None)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"delivery.ca_file: cannot load {ca_file}: {exc}") from None
-            self.mta_sts = MTASTS(resolver, config.data_dir / "mta-sts", sts_context,
+            self.mta_sts = MTASTS(resolver, config.data_dir / "mta-sts", verify_context,
                                   port=config.delivery.mta_sts_port)
         remote = RemoteDelivery(
             config.hostname, resolver, smtp_port=config.delivery.smtp_port,
@@ -99,7 +93,7 @@ class Server:
             max_connections_per_domain=config.delivery.max_connections_per_domain,
             connection_idle_time=config.delivery.connection_idle_time,
             tls_fallback_plain=config.delivery.tls_fallback_plain,
-            ca_file=config.delivery.ca_file,
+            verify_context=verify_context,
             policies=self.mta_sts,
         )
         self.delivery = DeliveryManager(

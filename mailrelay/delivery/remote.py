@@ -98,8 +98,9 @@ def _opportunistic_tls_context() -> ssl.SSLContext:
     return context
 
 
-def _verifying_tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    # create_default_context: CERT_REQUIRED and check_hostname, TLS 1.2 or later.
+def verifying_tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Trust anchors from ``delivery.ca_file`` (or the system's), for MX hosts and MTA-STS
+    policy hosts alike. create_default_context: CERT_REQUIRED and check_hostname."""
     try:
         if ca_file is None:
             return ssl.create_default_context()
@@ -223,7 +224,7 @@ class RemoteDelivery:
         max_connections_per_domain: int = 10,
         connection_idle_time: float = 5.0,
         tls_fallback_plain: bool = True,
-        ca_file: Path | None = None,
+        verify_context: ssl.SSLContext | None = None,
         policies: PolicySource | None = None,
     ):
         self.hostname = hostname
@@ -236,7 +237,7 @@ class RemoteDelivery:
         self.tls_fallback_plain = tls_fallback_plain
         self.policies = policies
         self.tls_context = _opportunistic_tls_context()
-        self.verify_context = _verifying_tls_context(ca_file)
+        self.verify_context = verify_context or verifying_tls_context(None)
         self._limits = _Limits(max_connections, max_connections_per_domain)
         self._idle: dict[tuple[str, str, int, str], list[_Connection]] = {}
         self._unverifiable: dict[tuple[str, str], float] = {}  # (MX name, address): until

@@ -18,7 +18,7 @@ import pytest
 import trustme
 
 from mailrelay.config import DNSSettings
-from mailrelay.delivery.remote import Outcome, RemoteDelivery
+from mailrelay.delivery.remote import Outcome, RemoteDelivery, verifying_tls_context
 from mailrelay.dnsresolver import make_resolver
 from tests.support.sink import SinkBehaviour
 
@@ -37,7 +37,8 @@ async def remote_delivery(env, **kwargs) -> AsyncIterator[RemoteDelivery]:
     resolver = make_resolver(DNSSettings(nameservers=[("127.0.0.1", env.dns.port)],
                                          timeout=2.0))
     settings = {"smtp_port": env.sink_port, "connect_timeout": 3.0, "command_timeout": 10.0,
-                "ca_file": env.config_dir / "test-ca.pem", **kwargs}
+                "verify_context": verifying_tls_context(env.config_dir / "test-ca.pem"),
+                **kwargs}
     remote = RemoteDelivery("mail.example.com", resolver, **settings)
     try:
         yield remote
