@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import stat
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,11 +61,7 @@ def describe(item: QueueItem, in_flight: bool | None = None) -> dict[str, Any]:
         "next_attempt": item.next_attempt,
         "in_flight": in_flight,
         "meta": item.meta,
-        "recipients": [
-            {"address": r.address, "kind": r.kind, "command": r.command, "status": r.status,
-             "attempts": r.attempts, "last_error": r.last_error, "params": r.params}
-            for r in item.recipients
-        ],
+        "recipients": [asdict(r) for r in item.recipients],
     }
 
 
