@@ -111,7 +111,7 @@ def counting_dir_fsyncs() -> Iterator[list[int]]:
         counter[0] += 1
         original(path)
 
-    queue_module.fsync_dir = counted  # Queue's GroupSync looks the name up at call time
+    queue_module.fsync_dir = counted  # the group commit looks the name up at call time
     try:
         yield counter
     finally:

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from mailrelay.queue import FAILED, SENT, GroupSync, Queue, QueueFullError, Recipient
+from mailrelay import queue as queue_module
+from mailrelay.queue import FAILED, SENT, Queue, QueueFullError, Recipient
 
 
 async def test_put_is_on_disk_and_loads_back(tmp_path):
@@ -85,27 +86,56 @@ async def test_queue_size_cap(tmp_path):
     assert len(list(tmp_path.glob("*.msg"))) == 2
 
 
-async def test_group_sync_coalesces_and_covers_every_caller():
-    runs: list[int] = []
+async def test_group_commit_shares_directory_fsyncs_and_covers_every_writer(
+        tmp_path, monkeypatch):
+    syncs: list[int] = []
+    real = queue_module.fsync_dir
 
-    def slow_sync() -> None:
-        runs.append(len(runs))
+    def slow_dir_sync(path):
+        # Every file of the batch is in place before its directory is synced.
+        syncs.append(len(list(tmp_path.glob("q/*.msg"))))
         time.sleep(0.05)
+        real(path)
 
-    group = GroupSync(slow_sync)
-    # 50 concurrent callers share a handful of runs, and each waits for a full run
-    # that started after it called.
-    await asyncio.gather(*(group() for _ in range(50)))
-    assert 1 <= len(runs) <= 3
-    before = len(runs)
-    await group()
-    assert len(runs) == before + 1, "a later caller gets a run of its own"
+    monkeypatch.setattr(queue_module, "fsync_dir", slow_dir_sync)
+    queue = Queue(tmp_path / "q")
+    queue.load()
+    # 50 concurrent sessions share a handful of directory fsyncs.
+    await asyncio.gather(*(queue.put("a@x.test", ["b@y.test"], b"m\r\n") for _ in range(50)))
+    assert 1 <= len(syncs) <= 3 and syncs[-1] == 50
+    before = len(syncs)
+    await queue.put("a@x.test", ["b@y.test"], b"later\r\n")
+    assert len(syncs) == before + 1, "a later writer gets a sync of its own"
 
 
-async def test_group_sync_propagates_failure():
-    def broken() -> None:
+async def test_group_commit_failure_reaches_every_writer_and_leaves_no_file(
+        tmp_path, monkeypatch):
+    def broken(path):
         raise OSError(28, "No space left on device")
 
-    group = GroupSync(broken)
-    results = await asyncio.gather(group(), group(), return_exceptions=True)
+    monkeypatch.setattr(queue_module, "fsync_dir", broken)
+    queue = Queue(tmp_path / "q")
+    queue.load()
+    results = await asyncio.gather(
+        *(queue.put("a@x.test", ["b@y.test"], b"m\r\n") for _ in range(5)),
+        return_exceptions=True)
     assert all(isinstance(r, OSError) for r in results)
+    assert list((tmp_path / "q").iterdir()) == [] and queue.items == {}
+
+
+async def test_one_failed_write_does_not_fail_the_rest_of_its_batch(tmp_path, monkeypatch):
+    real = queue_module.atomic_write
+
+    def picky(path, chunks, *args):
+        if b"bad\r\n" in chunks:
+            raise OSError(27, "File too large")
+        real(path, chunks, *args)
+
+    monkeypatch.setattr(queue_module, "atomic_write", picky)
+    queue = Queue(tmp_path / "q")
+    queue.load()
+    results = await asyncio.gather(
+        *(queue.put("a@x.test", ["b@y.test"], b"bad\r\n" if n == 2 else b"ok\r\n")
+          for n in range(5)), return_exceptions=True)
+    assert [isinstance(r, OSError) for r in results] == [False, False, True, False, False]
+    assert len(list((tmp_path / "q").glob("*.msg"))) == 4 == len(queue.items)
