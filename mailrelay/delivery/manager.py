@@ -19,7 +19,7 @@ from ..dsn import FailedRecipient, build_dsn, is_auto_generated
 from ..events import Events
 from ..queue import FAILED, MAILBOX, PENDING, PIPE, SENT, Queue, QueueItem, Recipient
 from .local import Maildirs
-from .pipe import run_pipe
+from .pipe import SpooledMessage, run_pipe
 from .remote import Outcome, RecipientResult, RemoteDelivery
 
 log = logging.getLogger("mailrelay.delivery")
@@ -205,7 +205,6 @@ class DeliveryManager:
         if not pending:
             await self.queue.remove(item)
             return
-        data = await asyncio.to_thread(item.read_data)
         local: list[Recipient] = []
         pipes: list[Recipient] = []
         by_domain: dict[str, list[Recipient]] = defaultdict(list)
@@ -217,6 +216,12 @@ class DeliveryManager:
             else:
                 by_domain[domain_of(rcpt.address)].append(rcpt)
 
+        # Commands read the message straight from the queue file; only SMTP and Maildir
+        # delivery need its bytes in memory.
+        spooled = SpooledMessage(item.path, item.body_offset)
+        data = b""
+        if by_domain or (local and not self.local_mda):
+            data = await asyncio.to_thread(item.read_data)
         # Each job answers for its recipients in order, so results pair up by position.
         batches: list[list[Recipient]] = []
         jobs = []
@@ -226,21 +231,22 @@ class DeliveryManager:
                                             data))
         if local:
             batches.append(local)
-            jobs.append(self._deliver_local(item.sender, [r.address for r in local], data))
+            jobs.append(self._deliver_local(item.sender, [r.address for r in local], data,
+                                            spooled))
         if pipes:
             batches.append(pipes)
-            jobs.append(self._deliver_pipes(item.sender, pipes, data))
+            jobs.append(self._deliver_pipes(item.sender, pipes, spooled))
         outcomes = await asyncio.gather(*jobs)
         pairs = [pair for rcpts, results in zip(batches, outcomes, strict=True)
                  for pair in zip(rcpts, results, strict=True)]
         await self._record(item, pairs)
 
     async def _deliver_pipes(
-        self, sender: str, rcpts: list[Recipient], data: bytes
+        self, sender: str, rcpts: list[Recipient], message: SpooledMessage
     ) -> list[RecipientResult]:
         results = []
         for rcpt in rcpts:
-            delivered, reply = await run_pipe(rcpt.command or "", data, sender=sender,
+            delivered, reply = await run_pipe(rcpt.command or "", message, sender=sender,
                                               recipient=rcpt.address,
                                               timeout=self.pipe_timeout)
             outcome = _command_outcome(delivered)
@@ -248,8 +254,10 @@ class DeliveryManager:
         return results
 
     async def _deliver_local(
-        self, sender: str, addresses: list[str], data: bytes
+        self, sender: str, addresses: list[str], data: bytes, message: SpooledMessage
     ) -> list[RecipientResult]:
+        """To each local mailbox: through the local MDA (reading ``message``) when one is
+        configured, else into its Maildir (``data``)."""
         results = []
         for address in addresses:
             mailbox = self.local_mailbox(address)
@@ -259,7 +267,7 @@ class DeliveryManager:
                 continue
             if self.local_mda:
                 delivered, reply = await run_pipe(
-                    mda_command(self.local_mda, mailbox), data, sender=sender,
+                    mda_command(self.local_mda, mailbox), message, sender=sender,
                     recipient=mailbox, timeout=self.pipe_timeout)
                 outcome = _command_outcome(delivered)
                 results.append(RecipientResult(address, outcome, reply, "local"))
@@ -306,7 +314,7 @@ class DeliveryManager:
             await self._bounce(item, failed)
         if not any(r.status == PENDING for r in item.recipients):
             await self.queue.remove(item)
-            log.info("queue %s: done", item.id)
+            log.debug("queue %s: done", item.id)  # the mail log has each recipient's result
             return
         item.next_attempt = now + self.schedule_policy.next_delay(item.attempts)
         warn = self._delay_warning_due(item, now)

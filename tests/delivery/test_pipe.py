@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
 
-from mailrelay.delivery.pipe import run_pipe
+import pytest
+
+from mailrelay.delivery.pipe import SpooledMessage, run_pipe
 
 PY = sys.executable
 
@@ -47,3 +51,66 @@ async def test_missing_command_is_retried_and_bad_syntax_fails():
     assert delivered is None
     delivered, _ = await run_pipe("'unterminated", b"x", sender="", recipient="a@x")
     assert delivered is False
+
+
+async def test_a_spooled_message_is_the_commands_stdin_from_its_offset(tmp_path):
+    spool = tmp_path / "item.msg"
+    spool.write_bytes(b"ENVELOPE LINE\n" + b"Subject: y\r\n\r\n" + b"z" * 200_000)
+    out = tmp_path / "out"
+    delivered, _ = await run_pipe(f"sh -c 'cat > {out}'",
+                                  SpooledMessage(spool, len(b"ENVELOPE LINE\n")),
+                                  sender="", recipient="a@example.com")
+    assert delivered is True
+    assert out.read_bytes() == b"Subject: y\r\n\r\n" + b"z" * 200_000
+
+
+async def test_a_large_message_is_fed_through_a_full_pipe(tmp_path):
+    data = bytes(range(256)) * 8192  # 2 MiB: many times the pipe's buffer
+    out = tmp_path / "out"
+    delivered, _ = await run_pipe(f"sh -c 'cat > {out}'", data, sender="", recipient="a@x")
+    assert delivered is True and out.read_bytes() == data
+
+
+async def test_a_command_that_ignores_stdin_is_judged_by_its_exit_status():
+    delivered, reply = await run_pipe("true", b"x" * 1_000_000, sender="", recipient="a@x")
+    assert delivered is True, reply
+    delivered, reply = await run_pipe("false", b"x" * 1_000_000, sender="", recipient="a@x")
+    assert delivered is False and "exit 1" in reply
+
+
+async def test_a_flood_on_stderr_does_not_block_and_its_tail_is_the_reason():
+    script = "import sys; sys.stderr.write('x' * 300000 + ' the real reason'); sys.exit(2)"
+    delivered, reply = await run_pipe(f'{PY} -c "{script}"', b"", sender="", recipient="a@x")
+    assert delivered is False and reply.endswith("the real reason")
+
+
+async def test_killed_by_a_signal_is_retried():
+    delivered, reply = await run_pipe("sh -c 'kill -9 $$'", b"x", sender="", recipient="a@x")
+    assert delivered is None and "signal 9" in reply
+
+
+async def test_cancelling_kills_the_command_and_leaves_no_zombie(tmp_path):
+    pid_file = tmp_path / "pid"
+    task = asyncio.create_task(run_pipe(f"sh -c 'echo $$ > {pid_file}; exec sleep 30'", b"",
+                                        sender="", recipient="a@x"))
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if pid_file.exists() and pid_file.read_text().strip():
+            break
+    pid = int(pid_file.read_text())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):  # killed and reaped: the pid is gone, not a zombie
+        if not os.path.exists(f"/proc/{pid}"):
+            break
+        await asyncio.sleep(0.01)
+    assert not os.path.exists(f"/proc/{pid}")
+
+
+async def test_many_commands_at_once_each_get_their_own_status():
+    results = await asyncio.gather(*(
+        run_pipe(f"sh -c 'cat >/dev/null; exit {n % 3 and 75}'", b"m" * 10_000, sender="",
+                 recipient="a@x") for n in range(30)))
+    assert [delivered for delivered, _ in results] == [
+        None if n % 3 else True for n in range(30)]

@@ -1,0 +1,65 @@
+"""Starting commands: a new session, default signals, fds 0-2, and both ways of starting."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from mailrelay import spawn as spawn_module
+from mailrelay.spawn import spawn
+
+SCRIPT = ("import os, sys; print(os.getsid(0) == os.getpid(), sys.stdin.read(), "
+          "os.environ['ONLY'], sorted(os.environ), file=sys.stderr)")
+
+
+@pytest.fixture(params=["libc", "os.posix_spawnp"])
+def way(request, monkeypatch):
+    if request.param == "libc":
+        assert spawn_module._libc is not None, "glibc is expected on the test machine"
+    else:
+        monkeypatch.setattr(spawn_module, "_libc", None)
+    return request.param
+
+
+async def run(argv, env, stdin_data=b""):
+    stdin_read, stdin_write = os.pipe()
+    err_read, err_write = os.pipe()
+    os.write(stdin_write, stdin_data)
+    os.close(stdin_write)
+    try:
+        pid = await spawn(argv, env, stdin_read, err_write)
+    finally:
+        os.close(stdin_read)
+        os.close(err_write)
+    _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+    with os.fdopen(err_read, "rb") as err:
+        return os.waitstatus_to_exitcode(status), err.read().decode()
+
+
+async def test_the_command_gets_its_own_session_our_stdin_and_only_our_env(way):
+    python = os.path.realpath(os.sys.executable)
+    code, err = await run([python, "-c", SCRIPT], {"ONLY": "this"}, b"hello")
+    assert code == 0, err
+    assert err.split(None, 3)[:3] == ["True", "hello", "this"]
+    assert "'ONLY'" in err and "'HOME'" not in err
+
+
+async def test_path_is_searched_and_a_missing_command_is_an_oserror(way):
+    code, _ = await run(["true"], {"PATH": "/usr/bin:/bin"})
+    assert code == 0
+    with pytest.raises(OSError):
+        await run(["no-such-command-here"], {"PATH": "/usr/bin:/bin"})
+
+
+async def test_signals_python_ignores_start_at_their_default(way):
+    # The server ignores SIGPIPE (Python does); an ignored signal would stay ignored
+    # across exec, so a command writing to a closed pipe would never be stopped by it.
+    code, err = await run(["sh", "-c", "grep SigIgn /proc/self/status >&2"],
+                          {"PATH": "/usr/bin:/bin"})
+    assert code == 0
+    ignored = int(err.split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1))
+    assert not ignored & (1 << (signal.SIGXFSZ - 1))
