@@ -140,11 +140,14 @@ def prepare(env) -> None:
     publish_new_key(env.dns, domain_dir, "example.com", "ed1", "ed25519")
     env.add_mx("remote.test", (10, "mx1.remote.test", "127.0.0.2"))
     env.sink = env.add_sink("127.0.0.2")
+    # A pipe alias: commands are started through libc's posix_spawnp and awaited on a pidfd.
+    (domain_dir / "aliases").write_text(f"archive: | sh -c 'cat > {env.root / 'piped'}'\n")
 
 
 async def exercise(env, pid: int) -> None:
     """What the server does in a day: TLS on every port, AUTH (scrypt), DKIM signing with
-    RSA and Ed25519, delivery out (STARTTLS) and in (Maildir), a SIGHUP reload."""
+    RSA and Ed25519, delivery out (STARTTLS) and in (Maildir and a pipe alias), a SIGHUP
+    reload."""
     client = await RawSMTP.connect("127.0.0.1", env.ports["submission_tls"],
                                    tls=env.client_tls(), server_hostname=HOSTNAME)
     await client.cmd("EHLO client.test")
@@ -164,6 +167,17 @@ async def exercise(env, pid: int) -> None:
                                      b"Subject: in\r\n\r\nHi.\r\n") == 250
     await client.close()
     await env.wait_mailbox(1)
+    client = await RawSMTP.connect("127.0.0.1", env.ports["smtp"])
+    await client.cmd("EHLO mx.sender.test")
+    assert await client.send_message("alice@sender.test", ["archive@example.com"],
+                                     b"Subject: piped\r\n\r\nKeep.\r\n") == 250
+    await client.close()
+    piped = env.root / "piped"
+    for _ in range(200):
+        if piped.exists() and b"Keep." in piped.read_bytes():
+            break
+        await asyncio.sleep(0.05)
+    assert b"Subject: piped" in piped.read_bytes()
     os.kill(pid, signal.SIGHUP)
     await asyncio.sleep(1)
 
