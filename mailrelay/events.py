@@ -27,6 +27,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from .authcheck import AuthResults
     from .delivery.remote import RecipientResult
     from .queue import Queue, QueueItem
     from .smtp.session import SessionInfo
@@ -70,6 +71,13 @@ def format_line(event: str, fields: Iterable[tuple[str, object]]) -> str:
     parts = [event]
     parts += [f"{key}={format_value(key, value)}" for key, value in fields if value is not None]
     return " ".join(parts)
+
+
+def _check_fields(checks: AuthResults | None) -> list[tuple[str, object]]:
+    if checks is None:
+        return []
+    dkim = ",".join(result for result, _, _ in checks.dkim) or "none"
+    return [("spf", checks.spf), ("dkim", dkim), ("dmarc", checks.dmarc)]
 
 
 def angle(address: str | None) -> str | None:
@@ -231,13 +239,16 @@ class Events:
                                ("to", angles(recipients) if recipients else None),
                                ("reply", reply), ("session", info.session_id or None)])
 
-    def queued_message(self, info: SessionInfo, item: QueueItem) -> None:
+    def queued_message(self, info: SessionInfo, item: QueueItem,
+                       checks: AuthResults | None = None) -> None:
+        """``checks``: what SPF, DKIM and DMARC said of mail from outside (None: our user's)."""
         self.queued.labels(info.port.value).inc()
         self._write("queued", [("id", item.id), ("ip", info.peer_ip),
                                ("port", info.port.value), ("user", info.user),
                                ("from", angle(item.sender)),
                                ("to", angles(r.address for r in item.recipients)),
-                               ("size", item.size), ("session", info.session_id)])
+                               ("size", item.size), ("session", info.session_id),
+                               *_check_fields(checks)])
 
     # -- delivery ---------------------------------------------------------------
 

@@ -188,7 +188,7 @@ class InboundPolicy:
                                                      results))
         if not any(rcpts for _, rcpts, _ in batches):
             return "554 5.5.1 No valid recipients"
-        return await self._enqueue(info, item_id, batches, meta)
+        return await self._enqueue(info, item_id, batches, meta, results)
 
     async def _check_inbound(
         self, info: SessionInfo, sender: str, body: bytes
@@ -205,8 +205,6 @@ class InboundPolicy:
             return results, cleaned
 
         results, cleaned = await asyncio.to_thread(run)
-        log.info("inbound checks ip=%s from=<%s> spf=%s dkim=%s dmarc=%s", info.peer_ip, sender,
-                 results.spf, ",".join(r for r, _, _ in results.dkim) or "none", results.dmarc)
         reply = decide(results, reject_spf=settings.reject_spf_fail,
                        reject_dmarc=settings.reject_dmarc)
         if reply is None and settings.on_dns_error == "tempfail" and "temperror" in (
@@ -243,6 +241,7 @@ class InboundPolicy:
     async def _enqueue(
         self, info: SessionInfo, item_id: str,
         batches: list[tuple[str, list[Recipient], list[bytes]]], meta: dict[str, str],
+        checks: AuthResults | None = None,
     ) -> str:
         """Store every part durably before answering; all or nothing."""
         stored: list[QueueItem] = []
@@ -262,6 +261,6 @@ class InboundPolicy:
                 return "452 4.3.1 Insufficient system storage, try again later"
             return "451 4.3.0 Local error in processing, try again later"
         for item in stored:
-            self.events.queued_message(info, item)
+            self.events.queued_message(info, item, checks)
             self.on_queued(item)
         return f"250 2.0.0 Ok: queued as {stored[0].id}"

@@ -95,6 +95,20 @@ async def test_sessions_and_deliveries_are_logged(relay, caplog):
     assert events.count("connect") == events.count("disconnect") == 2
 
 
+async def test_inbound_mail_is_logged_with_its_check_results(relay, caplog):
+    caplog.set_level(logging.INFO, logger="mailrelay.mail")
+    relay.dns.add("remote.test", "TXT", "v=spf1 ip4:127.0.0.1 -all")
+    client = await RawSMTP.connect("127.0.0.1", relay.ports["smtp"])
+    await client.cmd("EHLO mx.remote.test")
+    message = b"From: alice@remote.test\r\nSubject: in\r\n\r\nHi.\r\n"
+    assert await client.send_message("alice@remote.test", [USER], message) == 250
+    await client.close()
+    await relay.wait_mailbox(1)
+    [(keys, queued)] = [(k, v) for e, k, v in mail_log(caplog) if e == "queued"]
+    assert keys == ["id", "ip", "port", "from", "to", "size", "session", "spf", "dkim", "dmarc"]
+    assert (queued["spf"], queued["dkim"], queued["dmarc"]) == ("pass", "none", "none")
+
+
 async def test_bounce_is_logged_with_its_dsn(relay, caplog):
     caplog.set_level(logging.INFO, logger="mailrelay.mail")
     relay.dns.add("nullmx.test", "MX", (0, "."))
