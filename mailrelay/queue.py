@@ -100,6 +100,10 @@ def new_id() -> str:
     return f"{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
 
 
+def _is_item_id(text: str) -> bool:
+    return 0 < len(text) <= 64 and all(c in "0123456789abcdef" for c in text)
+
+
 class GroupCommit:
     """Makes queue files durable in batches, on one worker thread at a time.
 
@@ -175,6 +179,9 @@ class Queue:
         self.max_items = max_items
         self.min_free_bytes = min_free_bytes
         self.items: dict[str, QueueItem] = {}
+        # In an SMTP worker process the items live in the main process, which reports
+        # their number here for check_space.
+        self.reported_count: int | None = None
         self._commit = GroupCommit(self.directory)
 
     # -- start-up -------------------------------------------------------------
@@ -202,11 +209,43 @@ class Queue:
                 _unlink(self.directory / name)  # delivery finished; the .msg went first
         return sorted(self.items.values(), key=lambda i: i.id)
 
+    def adopt(self, item_id: str) -> QueueItem | None:
+        """Take over an item another process (an SMTP worker) has queued; None when its
+        file is gone or was already taken over."""
+        if item_id in self.items or not _is_item_id(item_id):
+            return None
+        path = self.directory / f"{item_id}{MSG_SUFFIX}"
+        try:
+            item = _read_item(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.error("queue: cannot read %s (%s); moved aside", path, exc)
+            _move_aside(path)
+            return None
+        self.items[item.id] = item
+        return item
+
+    def adopt_unknown(self, dead_pid: int | None = None) -> list[QueueItem]:
+        """Take over every committed item not known yet (after a worker died before it
+        could report them), and remove the temporary files ``dead_pid`` left."""
+        adopted = []
+        for name in sorted(os.listdir(self.directory)):
+            if name.startswith("."):
+                if dead_pid is not None and name.endswith(f".tmp{dead_pid}"):
+                    _unlink(self.directory / name)
+            elif name.endswith(MSG_SUFFIX):
+                item = self.adopt(name[: -len(MSG_SUFFIX)])
+                if item is not None:
+                    adopted.append(item)
+        return adopted
+
     # -- accepting ------------------------------------------------------------
 
     def check_space(self) -> None:
         """Raise QueueFullError when a new message must not be accepted."""
-        if self.max_items and len(self.items) >= self.max_items:
+        count = len(self.items) if self.reported_count is None else self.reported_count
+        if self.max_items and count >= self.max_items:
             raise QueueFullError("queue is full")
         if self.min_free_bytes:
             stats = os.statvfs(self.directory)

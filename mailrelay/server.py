@@ -8,8 +8,12 @@ import dataclasses
 import logging
 import os
 import signal
+import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from prometheus_client import generate_latest
 
 from .aliases import Aliases
 from .config import Config, load_config
@@ -32,10 +36,16 @@ from .sdnotify import Notifier
 from .senders import SenderPolicy
 from .signing import MessageSigner
 from .smtp.listener import ConnectionLimits, Listeners
-from .smtp.session import Port
 from .srs import SRS, load_or_create_secrets
 from .tls import CertificateStore
 from .users import Users
+from .workers import (
+    Channel,
+    ListeningSocket,
+    WorkerPool,
+    bind_listeners,
+    configured_addresses,
+)
 
 log = logging.getLogger("mailrelay")
 
@@ -66,6 +76,9 @@ class Server:
         self.mta_sts: MTASTS | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self.control: ControlServer | None = None
+        self.workers: WorkerPool | None = None
+        self._bound: list[ListeningSocket] = []
+        self._queue_size_task: asyncio.Task[None] | None = None
         self._last_domain_stamp: tuple = ()
 
     async def start(self) -> None:
@@ -130,21 +143,11 @@ class Server:
             log.error("control socket %s: %s; `mailrelay queue` cannot reach this server",
                       socket_path(config.data_dir), exc.strerror or exc)
 
-        policy = InboundPolicy(config, lambda: self.users, self.queue, self.delivery.schedule,
-                               tls_context, SenderPolicy(config.senders, self.router.owners),
-                               self.signer, self.router, self.srs, events=self.events)
-        self.listeners = Listeners(policy, ConnectionLimits(
-            config.limits.max_connections, config.limits.max_connections_per_ip))
-        kinds = ((Port.SMTP, config.listen.smtp), (Port.SUBMISSION, config.listen.submission),
-                 (Port.SUBMISSION_TLS, config.listen.submission_tls))
-        try:
-            for port, addresses in kinds:
-                for host, number in addresses:
-                    await self.listeners.start(port, host, number)
-        except OSError as exc:
-            await self.stop()
-            raise ConfigError(f"cannot listen on {host}:{number}: {exc.strerror}") from None
-        for host, number in self.listeners.addresses():
+        if config.workers:
+            await self._start_workers()
+        else:
+            await self._start_listeners(self.delivery.schedule, tls_context)
+        for host, number in self.listening_addresses():
             log.info("listening on %s:%d", host, number)
         if config.metrics.listen:
             await self._start_metrics(*config.metrics.listen)
@@ -153,9 +156,83 @@ class Server:
         self._last_domain_stamp = self._domain_files_stamp()
         self._watch_task = asyncio.create_task(self._watch_files(), name="file-watcher")
 
+    def _inbound_policy(self, on_queued: Callable[[QueueItem], None],
+                        tls_context: ssl.SSLContext | None) -> InboundPolicy:
+        config = self.config
+        return InboundPolicy(config, lambda: self.users, self.queue, on_queued, tls_context,
+                             SenderPolicy(config.senders, self.router.owners), self.signer,
+                             self.router, self.srs, events=self.events)
+
+    async def _start_listeners(self, on_queued: Callable[[QueueItem], None],
+                               tls_context: ssl.SSLContext | None,
+                               bound: list[ListeningSocket] | None = None) -> None:
+        """Serve SMTP in this process: on ``bound`` sockets (a worker), else on the
+        configured addresses."""
+        config = self.config
+        self.listeners = Listeners(self._inbound_policy(on_queued, tls_context),
+                                   ConnectionLimits(config.limits.max_connections,
+                                                    config.limits.max_connections_per_ip))
+        if bound is not None:
+            for listening in bound:
+                await self.listeners.start(listening.port, sock=listening.sock)
+            return
+        try:
+            for port, host, number in configured_addresses(config):
+                await self.listeners.start(port, host, number)
+        except OSError as exc:
+            await self.stop()
+            raise ConfigError(f"cannot listen on {host}:{number}: {exc.strerror}") from None
+
+    async def _start_workers(self) -> None:
+        """SMTP in worker processes (workers.py); this process delivers what they queue."""
+        try:
+            self._bound = await bind_listeners(self.config)
+            self.workers = WorkerPool(self.config.config_dir, self.config.workers, self._bound,
+                                      on_queued=self._adopt, on_lost=self._adopt_lost)
+            await self.workers.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self._queue_size_task = asyncio.create_task(self._report_queue_size(),
+                                                    name="queue-size-to-workers")
+
+    def _adopt(self, item_id: str) -> None:
+        """A worker queued ``item_id``: deliver it from here."""
+        item = self.queue.adopt(item_id)
+        if item is not None and self.delivery is not None:
+            self.delivery.schedule(item)
+
+    def _adopt_lost(self, pid: int) -> None:
+        """A worker died: whatever it queued but had not reported yet is delivered too."""
+        items = self.queue.adopt_unknown(pid)
+        for item in items:
+            if self.delivery is not None:
+                self.delivery.schedule(item)
+        if items:
+            log.warning("queue: took over %d message(s) the lost worker had queued", len(items))
+
+    async def _report_queue_size(self) -> None:
+        """Workers check max_queue_items against the size reported here."""
+        reported = -1
+        while self.workers is not None:
+            if len(self.queue.items) != reported:
+                reported = len(self.queue.items)
+                self.workers.send_all(f"count {reported}".encode())
+            await asyncio.sleep(0.5)
+
+    def listening_addresses(self) -> list[tuple[str, int]]:
+        if self.listeners is not None:
+            return self.listeners.addresses()
+        return [listening.sock.getsockname()[:2] for listening in self._bound]
+
+    def signal_workers(self, signum: int) -> None:
+        if self.workers is not None:
+            self.workers.signal_all(signum)
+
     async def _start_metrics(self, host: str, number: int) -> None:
         # Mail flows without metrics: a port in use is logged, not fatal.
-        metrics = MetricsServer(self.events.registry, host, number)
+        metrics = MetricsServer(self.events.registry, host, number,
+                                extra=self.workers.metrics if self.workers else None)
         try:
             await metrics.start()
         except OSError as exc:
@@ -292,12 +369,51 @@ class Server:
         if self.listeners:
             self.listeners.close()
             await self.listeners.drain(grace)
+        if self.workers:
+            # Their last reports are taken (and delivered) before delivery stops.
+            await self.workers.stop(grace)
+            self.workers = None
+        if self._queue_size_task:
+            self._queue_size_task.cancel()
+        for listening in self._bound:
+            listening.sock.close()
+        self._bound = []
         if self.delivery:
             await self.delivery.stop(grace)
             await self.delivery.remote.close()  # the idle outbound connections
         if self.mta_sts:
             # After delivery: attempts still finishing may be waiting for a policy.
             await self.mta_sts.stop()
+
+
+class WorkerServer(Server):
+    """An SMTP worker process (workers.py): sessions and queue writes; the main process
+    delivers."""
+
+    def __init__(self, config: Config, channel: Channel):
+        super().__init__(config)
+        self.channel = channel
+
+    async def start_worker(self, listening: list[ListeningSocket]) -> None:
+        config = self.config
+        # The main process created both before starting its workers.
+        self.srs = SRS(load_or_create_secrets(config.data_dir),
+                       max_age_days=max(1, round(config.aliases.srs_max_age / 86400)))
+        self.router.srs = self.srs
+        self.certificates.load()
+        await self._start_listeners(self._report_queued, self.certificates.server_context(),
+                                    bound=listening)
+        self._last_domain_stamp = self._domain_files_stamp()
+        self._watch_task = asyncio.create_task(self._watch_files(), name="file-watcher")
+
+    def _report_queued(self, item: QueueItem) -> None:
+        self.queue.items.pop(item.id, None)  # the main process keeps the items
+        if not self.channel.send(f"queued {item.id}".encode()):
+            # On disk already: the main process finds it when it scans the spool.
+            log.error("queue %s: could not tell the main process", item.id)
+
+    def metrics_exposition(self) -> bytes:
+        return generate_latest(self.events.registry)
 
 
 _LIVE_SETTINGS = frozenset({"config_dir", "domains"})
@@ -333,7 +449,7 @@ async def serve(config: Config) -> int:
         raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    listening = len(server.listeners.addresses()) if server.listeners else 0
+    listening = len(server.listening_addresses())
     running_status = f"accepting mail on {listening} address(es)"
 
     def on_stop() -> None:
@@ -346,6 +462,7 @@ async def serve(config: Config) -> int:
             return  # stopping: systemd has heard STOPPING=1 and expects nothing else
         notifier.reloading()
         ok = False
+        server.signal_workers(signal.SIGHUP)  # each reloads its own copy
         try:
             ok = server.reload()
         except Exception:  # keep serving on the previous state; systemd must hear READY

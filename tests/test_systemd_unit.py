@@ -134,7 +134,8 @@ def test_unit_matches_readme_and_needs() -> None:
 MESSAGE = b"From: me@example.com\r\nTo: friend@remote.test\r\nSubject: sandbox\r\n\r\nHello.\r\n"
 
 
-def prepare(env) -> None:
+def prepare(env, workers: int) -> None:
+    env.write_config(workers=workers)  # 1 is the default on a machine with 2+ CPUs
     domain_dir = env.config_dir / "domains" / "example.com"
     publish_new_key(env.dns, domain_dir, "example.com", "rsa1", "rsa2048")
     publish_new_key(env.dns, domain_dir, "example.com", "ed1", "ed25519")
@@ -204,10 +205,11 @@ def _mdwe_supported() -> bool:
     return probe.returncode == 3
 
 
-async def test_server_works_without_writable_executable_memory(env) -> None:
+@pytest.mark.parametrize("workers", [0, 1], ids=["one-process", "smtp-worker"])
+async def test_server_works_without_writable_executable_memory(env, workers) -> None:
     if not await asyncio.to_thread(_mdwe_supported):
         pytest.skip("the kernel has no PR_SET_MDWE (Linux < 6.3)")
-    prepare(env)
+    prepare(env, workers)
     process = await start_server(env, preexec_fn=_deny_write_execute)
     try:
         await exercise(env, process.pid)
@@ -233,7 +235,8 @@ def _syscall_group(tool: str, group: str, seen: set[str]) -> set[str]:
     return names
 
 
-async def test_server_calls_only_what_system_service_allows(env) -> None:
+@pytest.mark.parametrize("workers", [0, 1], ids=["one-process", "smtp-worker"])
+async def test_server_calls_only_what_system_service_allows(env, workers) -> None:
     """SystemCallFilter=@system-service: strace lists every system call the server makes
     while it works; each must be in the filter (else it would get EPERM)."""
     tool = systemd_analyze()
@@ -242,7 +245,7 @@ async def test_server_calls_only_what_system_service_allows(env) -> None:
         pytest.skip("strace not installed")
     allowed = _syscall_group(tool, "@system-service", set())
     assert {"read", "sendmsg", "epoll_wait"} <= allowed
-    prepare(env)
+    prepare(env, workers)
     counts = env.root / "syscalls.txt"
     process = await asyncio.create_subprocess_exec(
         strace, "-f", "-c", "-o", str(counts), "--", sys.executable, "-m",

@@ -38,12 +38,13 @@ def _stderr_is_journal() -> bool:
     return False
 
 
-def run(args: argparse.Namespace) -> int:
+def configure_logging(level: str | int) -> None:
+    """The server's log format on stderr (also used by its SMTP worker processes)."""
     # The journal stamps every line itself; elsewhere the time leads the line (a format
     # fail2ban's date detection knows: "2026-01-02 03:04:05,678").
     time_field = "" if _stderr_is_journal() else "%(asctime)s "
     logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr,
+        level=level.upper() if isinstance(level, str) else level, stream=sys.stderr,
         format=time_field + "%(levelname)s %(name)s: %(message)s",
     )
     # The format uses no caller, thread or process fields: skip collecting them for every
@@ -51,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
     # per message.
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
     config = load_config(args.config)
     _raise_open_files_limit()
     from ..server import serve  # imported late: the CLI's other commands stay light

@@ -15,6 +15,23 @@ from .session import Backend, Port, Session, SessionInfo
 TLS_HANDSHAKE_TIMEOUT = 30.0
 
 
+def bind(host: str, number: int) -> socket.socket:
+    """A listening socket, set up as asyncio.start_server would (OSError if it cannot)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, number))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class ConnectionLimits:
     """Counts open connections in total and per client IP."""
 
@@ -50,16 +67,18 @@ class Listeners:
         self._prefix = f"{os.getpid():x}"
         self._closed = False
 
-    async def start(self, port: Port, host: str, number: int) -> asyncio.Server:
+    async def start(self, port: Port, host: str = "", number: int = 0,
+                    sock: socket.socket | None = None) -> asyncio.Server:
+        """Listen on ``host``:``number``, or serve ``sock`` (bound by ``bind``, e.g. in the
+        main process for its SMTP workers)."""
         ssl_context = self.backend.tls_context() if port is Port.SUBMISSION_TLS else None
         if port is Port.SUBMISSION_TLS and ssl_context is None:
             raise RuntimeError("submission_tls needs a certificate")
+        if sock is None:
+            sock = bind(host, number)
         server = await asyncio.start_server(
-            lambda r, w: self._on_connect(port, r, w),
-            host=host, port=number, ssl=ssl_context,
+            lambda r, w: self._on_connect(port, r, w), sock=sock, ssl=ssl_context,
             ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if ssl_context else None,
-            reuse_address=True, backlog=1024,
-            family=socket.AF_INET6 if ":" in host else socket.AF_INET,
         )
         self.servers.append(server)
         return server
