@@ -28,10 +28,12 @@ starts. Per scenario and server:
 - end-to-end msg/s: the same, until the discard MDA has counted every accepted message;
 - DATA->250 latency p50/p99: from sending DATA to the 250 after the final dot (the 354
   round trip and the body included); MAIL->250 p50: the whole transaction;
-- server CPU ms/msg: utime+stime of the server process (all its threads), from before the
-  first message until every message was delivered, so delivery work is included;
+- server CPU ms/msg: utime+stime of the server process (all its threads) and of its SMTP
+  worker processes (mailrelay's long-lived children running mailrelay.worker), from before
+  the first message until every message was delivered, so delivery work is included;
   the MDA processes it ran (reaped children, cutime+cstime) are shown apart ("MDA CPU");
-- peak RSS: VmHWM of the server process, reset before each measurement (clear_refs);
+- peak RSS: VmHWM of the server process plus that of each SMTP worker, each reset before
+  each measurement (clear_refs);
 - client CPU ms/msg: the load generator's own CPU, to see when it is the bottleneck.
 
 The servers take turns (a measurement of one, then the same of the other, the order
@@ -347,6 +349,24 @@ def reset_hwm(pid: int) -> bool:
         return False
 
 
+def worker_pids(pid: int, marker: str = "mailrelay.worker") -> list[int]:
+    """The live children of ``pid`` whose command line contains ``marker``: the server's
+    SMTP workers, not the MDAs it runs. Found by ppid, as /proc/<pid>/task/*/children needs
+    a kernel option."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            if ppid == pid and marker.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+    return sorted(found)
+
+
 def percentile(values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile."""
     ordered = sorted(values)
@@ -491,6 +511,10 @@ class Server:
         wait_listening("127.0.0.1", self.ports["submission"], self.process, self.log)
         self.comm = Path(f"/proc/{self.pid}/comm").read_text().strip()
 
+    def processes(self) -> list[int]:
+        """The pids whose CPU and peak RSS are the server's: its own process alone."""
+        return [self.pid]
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
@@ -504,6 +528,10 @@ class Server:
 
 class Mailrelay(Server):
     name = "mailrelay"
+
+    def processes(self) -> list[int]:
+        """The main process and its SMTP worker processes, if it runs any."""
+        return [self.pid, *worker_pids(self.pid)]
 
     def _cli(self) -> list[str]:
         script = Path(sys.executable).with_name("mailrelay")
@@ -639,15 +667,21 @@ async def measure(server: Server, scenario: Scenario, tls: ssl.SSLContext) -> di
     load = Load("127.0.0.1", port, scenario, USER if submission else SENDER,
                 tls if submission else None)
     base = server.delivered()
-    rss_before = proc_status_kib(server.pid, "VmRSS")
-    hwm_reset = reset_hwm(server.pid)
-    cpu_before, children_before = proc_cpu(server.pid)
+    # The server's processes as they are now; one that is gone at the end is left out.
+    pids = server.processes()
+    rss_before = sum_kib(pids, "VmRSS")
+    hwm_reset = all([reset_hwm(pid) for pid in pids])  # a list: reset every one
+    cpu_before = own_cpu(pids)
+    children_before = proc_cpu(server.pid)[1]
     client_before = time.process_time()
     result = await asyncio.wait_for(load.run(), 120 + scenario.messages)
     client_cpu = time.process_time() - client_before
     done = await wait_delivered(server, base + result.accepted, 60 + scenario.messages * 0.5)
     await asyncio.sleep(0.05)  # let the last MDA be reaped, so children's CPU is counted
-    cpu_after, children_after = proc_cpu(server.pid)
+    children_after = proc_cpu(server.pid)[1]
+    cpu_after = own_cpu(pids)
+    alive = [pid for pid in pids if pid in cpu_before and pid in cpu_after]
+    cpu = sum(cpu_after[pid] - cpu_before[pid] for pid in alive)
     count = max(result.accepted, 1)
     start = result.first_mail
     accept_seconds = result.last_ok - start if result.accepted else math.nan
@@ -666,13 +700,33 @@ async def measure(server: Server, scenario: Scenario, tls: ssl.SSLContext) -> di
         "latency_p99_ms": percentile(result.latencies, 0.99) * 1000,
         # MAIL .. 250: also counts what a server does at MAIL and RCPT (chasquid's SPF).
         "transaction_p50_ms": percentile(result.transactions, 0.50) * 1000,
-        "server_cpu_ms_per_msg": (cpu_after - cpu_before) * 1000 / count,
+        "server_cpu_ms_per_msg": cpu * 1000 / count,
         "mda_cpu_ms_per_msg": (children_after - children_before) * 1000 / count,
         "client_cpu_ms_per_msg": client_cpu * 1000 / count,
         "rss_before_kib": rss_before,
-        "peak_rss_kib": proc_status_kib(server.pid),
+        "peak_rss_kib": sum_kib(alive),
         "peak_rss_per_measurement": hwm_reset,
+        "server_processes": len(alive),
     }
+
+
+def own_cpu(pids: Sequence[int]) -> dict[int, float]:
+    """utime+stime of each of ``pids``, in seconds, leaving out the ones gone."""
+    seconds = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            seconds[pid] = proc_cpu(pid)[0]
+    return seconds
+
+
+def sum_kib(pids: Sequence[int], key: str = "VmHWM") -> int | None:
+    """A memory line of /proc/<pid>/status summed over ``pids``, leaving out the ones gone."""
+    values = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            values.append(proc_status_kib(pid, key))
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 # -- the whole run ---------------------------------------------------------------------
@@ -835,15 +889,17 @@ def notes(absent: str | None) -> list[str]:
         "DATA→250: from sending DATA to the 250 after the final dot; MAIL→250: the whole "
         "transaction, from sending MAIL FROM (chasquid checks SPF there, mailrelay after the "
         "data). Ratios above 1 are better for mailrelay only in the msg/s columns.",
-        "server CPU: utime+stime of the server process (all threads), from before the first "
-        "message until the MDA counted the last one; the MDA processes (reaped children, "
-        "cutime+cstime: sh + cat, the same script for both) are the 'MDA CPU' column, not "
-        "included in server CPU.",
-        "peak RSS: VmHWM of the server process, reset to the current RSS before each "
-        "measurement; the median of the rounds. Each server runs through all scenarios, so "
-        "memory kept from an earlier one (scrypt's 16 MiB buffers after AUTH: mailrelay "
-        "keeps them, chasquid's Go runtime gives them back) shows in later ones. Every "
-        "round's figure and the RSS it started from are in the JSON.",
+        "server CPU: utime+stime of the server process (all threads) plus that of its SMTP "
+        "worker processes (mailrelay's long-lived children, when it runs any), from before "
+        "the first message until the MDA counted the last one; the MDA processes (reaped "
+        "children, cutime+cstime: sh + cat, the same script for both) are the 'MDA CPU' "
+        "column, not included in server CPU.",
+        "peak RSS: the sum of VmHWM over the server process and its SMTP worker processes, "
+        "each reset to its current RSS before each measurement; the median of the rounds. "
+        "Each server runs through all scenarios, so memory kept from an earlier one "
+        "(scrypt's 16 MiB buffers after AUTH: mailrelay keeps them, chasquid's Go runtime "
+        "gives them back) shows in later ones. Every round's figure and the RSS it started "
+        "from are in the JSON.",
         "chasquid 1.11 writes each queue file and renames it into place without any fsync "
         "(seen with strace); mailrelay fsyncs the file and its directory before the 250. "
         "Both data directories are on the same filesystem (machine line).",
