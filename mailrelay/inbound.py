@@ -11,7 +11,9 @@ from collections.abc import Callable
 from .address import AddressError, normalize, split
 from .arc import arc_seal
 from .authcheck import (
+    AnswerCache,
     AuthResults,
+    NeedsLookup,
     caching_resolver,
     check_message,
     decide,
@@ -66,6 +68,7 @@ class InboundPolicy:
         self.srs = srs
         self.events = events if events is not None else Events()
         self._dns = caching_resolver(config.dns)
+        self._answers = AnswerCache()
         self.throttle = AuthThrottle(
             config.limits.auth_failures_per_ip, config.limits.auth_block_time,
             delay_step=config.limits.auth_failure_delay,
@@ -197,14 +200,20 @@ class InboundPolicy:
         forged Authentication-Results claiming to be ours), or the refusal reply."""
         settings = self.config.inbound
 
-        def run() -> tuple[AuthResults, bytes]:
+        def run(cache_only: bool) -> tuple[AuthResults, bytes]:
             cleaned = strip_our_authentication_results(body, self.hostname)
             results = check_message(cleaned, client_ip=info.peer_ip, helo=info.helo,
                                     mail_from=sender, authserv_id=self.hostname,
-                                    dns=self.config.dns, resolver=self._dns)
+                                    dns=self.config.dns, resolver=self._dns,
+                                    cache=self._answers, cache_only=cache_only)
             return results, cleaned
 
-        results, cleaned = await asyncio.to_thread(run)
+        # Here when every answer is cached (a thread hand-off costs more than the
+        # check), else again in a thread, where lookups may block.
+        try:
+            results, cleaned = run(cache_only=True)
+        except NeedsLookup:
+            results, cleaned = await asyncio.to_thread(run, False)
         reply = decide(results, reject_spf=settings.reject_spf_fail,
                        reject_dmarc=settings.reject_dmarc)
         if reply is None and settings.on_dns_error == "tempfail" and "temperror" in (
