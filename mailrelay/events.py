@@ -121,6 +121,7 @@ class Events:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.connections = Counter("mailrelay_smtp_connections",
                                    "SMTP connections accepted, by port kind", ["port"],
@@ -180,6 +181,15 @@ class Events:
     def watch_queue(self, queue: Queue) -> None:
         self.registry.register(_QueueCollector(queue))
 
+    def _child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, remembered: prometheus_client checks and locks on
+        every call, and a message makes a dozen of them."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     @staticmethod
     def _write(event: str, fields: Sequence[tuple[str, Any]], level: int = logging.INFO) -> None:
         if log.isEnabledFor(level):
@@ -189,32 +199,32 @@ class Events:
 
     def connected(self, info: SessionInfo) -> None:
         port = info.port.value
-        self.connections.labels(port).inc()
-        self.connections_open.labels(port).inc()
+        self._child(self.connections, port).inc()
+        self._child(self.connections_open, port).inc()
         self._write("connect", [("ip", info.peer_ip), ("port", port),
                                 ("session", info.session_id)])
 
     def disconnected(self, info: SessionInfo, duration: float) -> None:
         port = info.port.value
-        self.connections_open.labels(port).dec()
+        self._child(self.connections_open, port).dec()
         self._write("disconnect", [("ip", info.peer_ip), ("port", port),
                                    ("user", info.user), ("duration", f"{duration:.3f}"),
                                    ("session", info.session_id)])
 
     def tls_established(self, info: SessionInfo) -> None:
-        self.tls_in.labels(info.port.value, info.tls_version or "unknown").inc()
+        self._child(self.tls_in, info.port.value, info.tls_version or "unknown").inc()
         self._write("tls", [("ip", info.peer_ip), ("port", info.port.value),
                             ("version", info.tls_version), ("cipher", info.tls_cipher),
                             ("session", info.session_id)])
 
     def command(self, verb: str) -> None:
-        self.commands.labels(verb if verb in VERBS else "unknown").inc()
+        self._child(self.commands, verb if verb in VERBS else "unknown").inc()
 
     def reply(self, code: str) -> None:
-        self.replies.labels(code if code.isdigit() and len(code) == 3 else "other").inc()
+        self._child(self.replies, code if code.isdigit() and len(code) == 3 else "other").inc()
 
     def auth_ok(self, info: SessionInfo, user: str) -> None:
-        self.auth.labels("success").inc()
+        self._child(self.auth, "success").inc()
         self._write("auth-ok", [("ip", info.peer_ip), ("port", info.port.value),
                                 ("user", user), ("session", info.session_id)])
 
@@ -222,7 +232,7 @@ class Events:
                     blocked: bool = False) -> None:
         """A wrong login, or any login from a blocked IP: what fail2ban counts.
         Only the name the client gave is written, never the password or AUTH data."""
-        self.auth.labels("blocked" if blocked else "failure").inc()
+        self._child(self.auth, "blocked" if blocked else "failure").inc()
         self._write("auth-failed", [("ip", info.peer_ip), ("port", info.port.value),
                                     ("user", username), ("reason", reply_code(reply)),
                                     ("session", info.session_id)], logging.WARNING)
@@ -230,9 +240,9 @@ class Events:
     def rejected(self, info: SessionInfo, command: str, reply: str, sender: str | None = None,
                  recipients: Sequence[str] = ()) -> None:
         """A refused MAIL, RCPT or DATA (or CONNECT: a connection over the limits)."""
-        self.rejections.labels(command, reply[:3]).inc()
+        self._child(self.rejections, command, reply[:3]).inc()
         if command == "CONNECT":
-            self.connections_refused.labels(info.port.value).inc()
+            self._child(self.connections_refused, info.port.value).inc()
         self._write("reject", [("ip", info.peer_ip), ("port", info.port.value),
                                ("cmd", command), ("user", info.user),
                                ("from", angle(sender)),
@@ -242,7 +252,7 @@ class Events:
     def queued_message(self, info: SessionInfo, item: QueueItem,
                        checks: AuthResults | None = None) -> None:
         """``checks``: what SPF, DKIM and DMARC said of mail from outside (None: our user's)."""
-        self.queued.labels(info.port.value).inc()
+        self._child(self.queued, info.port.value).inc()
         self._write("queued", [("id", item.id), ("ip", info.peer_ip),
                                ("port", info.port.value), ("user", info.user),
                                ("from", angle(item.sender)),
@@ -257,13 +267,13 @@ class Events:
         host = result.remote_host
         via = host if host in ("local", "pipe") else "remote"
         sent = result.outcome.value == "sent"
-        self.deliveries.labels("delivered" if sent else "bounced" if final else "deferred",
+        self._child(self.deliveries, "delivered" if sent else "bounced" if final else "deferred",
                                via).inc()
         if sent:
             self.latency.observe(max(0.0, time.time() - item.created))
         connected = via == "remote" and host is not None  # else there was no TLS state
         if connected:
-            self.tls_out.labels(result.tls, result.tls_version or "none").inc()
+            self._child(self.tls_out, result.tls, result.tls_version or "none").inc()
         self._write("delivery", [("id", item.id), ("to", angle(result.address)),
                                  ("result", result.outcome.value),
                                  ("final", "yes" if final else "no"),
@@ -273,7 +283,7 @@ class Events:
 
     def dsn_generated(self, dsn_id: str, for_id: str, to: str, recipients: Sequence[str],
                       kind: str = "failed") -> None:
-        self.dsns.labels(kind).inc()
+        self._child(self.dsns, kind).inc()
         self._write("dsn", [("id", dsn_id), ("for", for_id), ("to", angle(to)),
                             ("kind", kind), ("rcpts", angles(recipients))])
 
@@ -281,4 +291,4 @@ class Events:
 
     def dkim_signed(self, domain: str, algorithms: Iterable[str]) -> None:
         for algorithm in algorithms:
-            self.dkim.labels(domain, algorithm).inc()
+            self._child(self.dkim, domain, algorithm).inc()

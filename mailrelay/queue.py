@@ -74,6 +74,7 @@ class QueueItem:
     last_attempt: float = 0.0
     body_offset: int = 0
     delay_warned: bool = False  # the sender was told once that the message is delayed
+    has_state: bool = False  # a <id>.state file may exist (saved, or found at load)
 
     @property
     def pending(self) -> list[Recipient]:
@@ -216,7 +217,8 @@ class Queue:
             return None
         path = self.directory / f"{item_id}{MSG_SUFFIX}"
         try:
-            item = _read_item(path)
+            # Reported at once, or found after its worker died: never attempted, so no state.
+            item = _read_item(path, with_state=False)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
@@ -284,6 +286,7 @@ class Queue:
     async def save_state(self, item: QueueItem) -> None:
         """Persist per-recipient status after an attempt."""
         data = json.dumps(item.state_dict(), separators=(",", ":")).encode()
+        item.has_state = True
         await asyncio.to_thread(atomic_write, self.state_path(item), data, 0o600)
 
     async def remove(self, item: QueueItem) -> None:
@@ -296,7 +299,8 @@ class Queue:
         """
         self.items.pop(item.id, None)
         _unlink(item.path)
-        _unlink(self.state_path(item))
+        if item.has_state:
+            _unlink(self.state_path(item))
 
     def state_path(self, item: QueueItem) -> Path:
         return self.directory / f"{item.id}{STATE_SUFFIX}"
@@ -347,7 +351,7 @@ def _recipient_envelope(rcpt: Recipient) -> dict[str, Any]:
     return entry
 
 
-def _read_item(path: Path) -> QueueItem:
+def _read_item(path: Path, with_state: bool = True) -> QueueItem:
     with open(path, "rb") as handle:
         first = handle.readline(1024 * 1024)
         size = os.fstat(handle.fileno()).st_size - len(first)
@@ -363,6 +367,8 @@ def _read_item(path: Path) -> QueueItem:
         id=env["id"], sender=env["sender"], recipients=recipients, created=env["created"],
         size=size, path=path, meta=env.get("meta", {}), body_offset=len(first),
     )
+    if not with_state:
+        return item
     state_path = path.with_suffix(STATE_SUFFIX)
     try:
         state = json.loads(state_path.read_bytes())
@@ -370,7 +376,9 @@ def _read_item(path: Path) -> QueueItem:
         return item
     except ValueError:
         log.error("queue: unreadable state %s; delivery restarts for every recipient", state_path)
+        item.has_state = True
         return item
+    item.has_state = True
     item.attempts = state.get("attempts", 0)
     item.next_attempt = state.get("next_attempt", 0.0)
     item.last_attempt = state.get("last_attempt", 0.0)

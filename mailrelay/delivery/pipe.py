@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import os
 import shlex
 import signal
@@ -40,7 +41,7 @@ async def run_pipe(
 ) -> tuple[bool | None, str]:
     """(True, reply) delivered; (None, reply) retry later; (False, reply) failed for good."""
     try:
-        argv = shlex.split(command)
+        argv = list(_split(command))
     except ValueError as exc:
         return False, f"554 5.3.5 bad pipe command: {exc}"
     if not argv:
@@ -74,6 +75,12 @@ async def run_pipe(
     if status < 0:
         return None, f"451 4.3.0 {argv[0]} killed by signal {-status} {detail}".rstrip()
     return False, f"554 5.3.0 {argv[0]} failed (exit {status}) {detail}".rstrip()
+
+
+@functools.lru_cache(maxsize=1024)
+def _split(command: str) -> tuple[str, ...]:
+    """shlex.split, remembered: the MDA's command line is the same for each mailbox."""
+    return tuple(shlex.split(command))
 
 
 class _Child:
