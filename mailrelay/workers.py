@@ -33,6 +33,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,8 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
 
 
 class Channel:
-    """One end of the socket pair, read by the event loop."""
+    """One end of the socket pair, read by the event loop. Messages that do not fit in
+    the socket's buffer wait in order until it drains (a report must never be lost)."""
 
     def __init__(self, sock: socket.socket, on_message: Callable[[bytes], None],
                  on_closed: Callable[[], None]):
@@ -75,22 +77,50 @@ class Channel:
         self._on_closed = on_closed
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
+        self._backlog: deque[bytes] = deque()
         self.closed = False
 
     def send(self, message: bytes) -> bool:
-        """False when the other side is gone or not reading (the message is dropped)."""
+        """False when the other side is gone (the message is dropped)."""
         if self.closed:
             return False
-        try:
-            self.sock.send(message)
-        except (BlockingIOError, OSError):
-            return False
+        if not self._backlog:
+            try:
+                self.sock.send(message)
+                return True
+            except BlockingIOError:
+                self._loop.add_writer(self.sock.fileno(), self._writable)
+            except OSError as exc:
+                log.error("worker channel: %s", exc)
+                return False
+        self._backlog.append(message)
         return True
+
+    def _writable(self) -> None:
+        while self._backlog and not self.closed:
+            try:
+                self.sock.send(self._backlog[0])
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.error("worker channel: %s", exc)
+                self._backlog.clear()
+                break
+            self._backlog.popleft()
+        if not self.closed:
+            self._loop.remove_writer(self.sock.fileno())
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) until every waiting message is in the socket."""
+        deadline = self._loop.time() + timeout
+        while self._backlog and not self.closed and self._loop.time() < deadline:
+            await asyncio.sleep(0.01)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self._loop.remove_reader(self.sock.fileno())
+            self._loop.remove_writer(self.sock.fileno())
             self.sock.close()
 
     def _readable(self) -> None:
@@ -367,6 +397,7 @@ async def run_worker(config_dir: Path, channel_fd: int,
     channel.send(b"ready")
     await stop.wait()
     await server.stop(grace=0 if channel.closed else SHUTDOWN_GRACE)
+    await channel.drain()  # the last reports
     channel.close()
     return 0
 

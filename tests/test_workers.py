@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailrelay.queue import Queue
+from mailrelay.workers import Channel, channel_pair
 from tests.support.client import RawSMTP
 from tests.support.process import start_server
 from tests.support.relay import PASSWORD, USER, free_port
@@ -216,3 +217,20 @@ async def test_workers_die_with_a_killed_main_process_and_a_restart_gets_the_por
     finally:
         server.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(server.wait(), 40) == 0
+
+
+async def test_reports_wait_in_order_when_the_channel_is_full():
+    ours, theirs = channel_pair()
+    got: list[bytes] = []
+    sender = Channel(ours, lambda m: None, lambda: None)
+    # Far more than the socket buffers hold while nobody reads.
+    sent = [f"queued {n:020d}".encode() * 40 for n in range(3000)]
+    assert all(sender.send(message) for message in sent)
+    assert sender._backlog, "the socket should have been full"
+    theirs.setblocking(False)
+    receiver = Channel(theirs, got.append, lambda: None)
+    await sender.drain(timeout=10)
+    await until(lambda: len(got) == len(sent), timeout=10)
+    assert got == sent
+    sender.close()
+    await until(lambda: receiver.closed, timeout=5)
