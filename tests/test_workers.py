@@ -224,7 +224,7 @@ async def test_reports_wait_in_order_when_the_channel_is_full():
     got: list[bytes] = []
     sender = Channel(ours, lambda m: None, lambda: None)
     # Far more than the socket buffers hold while nobody reads.
-    sent = [f"queued {n:020d}".encode() * 40 for n in range(3000)]
+    sent = [f"queued {n:020d}".encode() * 300 for n in range(3000)]
     assert all(sender.send(message) for message in sent)
     assert sender._backlog, "the socket should have been full"
     theirs.setblocking(False)
