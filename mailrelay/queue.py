@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fsutil import atomic_write, fsync_dir
+from .fsutil import atomic_write, fsync_dir, write_all
 
 log = logging.getLogger("mailrelay.queue")
 
@@ -151,6 +151,29 @@ class GroupCommit:
                     done.set_exception(error)
 
 
+def write_queue_file(path: Path, chunks: list[bytes]) -> None:
+    """Write a new queue file under a temporary name (hidden, named after our pid so a
+    dead worker's leftovers can be told apart), fsync it, and rename it into place; the
+    directory fsync is the caller's. atomic_write without what a fresh spool file does not
+    need (keeping an existing file's owner, re-applying the mode): this runs per message."""
+    final = os.fspath(path)
+    directory, name = os.path.split(final)
+    tmp = f"{directory}/.{name}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            for chunk in chunks:
+                write_all(fd, chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def _write_batch(
     directory: Path, files: list[tuple[Path, list[bytes]]]
 ) -> list[BaseException | None]:
@@ -158,7 +181,7 @@ def _write_batch(
     errors: list[BaseException | None] = []
     for path, chunks in files:
         try:
-            atomic_write(path, chunks, 0o600, False)
+            write_queue_file(path, chunks)
             errors.append(None)
         except OSError as exc:
             errors.append(exc)

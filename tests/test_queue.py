@@ -149,14 +149,14 @@ async def test_group_commit_failure_reaches_every_writer_and_leaves_no_file(
 
 
 async def test_one_failed_write_does_not_fail_the_rest_of_its_batch(tmp_path, monkeypatch):
-    real = queue_module.atomic_write
+    real = queue_module.write_queue_file
 
-    def picky(path, chunks, *args):
+    def picky(path, chunks):
         if b"bad\r\n" in chunks:
             raise OSError(27, "File too large")
-        real(path, chunks, *args)
+        real(path, chunks)
 
-    monkeypatch.setattr(queue_module, "atomic_write", picky)
+    monkeypatch.setattr(queue_module, "write_queue_file", picky)
     queue = Queue(tmp_path / "q")
     queue.load()
     results = await asyncio.gather(
