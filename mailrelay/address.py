@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 
 
@@ -9,6 +10,9 @@ class AddressError(ValueError):
     """An address that cannot be parsed."""
 
 
+# Pure, and called several times per message (each command, alias and sender check) on
+# a handful of domains: the IDNA codec is the costly part. Errors are not cached.
+@functools.lru_cache(maxsize=4096)
 def normalize_domain(domain: str) -> str:
     """Lower-case a domain and convert it to its ASCII (IDNA) form."""
     domain = domain.strip().rstrip(".")
