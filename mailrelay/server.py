@@ -409,7 +409,7 @@ class WorkerServer(Server):
     def _report_queued(self, item: QueueItem) -> None:
         self.queue.items.pop(item.id, None)  # the main process keeps the items
         if not self.channel.send(f"queued {item.id}".encode()):
-            # On disk already: the main process finds it when it scans the spool.
+            # The main process is gone. The message is on disk: the next start loads it.
             log.error("queue %s: could not tell the main process", item.id)
 
     def metrics_exposition(self) -> bytes:
