@@ -141,7 +141,7 @@ def ours_rate(directory: Path, concurrency: int, chunks: list[bytes], seconds: f
     fsyncs per message (1.0 = no group commit, lower = shared)."""
 
     async def measure() -> tuple[int, float, int]:
-        # Warm up in the same loop, so the executor's threads exist before timing.
+        # Warm up in the same loop, so the queue's commit thread exists before timing.
         await _put_loop(Queue(directory), concurrency, chunks, warmup)
         clear_directory(directory)
         queue = Queue(directory)
@@ -308,7 +308,6 @@ def machine(directory: Path) -> dict[str, Any]:
     cpus = os.cpu_count() or 1
     return {"cpu": cpu, "cpus": cpus, "kernel": platform.release(),
             "python": platform.python_version(),
-            "default_executor_workers": min(32, cpus + 4),
             "filesystem": filesystem_of(directory)}
 
 
@@ -318,8 +317,7 @@ def machine_line(report: dict[str, Any]) -> str:
     where = (f"{fs['type']} ({fs['device']} on {fs['mount_point']}, {fs['options']})"
              if fs else "unknown filesystem")
     return (f"machine: {info['cpu']}, {info['cpus']} cpus, Linux {info['kernel']}, "
-            f"Python {info['python']}, default executor {info['default_executor_workers']} "
-            f"threads; {report['directory']} on {where}")
+            f"Python {info['python']}; {report['directory']} on {where}")
 
 
 def table(report: dict[str, Any]) -> str:

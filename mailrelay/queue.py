@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .fsutil import atomic_write, fsync_dir, write_all
+from .offload import SerialThread
 
 log = logging.getLogger("mailrelay.queue")
 
@@ -120,6 +121,7 @@ class GroupCommit:
         self.directory = directory
         self._pending: list[tuple[Path, list[bytes], asyncio.Future[None]]] = []
         self._runner: asyncio.Task[None] | None = None
+        self._thread = SerialThread("queue-commit")
 
     async def write(self, path: Path, chunks: list[bytes]) -> None:
         """Return once ``path`` holds ``chunks`` durably (or raise why it does not)."""
@@ -133,7 +135,7 @@ class GroupCommit:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                errors = await asyncio.to_thread(
+                errors = await self._thread.run(
                     _write_batch, self.directory, [(path, chunks) for path, chunks, _ in batch])
             except BaseException as exc:  # hand the failure to every writer of this batch
                 errors = [exc] * len(batch)
