@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.server_bench import worker_pids
 from mailrelay.queue import Queue
 from mailrelay.workers import Channel, channel_pair
 from tests.support.client import RawSMTP
@@ -20,23 +21,6 @@ from tests.support.sink import SinkBehaviour
 
 MESSAGE = b"From: me@example.com\r\nTo: friend@remote.test\r\nSubject: w\r\n\r\nHello.\r\n"
 INBOUND = b"From: alice@sender.test\r\nSubject: in\r\n\r\nHi.\r\n"
-
-
-def worker_pids(parent: int) -> list[int]:
-    """Live children of ``parent`` running mailrelay.workers."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and b"mailrelay.workers" in cmdline and " Z " not in stat[-60:]:
-            found.append(int(entry.name))
-    return found
 
 
 async def until(condition, timeout: float = 20.0, step: float = 0.05):
