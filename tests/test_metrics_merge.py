@@ -104,23 +104,24 @@ async def http_metrics(port: int) -> tuple[str, bytes]:
     return head.split(b"\r\n")[0].decode(), body
 
 
-async def serve(extra) -> tuple[MetricsServer, int]:
+async def scrape_with(extra) -> tuple[str, dict]:
+    """Start a MetricsServer with ``extra``, scrape it once over HTTP, stop it: the status
+    line and the samples."""
     server = MetricsServer(MAIN, "127.0.0.1", 0, extra=extra)
     await server.start()
-    return server, server.addresses()[0][1]
+    try:
+        status, body = await http_metrics(server.addresses()[0][1])
+    finally:
+        await server.stop()
+    return status, samples(body)
 
 
 async def test_server_serves_the_sum_of_main_and_extra():
     async def extra() -> list[bytes]:
         return [generate_latest(WORKER)]
 
-    server, port = await serve(extra)
-    try:
-        status, body = await http_metrics(port)
-    finally:
-        await server.stop()
+    status, merged = await scrape_with(extra)
     assert status.split()[1] == "200"
-    merged = samples(body)
     assert merged[("t_connections_total", ())] == 8
     assert merged[("t_replies_total", (("code", "550"),))] == 1
     assert merged[("t_latency_seconds_count", (("kind", "local"),))] == 3
@@ -130,13 +131,8 @@ async def test_server_answers_with_its_own_registry_when_extra_fails(caplog):
     async def extra() -> list[bytes]:
         raise ConnectionRefusedError("worker gone")
 
-    server, port = await serve(extra)
-    try:
-        status, body = await http_metrics(port)
-    finally:
-        await server.stop()
+    status, merged = await scrape_with(extra)
     assert status.split()[1] == "200"
-    merged = samples(body)
     assert merged[("t_connections_total", ())] == 3
     assert merged[("t_replies_total", (("code", "250"),))] == 4
     assert "worker gone" in caplog.text
@@ -149,10 +145,6 @@ async def test_server_does_not_wait_for_a_slow_extra(monkeypatch):
         await asyncio.sleep(30)
         return [generate_latest(WORKER)]
 
-    server, port = await serve(extra)
-    try:
-        status, body = await http_metrics(port)
-    finally:
-        await server.stop()
+    status, merged = await scrape_with(extra)
     assert status.split()[1] == "200"
-    assert samples(body)[("t_connections_total", ())] == 3
+    assert merged[("t_connections_total", ())] == 3
