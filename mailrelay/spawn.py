@@ -136,7 +136,12 @@ def _kill_started(started: Future[int]) -> None:
     pid = started.result()
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    threading.Thread(target=_reap, args=(pid,), daemon=True).start()
+    reap_in_background(pid)
+
+
+def reap_in_background(pid: int) -> None:
+    """Collect an abandoned child's exit status on a thread, so it leaves no zombie."""
+    threading.Thread(target=_reap, args=(pid,), daemon=True, name=f"reap-{pid}").start()
 
 
 def _reap(pid: int) -> None:

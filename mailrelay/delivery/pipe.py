@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..spawn import spawn
+from ..spawn import reap_in_background, spawn
 
 EX_TEMPFAIL = 75  # sysexits.h: try again later
 STDERR_KEPT = 4096  # bytes of the command's stderr kept for the reply (the tail counts)
@@ -98,7 +98,7 @@ class _Child:
         self._exited: asyncio.Future[None] = self._loop.create_future()
         self._pidfd: int | None = None
         os.set_blocking(stderr_fd, False)
-        self._loop.add_reader(stderr_fd, self._read_stderr)
+        self._loop.add_reader(stderr_fd, self._drain_stderr)
         if stdin_fd is not None:
             os.set_blocking(stdin_fd, False)
             self._write_stdin()
@@ -145,8 +145,9 @@ class _Child:
                 os.killpg(self.pid, signal.SIGKILL)
 
     def reap_in_background(self) -> None:
+        # Without a pidfd a thread is waiting for it already.
         if not self._reaped and self._pidfd is not None:
-            threading.Thread(target=self._wait_blocking, daemon=True).start()
+            reap_in_background(self.pid)
 
     def close(self) -> None:
         if self._stdin_fd is not None:
@@ -166,20 +167,17 @@ class _Child:
 
     def _on_pidfd(self) -> None:
         self._loop.remove_reader(self._pidfd)  # type: ignore[arg-type]
-        self._reap(0)
+        self._exit(self._waitpid())  # it has exited: this does not block
 
     def _wait_blocking(self) -> None:
-        status = self._waitpid(0)
+        status = self._waitpid()
         if not self._loop.is_closed():
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._exit, status)
 
-    def _reap(self, flags: int) -> None:
-        self._exit(self._waitpid(flags))
-
-    def _waitpid(self, flags: int) -> int | None:
+    def _waitpid(self) -> int | None:
         try:
-            _, raw = os.waitpid(self.pid, flags)
+            _, raw = os.waitpid(self.pid, 0)
         except ChildProcessError:  # someone else reaped it
             return None
         return os.waitstatus_to_exitcode(raw)
@@ -205,9 +203,6 @@ class _Child:
         self._loop.remove_writer(fd)
         os.close(fd)  # EOF for the command
         self._stdin_fd = None
-
-    def _read_stderr(self) -> None:
-        self._drain_stderr()
 
     def _drain_stderr(self) -> None:
         fd = self._stderr_fd
