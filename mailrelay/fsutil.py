@@ -38,21 +38,26 @@ def _keep_owner(fd: int, path: Path) -> None:
 
 
 def atomic_write(
-    path: Path | str, data: bytes | Sequence[bytes], mode: int = 0o600, sync_dir: bool = True
+    path: Path | str, data: bytes | Sequence[bytes], mode: int = 0o600, sync_dir: bool = True,
+    new_file: bool = False,
 ) -> None:
     """Replace ``path`` with ``data`` (bytes, or chunks written in order) so readers see
     either the old or the new file, and a crash leaves no partial file under ``path``.
 
     The temporary file is created with ``mode`` from the start (no window where a
-    secret is world-readable) and removed again if anything fails.
+    secret is world-readable) and removed again if anything fails. Its name is
+    ``.<name>.tmp<pid>``, so the leftovers of a dead process can be told apart.
+    ``new_file``: ``path`` does not exist yet (a queue file, written per message), so
+    there is no owner to keep, and the mode is left as the umask makes it.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         try:
-            os.fchmod(fd, mode)  # the umask may have narrowed it; never widened
-            _keep_owner(fd, path)
+            if not new_file:
+                os.fchmod(fd, mode)  # the umask may have narrowed it; never widened
+                _keep_owner(fd, path)
             for chunk in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
                 write_all(fd, chunk)
             os.fsync(fd)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fsutil import atomic_write, fsync_dir, write_all
+from .fsutil import atomic_write, fsync_dir
 from .offload import SerialThread
 
 log = logging.getLogger("mailrelay.queue")
@@ -137,13 +137,13 @@ class GroupCommit:
             try:
                 errors = await self._thread.run(
                     _write_batch, self.directory, [(path, chunks) for path, chunks, _ in batch])
-            except BaseException as exc:  # hand the failure to every writer of this batch
+            except Exception as exc:  # the whole batch failed: every writer hears why
                 errors = [exc] * len(batch)
-                if not isinstance(exc, Exception):
-                    for _, _, done in batch:
-                        if not done.done():
-                            done.set_exception(exc)
-                    raise
+            except BaseException as exc:  # cancelled or exiting: tell them, then go on up
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                raise
             for (_, _, done), error in zip(batch, errors, strict=True):
                 if done.done():  # the session went away meanwhile
                     continue
@@ -153,29 +153,6 @@ class GroupCommit:
                     done.set_exception(error)
 
 
-def write_queue_file(path: Path, chunks: list[bytes]) -> None:
-    """Write a new queue file under a temporary name (hidden, named after our pid so a
-    dead worker's leftovers can be told apart), fsync it, and rename it into place; the
-    directory fsync is the caller's. atomic_write without what a fresh spool file does not
-    need (keeping an existing file's owner, re-applying the mode): this runs per message."""
-    final = os.fspath(path)
-    directory, name = os.path.split(final)
-    tmp = f"{directory}/.{name}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            for chunk in chunks:
-                write_all(fd, chunk)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _write_batch(
     directory: Path, files: list[tuple[Path, list[bytes]]]
 ) -> list[BaseException | None]:
@@ -183,7 +160,7 @@ def _write_batch(
     errors: list[BaseException | None] = []
     for path, chunks in files:
         try:
-            write_queue_file(path, chunks)
+            atomic_write(path, chunks, 0o600, sync_dir=False, new_file=True)
             errors.append(None)
         except OSError as exc:
             errors.append(exc)
@@ -221,15 +198,9 @@ class Queue:
             if name.startswith("."):  # a temporary file: its 250 was never sent
                 _unlink(self.directory / name)
         for name in sorted(n for n in names if n.endswith(MSG_SUFFIX)):
-            path = self.directory / name
-            try:
-                item = _read_item(path)
-            except (OSError, ValueError) as exc:
-                # Keep it for a human instead of deleting mail we may have accepted.
-                log.error("queue: cannot read %s (%s); moved aside", path, exc)
-                _move_aside(path)
-                continue
-            self.items[item.id] = item
+            item = _read_or_move_aside(self.directory / name)
+            if item is not None:
+                self.items[item.id] = item
         for name in names:
             if name.endswith(STATE_SUFFIX) and name[: -len(STATE_SUFFIX)] not in self.items:
                 _unlink(self.directory / name)  # delivery finished; the .msg went first
@@ -240,17 +211,10 @@ class Queue:
         file is gone or was already taken over."""
         if item_id in self.items or not _is_item_id(item_id):
             return None
-        path = self.directory / f"{item_id}{MSG_SUFFIX}"
-        try:
-            # Reported at once, or found after its worker died: never attempted, so no state.
-            item = _read_item(path, with_state=False)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            log.error("queue: cannot read %s (%s); moved aside", path, exc)
-            _move_aside(path)
-            return None
-        self.items[item.id] = item
+        # Reported at once, or found after its worker died: never attempted, so no state.
+        item = _read_or_move_aside(self.directory / f"{item_id}{MSG_SUFFIX}", with_state=False)
+        if item is not None:
+            self.items[item.id] = item
         return item
 
     def adopt_unknown(self, dead_pid: int | None = None) -> list[QueueItem]:
@@ -374,6 +338,19 @@ def _recipient_envelope(rcpt: Recipient) -> dict[str, Any]:
     if rcpt.command is not None:
         entry["command"] = rcpt.command
     return entry
+
+
+def _read_or_move_aside(path: Path, with_state: bool = True) -> QueueItem | None:
+    """The item, or None when it is gone or unreadable (then moved aside: kept for a
+    human instead of deleting mail we may have accepted)."""
+    try:
+        return _read_item(path, with_state)
+    except FileNotFoundError:
+        return None  # delivered and removed meanwhile
+    except (OSError, ValueError) as exc:
+        log.error("queue: cannot read %s (%s); moved aside", path, exc)
+        _move_aside(path)
+        return None
 
 
 def _read_item(path: Path, with_state: bool = True) -> QueueItem:

@@ -149,14 +149,14 @@ async def test_group_commit_failure_reaches_every_writer_and_leaves_no_file(
 
 
 async def test_one_failed_write_does_not_fail_the_rest_of_its_batch(tmp_path, monkeypatch):
-    real = queue_module.write_queue_file
+    real = queue_module.atomic_write
 
-    def picky(path, chunks):
+    def picky(path, chunks, *args, **kwargs):
         if b"bad\r\n" in chunks:
             raise OSError(27, "File too large")
-        real(path, chunks)
+        real(path, chunks, *args, **kwargs)
 
-    monkeypatch.setattr(queue_module, "write_queue_file", picky)
+    monkeypatch.setattr(queue_module, "atomic_write", picky)
     queue = Queue(tmp_path / "q")
     queue.load()
     results = await asyncio.gather(
