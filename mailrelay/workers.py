@@ -76,7 +76,7 @@ class Channel:
         self._on_message = on_message
         self._on_closed = on_closed
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(sock.fileno(), self._readable)
+        self._loop.add_reader(sock.fileno(), self.read_available)
         self._backlog: deque[bytes] = deque()
         self.closed = False
 
@@ -123,7 +123,8 @@ class Channel:
             self._loop.remove_writer(self.sock.fileno())
             self.sock.close()
 
-    def _readable(self) -> None:
+    def read_available(self) -> None:
+        """Handle every message waiting in the socket (the loop calls this when readable)."""
         while not self.closed:
             try:
                 message = self.sock.recv(MAX_MESSAGE)
@@ -151,10 +152,6 @@ class _Worker:
         self.channel: Channel | None = None
         self.ready: asyncio.Future[None] | None = None
         self.metrics: asyncio.Future[bytes] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
 
 
 class WorkerPool:
@@ -241,7 +238,7 @@ class WorkerPool:
             code = await worker.process.wait()
             if worker.channel is not None:
                 # Reports still in the socket arrive before the spool scan.
-                worker.channel._readable()
+                worker.channel.read_available()
                 worker.channel.close()
             if self._stopping:
                 return
@@ -296,8 +293,8 @@ class WorkerPool:
             return [future.result() for future in done]
 
     def pids(self) -> list[int]:
-        return [w.pid for w in self.workers
-                if w.pid is not None and w.process and w.process.returncode is None]
+        return [w.process.pid for w in self.workers
+                if w.process is not None and w.process.returncode is None]
 
     async def stop(self, grace: float) -> None:
         """Workers stop accepting, finish their sessions (up to ``grace``) and exit; the
@@ -317,7 +314,7 @@ class WorkerPool:
             task.cancel()
         for worker in self.workers:
             if worker.channel is not None:
-                worker.channel._readable()  # the last reports
+                worker.channel.read_available()  # the last reports
                 worker.channel.close()
 
 
