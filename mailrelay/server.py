@@ -39,13 +39,7 @@ from .smtp.listener import ConnectionLimits, Listeners
 from .srs import SRS, load_or_create_secrets
 from .tls import CertificateStore
 from .users import Users
-from .workers import (
-    Channel,
-    ListeningSocket,
-    WorkerPool,
-    bind_listeners,
-    configured_addresses,
-)
+from .workers import Channel, ListeningSocket, WorkerPool, bind_listeners
 
 log = logging.getLogger("mailrelay")
 
@@ -143,10 +137,16 @@ class Server:
             log.error("control socket %s: %s; `mailrelay queue` cannot reach this server",
                       socket_path(config.data_dir), exc.strerror or exc)
 
-        if config.workers:
-            await self._start_workers()
-        else:
-            await self._start_listeners(self.delivery.schedule, tls_context)
+        try:
+            # Bound here either way: SMTP workers inherit these sockets.
+            self._bound = await bind_listeners(config)
+            if config.workers:
+                await self._start_workers()
+            else:
+                await self._start_listeners(self.delivery.schedule, tls_context, self._bound)
+        except BaseException:
+            await self.stop()
+            raise
         for host, number in self.listening_addresses():
             log.info("listening on %s:%d", host, number)
         if config.metrics.listen:
@@ -165,34 +165,20 @@ class Server:
 
     async def _start_listeners(self, on_queued: Callable[[QueueItem], None],
                                tls_context: ssl.SSLContext | None,
-                               bound: list[ListeningSocket] | None = None) -> None:
-        """Serve SMTP in this process: on ``bound`` sockets (a worker), else on the
-        configured addresses."""
+                               bound: list[ListeningSocket]) -> None:
+        """Serve SMTP in this process on the ``bound`` sockets."""
         config = self.config
         self.listeners = Listeners(self._inbound_policy(on_queued, tls_context),
                                    ConnectionLimits(config.limits.max_connections,
                                                     config.limits.max_connections_per_ip))
-        if bound is not None:
-            for listening in bound:
-                await self.listeners.start(listening.port, sock=listening.sock)
-            return
-        try:
-            for port, host, number in configured_addresses(config):
-                await self.listeners.start(port, host, number)
-        except OSError as exc:
-            await self.stop()
-            raise ConfigError(f"cannot listen on {host}:{number}: {exc.strerror}") from None
+        for listening in bound:
+            await self.listeners.start(listening.port, listening.sock)
 
     async def _start_workers(self) -> None:
         """SMTP in worker processes (workers.py); this process delivers what they queue."""
-        try:
-            self._bound = await bind_listeners(self.config)
-            self.workers = WorkerPool(self.config.config_dir, self.config.workers, self._bound,
-                                      on_queued=self._adopt, on_lost=self._adopt_lost)
-            await self.workers.start()
-        except BaseException:
-            await self.stop()
-            raise
+        self.workers = WorkerPool(self.config.config_dir, self.config.workers, self._bound,
+                                  on_queued=self._adopt, on_lost=self._adopt_lost)
+        await self.workers.start()
         self._queue_size_task = asyncio.create_task(self._report_queue_size(),
                                                     name="queue-size-to-workers")
 
@@ -221,8 +207,6 @@ class Server:
             await asyncio.sleep(0.5)
 
     def listening_addresses(self) -> list[tuple[str, int]]:
-        if self.listeners is not None:
-            return self.listeners.addresses()
         return [listening.sock.getsockname()[:2] for listening in self._bound]
 
     def signal_workers(self, signum: int) -> None:
@@ -402,7 +386,7 @@ class WorkerServer(Server):
         self.router.srs = self.srs
         self.certificates.load()
         await self._start_listeners(self._report_queued, self.certificates.server_context(),
-                                    bound=listening)
+                                    listening)
         self._last_domain_stamp = self._domain_files_stamp()
         self._watch_task = asyncio.create_task(self._watch_files(), name="file-watcher")
 

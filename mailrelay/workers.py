@@ -318,21 +318,18 @@ class WorkerPool:
                 worker.channel.close()
 
 
-def configured_addresses(config: Config) -> list[tuple[Port, str, int]]:
-    listen = config.listen
-    return [(port, host, number)
-            for port, addresses in ((Port.SMTP, listen.smtp), (Port.SUBMISSION, listen.submission),
-                                    (Port.SUBMISSION_TLS, listen.submission_tls))
-            for host, number in addresses]
-
-
 async def bind_listeners(config: Config) -> list[ListeningSocket]:
     """Every configured address, bound and listening (ConfigError naming the one that
     cannot be). An address in use is tried again for a few seconds: after a crash of the
     main process, its workers may hold the sockets for a moment longer."""
+    listen = config.listen
+    addresses = [(port, host, number)
+                 for port, pairs in ((Port.SMTP, listen.smtp), (Port.SUBMISSION, listen.submission),
+                                     (Port.SUBMISSION_TLS, listen.submission_tls))
+                 for host, number in pairs]
     bound: list[ListeningSocket] = []
     deadline = time.monotonic() + BIND_RETRY_TIME
-    for port, host, number in configured_addresses(config):
+    for port, host, number in addresses:
         while True:
             try:
                 bound.append(ListeningSocket(port, bind(host, number)))

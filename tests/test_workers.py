@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.server_bench import worker_pids
+from mailrelay.errors import ConfigError
 from mailrelay.queue import Queue
 from mailrelay.workers import Channel, channel_pair
 from tests.support.client import RawSMTP
@@ -218,3 +220,23 @@ async def test_reports_wait_in_order_when_the_channel_is_full():
     assert got == sent
     sender.close()
     await until(lambda: receiver.closed, timeout=5)
+
+
+@pytest.mark.parametrize("workers", [0, 1], ids=["one-process", "smtp-worker"])
+async def test_an_address_in_use_is_one_clear_error_and_nothing_is_left_open(
+        env, monkeypatch, workers):
+    monkeypatch.setattr("mailrelay.workers.BIND_RETRY_TIME", 0.3)
+    env.write_config(workers=workers)
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", env.ports["submission"]))
+    squatter.listen()
+    try:
+        with pytest.raises(ConfigError) as caught:
+            await env.start()
+    finally:
+        squatter.close()
+    assert str(caught.value).startswith(f"cannot listen on 127.0.0.1:{env.ports['submission']}")
+    env.server = None
+    # The port bound before the failing one was given back: a start now works.
+    await env.start()
+    assert await send_inbound(env) == 250

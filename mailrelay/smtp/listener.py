@@ -67,15 +67,11 @@ class Listeners:
         self._prefix = f"{os.getpid():x}"
         self._closed = False
 
-    async def start(self, port: Port, host: str = "", number: int = 0,
-                    sock: socket.socket | None = None) -> asyncio.Server:
-        """Listen on ``host``:``number``, or serve ``sock`` (bound by ``bind``, e.g. in the
-        main process for its SMTP workers)."""
+    async def start(self, port: Port, sock: socket.socket) -> asyncio.Server:
+        """Serve ``sock``, a listening socket from ``bind``."""
         ssl_context = self.backend.tls_context() if port is Port.SUBMISSION_TLS else None
         if port is Port.SUBMISSION_TLS and ssl_context is None:
             raise RuntimeError("submission_tls needs a certificate")
-        if sock is None:
-            sock = bind(host, number)
         server = await asyncio.start_server(
             lambda r, w: self._on_connect(port, r, w), sock=sock, ssl=ssl_context,
             ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if ssl_context else None,
@@ -139,6 +135,3 @@ class Listeners:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
-
-    def addresses(self) -> list[tuple[str, int]]:
-        return [s.getsockname()[:2] for server in self.servers for s in server.sockets]
