@@ -114,6 +114,8 @@ class Server:
             default_domain=config.domains[0] if config.domains else None,
             pipe_timeout=config.delivery.pipe_timeout, local_mda=config.delivery.local_mda,
             events=self.events,
+            # With SMTP workers this loop serves no session that a spawn could hold up.
+            inline_spawn=bool(config.workers),
         )
         items = await asyncio.to_thread(self.queue.load)
         for item in items:

@@ -66,6 +66,7 @@ class DeliveryManager:
         pipe_timeout: float = 60.0,
         local_mda: str | None = None,
         events: Events | None = None,
+        inline_spawn: bool = False,
     ):
         self.queue = queue
         self.events = events if events is not None else Events()
@@ -79,6 +80,8 @@ class DeliveryManager:
         self.default_domain = default_domain or reporting_mta
         self.pipe_timeout = pipe_timeout
         self.local_mda = local_mda
+        # Commands start on the loop's own thread: set when this loop serves no sessions.
+        self.inline_spawn = inline_spawn
         self.concurrency = concurrency
         self._heap: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}
@@ -236,7 +239,8 @@ class DeliveryManager:
         if pipes:
             batches.append(pipes)
             jobs.append(self._deliver_pipes(item.sender, pipes, spooled))
-        outcomes = await asyncio.gather(*jobs)
+        # One job (the usual case) is awaited as it is: gather would make it a task.
+        outcomes = [await jobs[0]] if len(jobs) == 1 else await asyncio.gather(*jobs)
         pairs = [pair for rcpts, results in zip(batches, outcomes, strict=True)
                  for pair in zip(rcpts, results, strict=True)]
         await self._record(item, pairs)
@@ -248,7 +252,8 @@ class DeliveryManager:
         for rcpt in rcpts:
             delivered, reply = await run_pipe(rcpt.command or "", message, sender=sender,
                                               recipient=rcpt.address,
-                                              timeout=self.pipe_timeout)
+                                              timeout=self.pipe_timeout,
+                                              inline_spawn=self.inline_spawn)
             outcome = _command_outcome(delivered)
             results.append(RecipientResult(rcpt.address, outcome, reply, "pipe"))
         return results
@@ -268,7 +273,8 @@ class DeliveryManager:
             if self.local_mda:
                 delivered, reply = await run_pipe(
                     mda_command(self.local_mda, mailbox), message, sender=sender,
-                    recipient=mailbox, timeout=self.pipe_timeout)
+                    recipient=mailbox, timeout=self.pipe_timeout,
+                    inline_spawn=self.inline_spawn)
                 outcome = _command_outcome(delivered)
                 results.append(RecipientResult(address, outcome, reply, "local"))
                 continue

@@ -37,9 +37,12 @@ class SpooledMessage:
 
 async def run_pipe(
     command: str, data: bytes | SpooledMessage, *, sender: str, recipient: str,
-    timeout: float = 60.0,
+    timeout: float = 60.0, inline_spawn: bool = False,
 ) -> tuple[bool | None, str]:
-    """(True, reply) delivered; (None, reply) retry later; (False, reply) failed for good."""
+    """(True, reply) delivered; (None, reply) retry later; (False, reply) failed for good.
+
+    ``inline_spawn``: start the command on the event loop's thread (``spawn``'s inline).
+    """
     try:
         argv = list(_split(command))
     except ValueError as exc:
@@ -49,7 +52,7 @@ async def run_pipe(
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SENDER": sender,
            "RECIPIENT": recipient, "HOME": "/"}
     try:
-        child = await _Child.start(argv, env, data)
+        child = await _Child.start(argv, env, data, inline_spawn)
     except OSError as exc:
         return None, f"451 4.3.0 cannot run {argv[0]}: {exc.strerror}"
     try:
@@ -112,7 +115,7 @@ class _Child:
 
     @classmethod
     async def start(cls, argv: list[str], env: dict[str, str],
-                    data: bytes | SpooledMessage) -> _Child:
+                    data: bytes | SpooledMessage, inline_spawn: bool = False) -> _Child:
         fds: list[int] = []
         try:
             err_read, err_write = _pipe(fds)
@@ -123,7 +126,7 @@ class _Child:
                 data = b""
             else:
                 stdin_read, stdin_write = _pipe(fds)
-            pid = await spawn(argv, env, stdin_read, err_write)
+            pid = await spawn(argv, env, stdin_read, err_write, inline_spawn)
         except BaseException:
             for fd in fds:
                 os.close(fd)
