@@ -6,6 +6,10 @@ which no other session can run, once per locally delivered message. glibc's
 ``posix_spawnp`` called through ctypes releases the GIL, so a worker thread starts the
 command while the event loop goes on. Where libc cannot be loaded that way, the
 standard call is used instead.
+
+An event loop that serves no SMTP session (the main process when workers serve them)
+starts commands itself, with the standard call: nobody waits for the GIL there, and it
+takes less CPU than either the ctypes call or the hand-off to a thread.
 """
 
 from __future__ import annotations
@@ -107,6 +111,11 @@ def spawn_blocking(argv: list[str], env: dict[str, str], stdin: int, stderr: int
     its fds 0 and 2 and /dev/null as 1; return its pid. Raises OSError when it cannot run."""
     if _libc is not None:
         return _spawn_libc(_libc, argv, env, stdin, stderr)
+    return _spawn_os(argv, env, stdin, stderr)
+
+
+def _spawn_os(argv: list[str], env: dict[str, str], stdin: int, stderr: int) -> int:
+    """``spawn_blocking`` through ``os.posix_spawnp``, which holds the GIL meanwhile."""
     return os.posix_spawnp(argv[0], argv, env, setsid=True, setsigdef=_DEFAULT_SIGNALS,
                            setsigmask=(), file_actions=[
                                (os.POSIX_SPAWN_DUP2, stdin, 0),
@@ -121,14 +130,15 @@ async def spawn(argv: list[str], env: dict[str, str], stdin: int, stderr: int,
     If the caller is cancelled meanwhile, the command is killed and reaped once it has
     started, so no orphan is left behind.
 
-    ``inline``: call it on this thread instead, for an event loop that serves no SMTP
-    sessions (the main process when workers serve them). The loop then waits the
-    0.1-0.5 ms until the child has called exec, but the hand-off to a thread costs more
-    CPU than that (about 0.15 ms per command, measured): a thread's future, its wake-up
-    and the GIL changing hands around each ctypes call.
+    ``inline``: start it on this thread with ``os.posix_spawnp``, for an event loop that
+    serves no SMTP sessions. The loop then waits until the child has called exec
+    (0.1-1 ms), but uses less CPU: in the profiling harness the main process went from
+    about 1.3 to 0.85 ms per locally delivered message. The hand-off to a thread costs a
+    future, a wake-up and the GIL changing hands around each ctypes call, and the ctypes
+    call itself about 125 µs of CPU against 75 µs for os.posix_spawnp.
     """
     if inline:
-        return spawn_blocking(argv, env, stdin, stderr)
+        return _spawn_os(argv, env, stdin, stderr)
     started = _pool.submit(spawn_blocking, argv, env, stdin, stderr)
     try:
         return await asyncio.shield(asyncio.wrap_future(started))
