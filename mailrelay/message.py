@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
+import time
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
 
@@ -22,13 +24,24 @@ def received_header(
              f"\tby {hostname} (mailrelay) with {protocol} id {queue_id}"]
     if tls:
         lines.append(f"\t({' '.join(_clean(part, 100) for part in tls.split())})")
-    date = email.utils.formatdate(now, localtime=False, usegmt=False)
+    date = rfc5322_date(time.time() if now is None else now)
     if recipient and "\r" not in recipient and "\n" not in recipient:
         lines.append(f"\tfor <{recipient}>; {date}")
     else:
         lines[-1] += ";"
         lines.append(f"\t{date}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=4)
+def _rfc5322_date_of(second: int) -> str:
+    return email.utils.formatdate(second, localtime=False, usegmt=False)
+
+
+def rfc5322_date(when: float) -> str:
+    """``Sat, 28 Nov 2026 10:47:00 -0000``: the same for every message of one second, so
+    it is formatted once per second rather than once per message."""
+    return _rfc5322_date_of(int(when))
 
 
 def protocol_name(esmtp: bool, tls: bool, authenticated: bool) -> str:
