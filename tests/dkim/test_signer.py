@@ -230,6 +230,26 @@ def test_header_edge_cases():
     assert b"list-id" in names and all(name.isascii() for name in names)
 
 
+def test_header_names_and_folding_edge_cases():
+    # A name folded away from its colon makes no field; "List-" alone is a list-* name;
+    # a value's leading folding goes; VT is not WSP.
+    names, canonical = signer._signed_headers(
+        b"Subject\r\n : x\r\nList-: y\r\nTo:\r\n \r\n\tz \r\nFROM : a\x0b\r\n b")
+    assert canonical == b"list-:y\r\nto:z\r\nfrom:a\x0b b\r\n"
+    assert names[:5] == (b"list-", b"to", b"to", b"from", b"from")
+
+
+def test_body_with_a_long_part_without_spaces():
+    # What follows the last SP or HTAB, when long, skips the whitespace work: both sides
+    # of that point must still come out right.
+    base64_lines = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2\r\n" * 20
+    for body in (b"two  spaces, a trailing one \r\n\t\r\n" + base64_lines,
+                 b"a \r\n" + base64_lines + b"\r\n\r\n",
+                 b"x \t" + base64_lines,
+                 b" \r\n" + base64_lines + b" \r\n" + base64_lines):
+        assert canonical_body(body) == Relaxed.canonicalize_body(body), body[:40]
+
+
 def test_signs_what_aiosmtplib_transmits(key, dnsfunc):
     from aiosmtplib.protocol import LINE_ENDINGS_REGEX
     message = b"From: a@example.com\rSubject: bare\n CR and LF\r\n\r\nx \ry\n\n"
