@@ -505,6 +505,8 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~\x80-\U0010ffff]+")
 
 
 def _value(text: str) -> str:
+    if _TOKEN.fullmatch(text):  # the usual case; a token has no control characters
+        return text
     text = "".join(ch for ch in text if ch >= " " and ch != "\x7f")
     if _TOKEN.fullmatch(text):
         return text
