@@ -263,6 +263,15 @@ class Session:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() == 0 and self.writer.get_extra_info(
+                "ssl_object") is None:
+            # Nothing left to send and no TLS close to exchange: the socket closes on the
+            # loop's next turn, so two bounded waits (a task and a timer each) buy nothing.
+            self.writer.close()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self.writer.wait_closed()
+            return
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await asyncio.wait_for(self.writer.drain(), 5)
         self.writer.close()
