@@ -76,6 +76,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.ports import free_port
 from bench.report import emit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -384,12 +385,6 @@ DISCARD_MDA = """#!/bin/sh
 cat >/dev/null || exit 75
 printf x >>"$1"
 """
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class DNSServer:

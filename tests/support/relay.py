@@ -4,7 +4,6 @@ a DNS server, certificates from a test CA, and SMTP sinks for remote MX hosts.""
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ import aiosmtplib
 import trustme
 import yaml
 
+from bench.ports import free_port
 from mailrelay.config import load_config
 from mailrelay.server import Server
 from mailrelay.users import UserDB
@@ -22,12 +22,6 @@ from tests.support.sink import Sink
 HOSTNAME = "mail.example.com"
 USER = "me@example.com"
 PASSWORD = "correct horse battery staple"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
