@@ -263,20 +263,17 @@ class Session:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        transport = self.writer.transport
-        if transport.get_write_buffer_size() == 0 and self.writer.get_extra_info(
-                "ssl_object") is None:
-            # Nothing left to send and no TLS close to exchange: the socket closes on the
-            # loop's next turn, so two bounded waits (a task and a timer each) buy nothing.
-            self.writer.close()
+        # With nothing left to send and no TLS close to exchange, the socket closes on the
+        # loop's next turn: bounding the waits (a task and a timer each) buys nothing.
+        bounded = (self.writer.transport.get_write_buffer_size() > 0
+                   or self.writer.get_extra_info("ssl_object") is not None)
+        if bounded:
             with contextlib.suppress(Exception, asyncio.CancelledError):
-                await self.writer.wait_closed()
-            return
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.wait_for(self.writer.drain(), 5)
+                await asyncio.wait_for(self.writer.drain(), 5)
         self.writer.close()
         with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.wait_for(self.writer.wait_closed(), 5)
+            closed = self.writer.wait_closed()
+            await (asyncio.wait_for(closed, 5) if bounded else closed)
 
     async def handle_line(self, raw: bytes) -> None:
         if b"\x00" in raw:
