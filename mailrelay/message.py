@@ -61,5 +61,5 @@ def submission_fixups(
     if "message-id" not in present:
         added += f"Message-ID: {email.utils.make_msgid(domain=domain)}\r\n".encode()
     if "date" not in present:
-        added += f"Date: {email.utils.formatdate(now, localtime=False)}\r\n".encode()
+        added += f"Date: {rfc5322_date(time.time() if now is None else now)}\r\n".encode()
     return added

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import email.utils
 
-from mailrelay.message import received_header, rfc5322_date
+from mailrelay.message import received_header, rfc5322_date, submission_fixups
 
 WHEN = 1_795_000_000.75  # a fraction of a second: the date shows whole seconds
 
@@ -35,3 +35,10 @@ def test_received_header_cleans_what_the_client_said_and_leaves_out_odd_recipien
     assert lines[0] == "Received: from evil??x???X-Forged:?1 ([192.0.2.7])"
     assert lines[1].endswith("id 1;") and "for <" not in header.decode()
     assert lines[2] == "\t" + email.utils.formatdate(WHEN, localtime=False)
+
+
+def test_submission_fixups_add_a_missing_date_and_message_id_only():
+    added = submission_fixups([("From", "me@example.com")], "example.com", now=WHEN).decode()
+    assert f"Date: {email.utils.formatdate(WHEN, localtime=False)}\r\n" in added
+    assert added.startswith("Message-ID: <") and added.count("@example.com>") == 1
+    assert submission_fixups([("DATE", "x"), ("message-id", "<y@z>")], "example.com") == b""
