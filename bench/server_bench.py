@@ -29,12 +29,16 @@ starts. Per scenario and server:
 - DATA->250 latency p50/p99: from sending DATA to the 250 after the final dot (the 354
   round trip and the body included); MAIL->250 p50: the whole transaction;
 - server CPU ms/msg: utime+stime of the server process (all its threads) and of its SMTP
-  worker processes (mailrelay's long-lived children running mailrelay.worker), from before
-  the first message until every message was delivered, so delivery work is included;
-  the MDA processes it ran (reaped children, cutime+cstime) are shown apart ("MDA CPU");
+  worker processes (mailrelay's long-lived children running mailrelay.worker), from the
+  moment the clock starts (the sessions' TLS and AUTH left out) until every message was
+  delivered, so delivery work is included; the MDA processes it ran (reaped children,
+  cutime+cstime) are shown apart ("MDA CPU");
 - peak RSS: VmHWM of the server process plus that of each SMTP worker, each reset before
   each measurement (clear_refs);
-- client CPU ms/msg: the load generator's own CPU, to see when it is the bottleneck.
+- client CPU ms/msg: the load generator's own CPU, to see when it is the bottleneck;
+- machine busy %: how busy all the machine's CPUs were over the same span (/proc/stat).
+  Near 100 %, the rate is set by the CPU every part spends per message (server, MDA,
+  load generator, kernel), not by waiting.
 
 The servers take turns (a measurement of one, then the same of the other, the order
 flipping every time) for --repeat rounds; the medians are reported with the ratio
@@ -242,8 +246,9 @@ class Load:
     """Runs one scenario against one server's ports and collects the timings."""
 
     def __init__(self, host: str, port: int, scenario: Scenario, sender: str,
-                 tls: ssl.SSLContext | None):
+                 tls: ssl.SSLContext | None, on_start: Callable[[], None] = lambda: None):
         self.host = host
+        self.on_start = on_start  # called when the clock starts (sessions set up)
         self.port = port
         self.scenario = scenario
         self.sender = sender
@@ -287,10 +292,12 @@ class Load:
         numbers = [range(worker * scenario.per_connection, (worker + 1) * scenario.per_connection)
                    for worker in range(scenario.connections)]
         if scenario.reconnect:
+            self.on_start()
             await asyncio.gather(*(self._one_per_message(n) for n in numbers))
         else:
             # Sessions first (TLS and AUTH included), then the clock starts.
             clients = await asyncio.gather(*(self.open() for _ in numbers))
+            self.on_start()
             await asyncio.gather(*(self._many(c, n) for c, n in zip(clients, numbers,
                                                                      strict=True)))
         return self.result
@@ -659,21 +666,28 @@ async def wait_delivered(server: Server, target: int, timeout: float) -> float |
 async def measure(server: Server, scenario: Scenario, tls: ssl.SSLContext) -> dict[str, Any]:
     port = server.ports[scenario.port]
     submission = scenario.port == "submission"
-    load = Load("127.0.0.1", port, scenario, USER if submission else SENDER,
-                tls if submission else None)
     base = server.delivered()
     # The server's processes as they are now; one that is gone at the end is left out.
     pids = server.processes()
     rss_before = sum_kib(pids, "VmRSS")
     hwm_reset = all([reset_hwm(pid) for pid in pids])  # a list: reset every one
-    cpu_before = own_cpu(pids)
-    children_before = proc_cpu(server.pid)[1]
-    client_before = time.process_time()
+    before: dict[str, Any] = {}
+
+    def clock_started() -> None:
+        # CPU is counted from here: connection set-up before the clock (TLS handshakes,
+        # AUTH's scrypt) is left out, as it is of the rates.
+        before.update(cpu=own_cpu(pids), children=proc_cpu(server.pid)[1],
+                      client=time.process_time(), machine=machine_ticks())
+
+    load = Load("127.0.0.1", port, scenario, USER if submission else SENDER,
+                tls if submission else None, on_start=clock_started)
     result = await asyncio.wait_for(load.run(), 120 + scenario.messages)
-    client_cpu = time.process_time() - client_before
+    client_cpu = time.process_time() - before["client"]
     done = await wait_delivered(server, base + result.accepted, 60 + scenario.messages * 0.5)
     await asyncio.sleep(0.05)  # let the last MDA be reaped, so children's CPU is counted
+    machine_after = machine_ticks()
     children_after = proc_cpu(server.pid)[1]
+    cpu_before, children_before = before["cpu"], before["children"]
     cpu_after = own_cpu(pids)
     alive = [pid for pid in pids if pid in cpu_before and pid in cpu_after]
     cpu = sum(cpu_after[pid] - cpu_before[pid] for pid in alive)
@@ -698,11 +712,26 @@ async def measure(server: Server, scenario: Scenario, tls: ssl.SSLContext) -> di
         "server_cpu_ms_per_msg": cpu * 1000 / count,
         "mda_cpu_ms_per_msg": (children_after - children_before) * 1000 / count,
         "client_cpu_ms_per_msg": client_cpu * 1000 / count,
+        "machine_busy_pct": busy_percent(before["machine"], machine_after),
         "rss_before_kib": rss_before,
         "peak_rss_kib": sum_kib(alive),
         "peak_rss_per_measurement": hwm_reset,
         "server_processes": len(alive),
     }
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs so far, from /proc/stat's "cpu" line; idle
+    and iowait are not busy (steal, guest are left out of both)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    total = sum(fields)  # user nice system idle iowait irq softirq
+    return total - fields[3] - fields[4], total
+
+
+def busy_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """How busy the machine's CPUs were between two ``machine_ticks``, in percent."""
+    total = after[1] - before[1]
+    return 100.0 * (after[0] - before[0]) / total if total > 0 else math.nan
 
 
 def own_cpu(pids: Sequence[int]) -> dict[int, float]:
@@ -728,11 +757,14 @@ def sum_kib(pids: Sequence[int], key: str = "VmHWM") -> int | None:
 
 METRICS = ("accepted_per_s", "e2e_per_s", "latency_p50_ms", "latency_p99_ms",
            "transaction_p50_ms", "server_cpu_ms_per_msg", "mda_cpu_ms_per_msg",
-           "client_cpu_ms_per_msg")
+           "client_cpu_ms_per_msg", "machine_busy_pct")
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    summary: dict[str, Any] = {m: statistics.median(r[m] for r in runs) for m in METRICS}
+    # A figure older reports (--render) lack is None.
+    summary: dict[str, Any] = {
+        m: statistics.median(values) if (values := [r[m] for r in runs if m in r]) else None
+        for m in METRICS}
     # The median like every other figure; memory a server keeps from earlier scenarios
     # (after AUTH, scrypt's buffers) is part of what it costs, and rss_before_kib says how
     # much of a peak was there before the scenario started.
@@ -868,7 +900,8 @@ def summarise_report(report: dict[str, Any]) -> dict[str, Any]:
             ours, theirs = entry["mailrelay"]["median"], entry["chasquid"]["median"]
             entry["ratio_mailrelay_to_chasquid"] = {
                 m: ours[m] / theirs[m] if theirs[m] else None
-                for m in (*METRICS, "peak_rss_kib") if ours[m] is not None
+                for m in (*METRICS, "peak_rss_kib")
+                if m != "machine_busy_pct" and ours[m] is not None
                 and theirs[m] is not None}
     sweep = report["sweep"]
     for name in names:
@@ -885,8 +918,9 @@ def notes(absent: str | None) -> list[str]:
         "transaction, from sending MAIL FROM (chasquid checks SPF there, mailrelay after the "
         "data). Ratios above 1 are better for mailrelay only in the msg/s columns.",
         "server CPU: utime+stime of the server process (all threads) plus that of its SMTP "
-        "worker processes (mailrelay's long-lived children, when it runs any), from before "
-        "the first message until the MDA counted the last one; the MDA processes (reaped "
+        "worker processes (mailrelay's long-lived children, when it runs any), from the "
+        "moment the clock starts (sessions, TLS and AUTH already set up) until the MDA "
+        "counted the last one; the MDA processes (reaped "
         "children, cutime+cstime: sh + cat, the same script for both) are the 'MDA CPU' "
         "column, not included in server CPU.",
         "peak RSS: the sum of VmHWM over the server process and its SMTP worker processes, "
@@ -937,8 +971,8 @@ def table(report: dict[str, Any]) -> str:
     rows = [
         "| scenario | server | accepted msg/s | e2e msg/s | DATA→250 p50 ms | p99 ms | "
         "MAIL→250 p50 ms | server CPU ms/msg | MDA CPU ms/msg | peak RSS MiB | "
-        "client CPU ms/msg | msgs (failed) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "client CPU ms/msg | machine busy % | msgs (failed) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, entry in report["results"].items():
         for server in names:
@@ -950,6 +984,7 @@ def table(report: dict[str, Any]) -> str:
                 f"| {_fmt(m['transaction_p50_ms'], 2)} "
                 f"| {_fmt(m['server_cpu_ms_per_msg'], 2)} | {_fmt(m['mda_cpu_ms_per_msg'], 2)} "
                 f"| {_fmt(rss)} | {_fmt(m['client_cpu_ms_per_msg'], 2)} "
+                f"| {_fmt(m.get('machine_busy_pct'), 0)} "
                 f"| {m['accepted']}/{m['messages']} ({m['errors']}) |")
         ratio = entry.get("ratio_mailrelay_to_chasquid")
         if ratio:
@@ -959,7 +994,7 @@ def table(report: dict[str, Any]) -> str:
                 f"| {_fmt(ratio.get('latency_p99_ms'), 2)}x "
                 f"| {_fmt(ratio.get('transaction_p50_ms'), 2)}x "
                 f"| {_fmt(ratio.get('server_cpu_ms_per_msg'), 2)}x | "
-                f"| {_fmt(ratio.get('peak_rss_kib'), 2)}x | | |")
+                f"| {_fmt(ratio.get('peak_rss_kib'), 2)}x | | | |")
     lines = ["## Whole server: mailrelay vs chasquid (loopback)", "", *rows, ""]
     for name, entry in report["results"].items():
         lines.append(f"- **{name}**: {entry['title']}")

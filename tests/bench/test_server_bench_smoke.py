@@ -39,6 +39,10 @@ def test_small_parts():
     with pytest.raises(ValueError):
         server_bench.check_loopback("10.0.0.1")
     server_bench.check_loopback("127.0.0.153")
+    busy, total = server_bench.machine_ticks()
+    assert 0 <= busy <= total
+    assert server_bench.busy_percent((100, 1000), (150, 1100)) == 50.0
+    assert server_bench.busy_percent((busy, total), (busy, total)) != 0  # nan: no time passed
     base = server_bench.SCENARIOS[0]
     points = server_bench.sweep_scenarios((1, 10, 32), base)
     assert points[1] is base  # the point equal to scenario a is scenario a
@@ -66,6 +70,7 @@ def check_report(report: dict, scenarios: list[Scenario]) -> None:
             assert 0 < run["e2e_per_s"] <= run["accepted_per_s"]
             assert 0 < run["latency_p50_ms"] <= run["latency_p99_ms"]
             assert run["server_cpu_ms_per_msg"] >= 0 and run["mda_cpu_ms_per_msg"] >= 0
+            assert 0 <= run["machine_busy_pct"] <= 100
             assert run["peak_rss_kib"] > 1024 and run["peak_rss_per_measurement"]
             median = entry[name]["median"]
             for metric in (*server_bench.METRICS, "peak_rss_kib", "rss_before_kib"):
@@ -105,6 +110,44 @@ def test_run_bench_briefly(tmp_path):
     assert server_bench.main(["--render", str(results / "server.json"),
                               "--results", str(again)]) == 0
     assert (again / "server.md").read_text() == (results / "server.md").read_text()
+
+
+def test_render_of_a_report_without_machine_busy(tmp_path):
+    """Reports written before the busy column render with "-" there."""
+    run = {m: 1.0 for m in server_bench.METRICS if m != "machine_busy_pct"}
+    run.update(peak_rss_kib=2048, rss_before_kib=1024, messages=4, accepted=4, delivered=4,
+               errors=0)
+    median = server_bench.summarise([run])
+    assert median["machine_busy_pct"] is None and median["accepted_per_s"] == 1.0
+
+
+def test_cpu_is_counted_from_the_clock_start(tmp_path, monkeypatch):
+    """Set-up before the clock (AUTH's scrypt) is not in the per-message CPU: the
+    snapshot is taken by Load's on_start, after the sessions are open."""
+    calls = []
+    real_open = server_bench.Load.open
+
+    async def open_and_note(self):
+        client = await real_open(self)
+        calls.append("open")
+        return client
+
+    monkeypatch.setattr(server_bench.Load, "open", open_and_note)
+    real_init = server_bench.Load.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        on_start = self.on_start
+        self.on_start = lambda: (calls.append("start"), on_start())
+
+    monkeypatch.setattr(server_bench.Load, "__init__", init)
+    work = tmp_path / "work"
+    work.mkdir()
+    scenario = replace(TINY[1], connections=2, per_connection=1)  # b: STARTTLS + AUTH
+    server_bench.run_bench(work, repeat=1, with_chasquid=False, scenarios=[scenario],
+                           sweep=(), sweep_messages=0)
+    # The warm-up (1 connection), then the measurement (2): each opens, then starts.
+    assert calls == ["open", "start", "open", "open", "start"]
 
 
 def test_main_without_chasquid(tmp_path, monkeypatch, capsys):
