@@ -66,7 +66,6 @@ class DeliveryManager:
         pipe_timeout: float = 60.0,
         local_mda: str | None = None,
         events: Events | None = None,
-        inline_spawn: bool = False,
     ):
         self.queue = queue
         self.events = events if events is not None else Events()
@@ -80,8 +79,6 @@ class DeliveryManager:
         self.default_domain = default_domain or reporting_mta
         self.pipe_timeout = pipe_timeout
         self.local_mda = local_mda
-        # Commands start on the loop's own thread: set when this loop serves no sessions.
-        self.inline_spawn = inline_spawn
         self.concurrency = concurrency
         self._heap: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}
@@ -252,8 +249,7 @@ class DeliveryManager:
         for rcpt in rcpts:
             delivered, reply = await run_pipe(rcpt.command or "", message, sender=sender,
                                               recipient=rcpt.address,
-                                              timeout=self.pipe_timeout,
-                                              inline_spawn=self.inline_spawn)
+                                              timeout=self.pipe_timeout)
             outcome = _command_outcome(delivered)
             results.append(RecipientResult(rcpt.address, outcome, reply, "pipe"))
         return results
@@ -273,8 +269,7 @@ class DeliveryManager:
             if self.local_mda:
                 delivered, reply = await run_pipe(
                     mda_command(self.local_mda, mailbox), message, sender=sender,
-                    recipient=mailbox, timeout=self.pipe_timeout,
-                    inline_spawn=self.inline_spawn)
+                    recipient=mailbox, timeout=self.pipe_timeout)
                 outcome = _command_outcome(delivered)
                 results.append(RecipientResult(address, outcome, reply, "local"))
                 continue

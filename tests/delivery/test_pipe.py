@@ -89,11 +89,10 @@ async def test_killed_by_a_signal_is_retried():
     assert delivered is None and "signal 9" in reply
 
 
-@pytest.mark.parametrize("inline", [False, True], ids=["thread", "inline"])
-async def test_cancelling_kills_the_command_and_leaves_no_zombie(tmp_path, inline):
+async def test_cancelling_kills_the_command_and_leaves_no_zombie(tmp_path):
     pid_file = tmp_path / "pid"
     task = asyncio.create_task(run_pipe(f"sh -c 'echo $$ > {pid_file}; exec sleep 30'", b"",
-                                        sender="", recipient="a@x", inline_spawn=inline))
+                                        sender="", recipient="a@x"))
     for _ in range(200):
         await asyncio.sleep(0.01)
         if pid_file.exists() and pid_file.read_text().strip():
@@ -109,10 +108,9 @@ async def test_cancelling_kills_the_command_and_leaves_no_zombie(tmp_path, inlin
     assert not os.path.exists(f"/proc/{pid}")
 
 
-@pytest.mark.parametrize("inline", [False, True], ids=["thread", "inline"])
-async def test_many_commands_at_once_each_get_their_own_status(inline):
+async def test_many_commands_at_once_each_get_their_own_status():
     results = await asyncio.gather(*(
         run_pipe(f"sh -c 'cat >/dev/null; exit {n % 3 and 75}'", b"m" * 10_000, sender="",
-                 recipient="a@x", inline_spawn=inline) for n in range(30)))
+                 recipient="a@x") for n in range(30)))
     assert [delivered for delivered, _ in results] == [
         None if n % 3 else True for n in range(30)]
