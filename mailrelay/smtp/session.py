@@ -20,7 +20,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from .parse import Path, SyntaxErrorReply, decode_xtext, parse_path, split_command
-from .stream import ClientGone, LineTooLong, SMTPStream
+from .stream import ClientGone, ClientTimeout, LineTooLong, SMTPStream
 
 if TYPE_CHECKING:
     from ..events import Events
@@ -112,6 +112,9 @@ class CloseSession(Exception):
 
 
 class Session:
+    """One client connection, from the greeting to the close: reads commands, answers
+    them, and asks the ``Backend`` for every decision of policy."""
+
     def __init__(
         self,
         backend: Backend,
@@ -121,7 +124,7 @@ class Session:
         session_id: str,
     ):
         self.backend = backend
-        self.stream = SMTPStream(reader)
+        self.stream = SMTPStream(reader, backend.command_timeout)
         self.writer = writer
         peer = writer.get_extra_info("peername") or ("?", 0)
         self.info = SessionInfo(port=port, peer_ip=peer[0], peer_port=peer[1],
@@ -136,15 +139,7 @@ class Session:
         # Shutdown: a session waiting for its next command outside a transaction is told
         # 421 and closed at once; one inside a transaction may finish it first.
         self._shutdown = False
-        self._idle_task: asyncio.Task | None = None
-        # The command timeout: one deadline moved forward at each read, and one timer
-        # that wakes at most once per timeout period (an asyncio.timeout per line cost
-        # several percent of the CPU of a message).
-        self._loop = asyncio.get_running_loop()
-        self._deadline = 0.0
-        self._watchdog: asyncio.TimerHandle | None = None
-        self._waiting_task: asyncio.Task | None = None
-        self._timed_out = False
+        self._idle = False
         self._note_tls()
 
     # -- plumbing -------------------------------------------------------------
@@ -185,8 +180,11 @@ class Session:
     def shutdown(self) -> None:
         """The server is stopping (RFC 5321 3.8: 421 is allowed at any time)."""
         self._shutdown = True
-        if self._idle_task is not None:
-            self._idle_task.cancel()
+        if self._idle:
+            # Waiting for a command, with every reply sent: say goodbye and close; the
+            # read then ends (ClientGone) and the session with it.
+            self.send(self._closing_reply())
+            self.writer.close()
 
     def _closing_reply(self) -> str:
         return f"421 4.3.2 {self.backend.hostname} Service shutting down, closing"
@@ -198,41 +196,11 @@ class Session:
             raise CloseSession(self._closing_reply())
         if not self.stream.has_buffered_input():
             await self.flush()
-        task = asyncio.current_task()
-        self._deadline = self._loop.time() + self.backend.command_timeout
-        if self._watchdog is None:
-            self._watchdog = self._loop.call_at(self._deadline, self._watch)
-        self._waiting_task = task
-        if idle:
-            self._idle_task = task
+        self._idle = idle
         try:
             return await self.stream.readline(limit)
-        except asyncio.CancelledError:
-            if self._timed_out:
-                self._timed_out = False
-                if task is not None:
-                    task.uncancel()
-                raise CloseSession(f"421 4.4.2 {self.backend.hostname} Timeout, closing"
-                                   ) from None
-            if not (idle and self._shutdown):
-                raise
-            if task is not None:
-                task.uncancel()
-            raise CloseSession(self._closing_reply()) from None
         finally:
-            self._waiting_task = None
-            self._idle_task = None
-
-    def _watch(self) -> None:
-        """The watchdog's timer: cut off a read that has waited past the deadline."""
-        self._watchdog = None
-        if self._waiting_task is None:
-            return  # not waiting for the client: the next read re-arms it
-        if self._loop.time() < self._deadline:
-            self._watchdog = self._loop.call_at(self._deadline, self._watch)
-            return
-        self._timed_out = True
-        self._waiting_task.cancel()
+            self._idle = False
 
     # -- main loop ------------------------------------------------------------
 
@@ -251,6 +219,8 @@ class Session:
         except CloseSession as close:
             if close.reply:
                 self.send(close.reply)
+        except ClientTimeout:
+            self.send(f"421 4.4.2 {self.backend.hostname} Timeout, closing")
         except (ClientGone, ConnectionError, ssl.SSLError):
             pass
         except Exception:
@@ -260,9 +230,6 @@ class Session:
             await self._close()
 
     async def _close(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
         # With nothing left to send and no TLS close to exchange, the socket closes on the
         # loop's next turn: bounding the waits (a task and a timer each) buys nothing.
         bounded = (self.writer.transport.get_write_buffer_size() > 0
@@ -582,13 +549,8 @@ class Session:
         self.send("354 End data with <CR><LF>.<CR><LF>")
         await self.flush()
         started = time.monotonic()
-        try:
-            # A slow sender gets the whole command timeout for each chunk's silence,
-            # but not forever: DATA as a whole is bounded too.
-            async with asyncio.timeout(max(self.backend.command_timeout * 4, 60)):
-                result = await self.stream.read_data(self.backend.max_message_size)
-        except TimeoutError:
-            raise CloseSession(f"421 4.4.2 {self.backend.hostname} Timeout, closing") from None
+        # Each read waits at most command_timeout (the stream's idle timeout).
+        result = await self.stream.read_data(self.backend.max_message_size)
         envelope, self.envelope = self.envelope, Envelope()
         if result.body is None:
             self.send("552 5.3.4 Message size exceeds fixed maximum message size")

@@ -22,6 +22,10 @@ class ClientGone(Exception):
     """The client closed the connection."""
 
 
+class ClientTimeout(Exception):
+    """The client sent nothing for the idle timeout."""
+
+
 @dataclass
 class DataResult:
     body: bytes | None  # None when the message was over the size limit (and discarded)
@@ -29,8 +33,12 @@ class DataResult:
 
 
 class SMTPStream:
-    def __init__(self, reader: asyncio.StreamReader):
+    """The client's side of a session: command lines and DATA, each read from the socket
+    bounded by ``idle_timeout`` (seconds of silence, also within DATA)."""
+
+    def __init__(self, reader: asyncio.StreamReader, idle_timeout: float):
         self.reader = reader
+        self.idle_timeout = idle_timeout
         self.buffer = bytearray()
 
     def has_buffered_input(self) -> bool:
@@ -39,11 +47,18 @@ class SMTPStream:
     def discard_buffer(self) -> None:
         self.buffer.clear()
 
-    async def _fill(self) -> None:
-        chunk = await self.reader.read(READ_CHUNK)
+    async def _read(self) -> bytes:
+        try:
+            async with asyncio.timeout(self.idle_timeout):
+                chunk = await self.reader.read(READ_CHUNK)
+        except TimeoutError:
+            raise ClientTimeout() from None
         if not chunk:
             raise ClientGone()
-        self.buffer += chunk
+        return chunk
+
+    async def _fill(self) -> None:
+        self.buffer += await self._read()
 
     async def readline(self, limit: int) -> bytes:
         """One line without its line ending (LF or CRLF). Over ``limit``: LineTooLong."""
@@ -105,10 +120,7 @@ class SMTPStream:
                 received += len(data) - len(END_OF_DATA)
                 del data[: len(data) - len(END_OF_DATA)]
             search_from = max(0, len(data) - len(END_OF_DATA) + 1)
-            chunk = await self.reader.read(READ_CHUNK)
-            if not chunk:
-                raise ClientGone()
-            data += chunk
+            data += await self._read()
         if b"\r\n." in body:
             body = body.replace(b"\r\n.", b"\r\n")
         if body.startswith(b"."):

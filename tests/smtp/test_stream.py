@@ -32,14 +32,14 @@ def stream_of(*pieces: bytes, eof: bool = False) -> SMTPStream:
         reader.feed_data(piece)
     if eof:
         reader.feed_eof()
-    return SMTPStream(reader)
+    return SMTPStream(reader, 30)
 
 
 def trickle_stream(data: bytes, chunk: int) -> SMTPStream:
     reader = TrickleReader(chunk)
     reader.feed_data(data)
     reader.feed_eof()
-    return SMTPStream(reader)
+    return SMTPStream(reader, 30)
 
 
 async def feed_byte_by_byte(reader: asyncio.StreamReader, data: bytes) -> None:
@@ -50,7 +50,7 @@ async def feed_byte_by_byte(reader: asyncio.StreamReader, data: bytes) -> None:
 
 async def read_data_fed_byte_by_byte(data: bytes, max_size: int) -> tuple[DataResult, SMTPStream]:
     reader = asyncio.StreamReader()
-    stream = SMTPStream(reader)
+    stream = SMTPStream(reader, 30)
     task = asyncio.create_task(stream.read_data(max_size))
     await feed_byte_by_byte(reader, data)
     reader.feed_eof()
@@ -91,7 +91,7 @@ async def test_readline_keeps_pipelined_input_buffered():
 
 async def test_readline_line_split_across_feeds():
     reader = asyncio.StreamReader()
-    stream = SMTPStream(reader)
+    stream = SMTPStream(reader, 30)
     task = asyncio.create_task(stream.readline(100))
     await feed_byte_by_byte(reader, b"NOOP hello\r\nQUIT\r\n")
     assert await asyncio.wait_for(task, 5) == b"NOOP hello"
@@ -112,7 +112,7 @@ async def test_readline_within_limit():
 
 async def test_readline_longer_than_limit_arriving_in_pieces():
     reader = asyncio.StreamReader()
-    stream = SMTPStream(reader)
+    stream = SMTPStream(reader, 30)
     task = asyncio.create_task(stream.readline(50))
     for _ in range(20):
         reader.feed_data(b"Z" * 30)
