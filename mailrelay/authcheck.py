@@ -8,8 +8,8 @@ at the first DKIM signature only and lets DNS errors escape. The organisational 
 comes from publicsuffix2 with a list loaded once from disk, never downloaded.
 
 Every lookup goes to the configured nameservers (``DNSSettings``) through one blocking
-dnspython resolver, and all the lookups of one message share one time budget. The
-checks block: run them in a worker thread.
+dnspython resolver (the server's, sharing its cache), and all the lookups of one message
+share one time budget. The checks block: run them in a thread.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import logging
 import re
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 from publicsuffix2 import PublicSuffixList
 
 from .config import DNSSettings
-from .dnsresolver import make_resolver
+from .dnsresolver import blocking_twin, make_resolver
 from .headers import addresses, get_all, parse_headers
 
 log = logging.getLogger("mailrelay.authcheck")
@@ -59,61 +58,15 @@ class DNSTempError(Exception):
     """No answer from DNS (timeout, SERVFAIL, unreachable, time budget spent)."""
 
 
-class NeedsLookup(BaseException):
-    """A cache-only check met a name that is not in the answer cache.
-
-    A BaseException, like CancelledError: pyspf, dkimpy and our own guards catch
-    Exception around DNS callbacks, and must not turn "not cached" into a result."""
-
-
-class AnswerCache:
-    """Answers (and "does not exist") by name and type, kept for their TTL.
-
-    With it a check can first run on the event loop using only what is known, and go to a
-    thread for network lookups only when something is missing (``cache_only``): mail from
-    one sender domain arrives in bursts, and a thread hand-off costs more than the check.
-    """
-
-    NEGATIVE_TTL = 60.0  # for names or types that do not exist
-
-    def __init__(self, size: int = 10_000):
-        self.size = size
-        self._entries: OrderedDict[tuple[str, str], tuple[float, dns.resolver.Answer | None]] \
-            = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, str]) -> tuple[bool, dns.resolver.Answer | None]:
-        """(found, answer)."""
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return False, None
-            if entry[0] <= time.time():
-                del self._entries[key]
-                return False, None
-            self._entries.move_to_end(key)
-            return True, entry[1]
-
-    def put(self, key: tuple[str, str], answer: dns.resolver.Answer | None) -> None:
-        expires = answer.expiration if answer is not None else time.time() + self.NEGATIVE_TTL
-        with self._lock:
-            self._entries[key] = (expires, answer)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-
-
 class DNSLookup:
     """Blocking lookups at the configured nameservers, all within one deadline."""
 
     def __init__(self, settings: DNSSettings, budget: float | None = None,
-                 resolver: dns.resolver.Resolver | None = None,
-                 cache: AnswerCache | None = None, cache_only: bool = False):
-        self.resolver = resolver if resolver is not None else _sync_resolver(settings)
+                 resolver: dns.resolver.Resolver | None = None):
+        self.resolver = (resolver if resolver is not None
+                         else blocking_twin(make_resolver(settings)))
         self.per_lookup = settings.timeout
         self.deadline = time.monotonic() + (2 * settings.timeout if budget is None else budget)
-        self.cache = cache
-        self.cache_only = cache_only
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -121,20 +74,6 @@ class DNSLookup:
     def resolve(self, name: str, rdtype: str, timeout: float | None = None
                 ) -> dns.resolver.Answer | None:
         """The answer, or None when the name or the data does not exist."""
-        key = (name.lower(), rdtype)
-        if self.cache is not None:
-            found, answer = self.cache.get(key)
-            if found:
-                return answer
-        if self.cache_only:
-            raise NeedsLookup(f"{name}/{rdtype}")
-        answer = self._resolve(name, rdtype, timeout)
-        if self.cache is not None:
-            self.cache.put(key, answer)
-        return answer
-
-    def _resolve(self, name: str, rdtype: str, timeout: float | None
-                 ) -> dns.resolver.Answer | None:
         left = self.remaining()
         if left <= 0:
             raise DNSTempError(f"{name}/{rdtype}: DNS time budget spent")
@@ -158,29 +97,6 @@ class DNSLookup:
         qname = name.decode("ascii", "replace") if isinstance(name, bytes) else name
         records = self.txt(qname)
         return records[0] if records else None
-
-
-def caching_resolver(settings: DNSSettings, size: int = 10_000) -> dns.resolver.Resolver:
-    """A blocking resolver that keeps answers for their TTL (negative ones for the SOA's
-    minimum, RFC 2308): mail from one sender domain arrives in bursts, and each message
-    costs an SPF and a DMARC lookup. dnspython's LRUCache is thread-safe."""
-    resolver = _sync_resolver(settings)
-    resolver.cache = dns.resolver.LRUCache(size)
-    return resolver
-
-
-def _sync_resolver(settings: DNSSettings) -> dns.resolver.Resolver:
-    """A blocking twin of ``make_resolver(settings)``: same servers, search and EDNS."""
-    template = make_resolver(settings)
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = template.nameservers
-    resolver.search = []
-    resolver.use_search_by_default = False
-    resolver.domain = dns.name.root
-    resolver.use_edns(template.edns, template.ednsflags, template.payload)
-    resolver.timeout = template.timeout
-    resolver.lifetime = template.lifetime
-    return resolver
 
 
 # -- SPF (pyspf) -----------------------------------------------------------------
@@ -461,13 +377,11 @@ def from_domains(message: bytes) -> list[str]:
 
 def check_message(message: bytes, *, client_ip: str, helo: str, mail_from: str,
                   authserv_id: str, dns: DNSSettings, timeout: float | None = None,
-                  resolver: dns.resolver.Resolver | None = None,
-                  cache: AnswerCache | None = None, cache_only: bool = False) -> AuthResults:
+                  resolver: dns.resolver.Resolver | None = None) -> AuthResults:
     """SPF, DKIM and DMARC of one message. ``timeout`` bounds all its DNS lookups together
     (default: twice ``dns.timeout``); a lookup without answer in time is a temperror.
-    ``resolver``: a (caching) resolver to share between checks; else a new one.
-    ``cache_only``: use only ``cache`` and raise NeedsLookup for anything missing."""
-    lookup = DNSLookup(dns, timeout, resolver, cache, cache_only)
+    ``resolver``: a (caching) resolver to share between checks; else a new one."""
+    lookup = DNSLookup(dns, timeout, resolver)
     spf_result, spf_domain = check_spf(lookup, client_ip, helo, mail_from)
     try:
         dkim_results = check_dkim(lookup, message)

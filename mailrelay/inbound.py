@@ -8,17 +8,11 @@ import logging
 import ssl
 from collections.abc import Callable
 
+import dns.resolver
+
 from .address import AddressError, normalize, split
 from .arc import arc_seal
-from .authcheck import (
-    AnswerCache,
-    AuthResults,
-    NeedsLookup,
-    caching_resolver,
-    check_message,
-    decide,
-    strip_our_authentication_results,
-)
+from .authcheck import AuthResults, check_message, decide, strip_our_authentication_results
 from .config import Config
 from .events import Events
 from .headers import addresses, get_all, parse_headers
@@ -50,6 +44,7 @@ class InboundPolicy:
         signer: MessageSigner,
         router: Router,
         srs: SRS | None,
+        dns_resolver: dns.resolver.Resolver,
         events: Events | None = None,
     ):
         self.config = config
@@ -67,8 +62,7 @@ class InboundPolicy:
         self.router = router
         self.srs = srs
         self.events = events if events is not None else Events()
-        self._dns = caching_resolver(config.dns)
-        self._answers = AnswerCache()
+        self._dns = dns_resolver
         self.throttle = AuthThrottle(
             config.limits.auth_failures_per_ip, config.limits.auth_block_time,
             delay_step=config.limits.auth_failure_delay,
@@ -200,20 +194,15 @@ class InboundPolicy:
         forged Authentication-Results claiming to be ours), or the refusal reply."""
         settings = self.config.inbound
 
-        def run(cache_only: bool) -> tuple[AuthResults, bytes]:
+        def run() -> tuple[AuthResults, bytes]:
             cleaned = strip_our_authentication_results(body, self.hostname)
             results = check_message(cleaned, client_ip=info.peer_ip, helo=info.helo,
                                     mail_from=sender, authserv_id=self.hostname,
-                                    dns=self.config.dns, resolver=self._dns,
-                                    cache=self._answers, cache_only=cache_only)
+                                    dns=self.config.dns, resolver=self._dns)
             return results, cleaned
 
-        # Here when every answer is cached (a thread hand-off costs more than the
-        # check), else again in a thread, where lookups may block.
-        try:
-            results, cleaned = run(cache_only=True)
-        except NeedsLookup:
-            results, cleaned = await asyncio.to_thread(run, False)
+        # In a thread: lookups block, and parsing and hashing take time on big messages.
+        results, cleaned = await asyncio.to_thread(run)
         reply = decide(results, reject_spf=settings.reject_spf_fail,
                        reject_dmarc=settings.reject_dmarc)
         if reply is None and settings.on_dns_error == "tempfail" and "temperror" in (

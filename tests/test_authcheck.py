@@ -10,10 +10,6 @@ import authres
 import pytest
 
 from mailrelay.authcheck import (
-    AnswerCache,
-    DNSLookup,
-    NeedsLookup,
-    caching_resolver,
     check_message,
     decide,
     org_domain,
@@ -22,6 +18,7 @@ from mailrelay.authcheck import (
 from mailrelay.config import DNSSettings
 from mailrelay.dkim.keys import load_key
 from mailrelay.dkim.signer import DKIMKey, sign
+from mailrelay.dnsresolver import blocking_twin, make_resolver
 from tests.support.dkim_dns import publish_new_key
 from tests.support.dns_server import TestDNSServer
 
@@ -283,11 +280,11 @@ def test_strip_our_authentication_results() -> None:
     assert strip_our_authentication_results(untouched, "mx.example.com") == untouched
 
 
-# -- the shared caching resolver ----------------------------------------------------
+# -- the server's caching resolver, from a thread -----------------------------------
 
 def test_caching_resolver_asks_once_per_ttl_also_for_names_that_do_not_exist(
         world: World) -> None:
-    resolver = caching_resolver(world.dns)
+    resolver = blocking_twin(make_resolver(world.dns))
     for sender in ("bounce@sender.test", "x@nowhere.test"):
         for _ in range(3):
             check_message(message(), client_ip="127.0.0.1", helo="mail.test", mail_from=sender,
@@ -296,46 +293,3 @@ def test_caching_resolver_asks_once_per_ttl_also_for_names_that_do_not_exist(
     assert world.server.queries.count(("_dmarc.sender.test", "TXT")) == 1
     # NXDOMAIN is kept for the SOA's minimum TTL (RFC 2308), like a positive answer.
     assert world.server.queries.count(("nowhere.test", "TXT")) == 1
-
-
-@pytest.mark.parametrize("case", ["spf-dkim-dmarc-pass", "dkim-fail", "spf-fail", "unknown",
-                                  "null-sender"])
-def test_a_cache_only_check_needs_lookups_first_then_gives_the_same_results(
-        world: World, case) -> None:
-    data = {"spf-dkim-dmarc-pass": signed(world.sender_key, message()),
-            "dkim-fail": signed(world.sender_key, message()).replace(b"Hello.", b"Hello!"),
-            "spf-fail": message("x@strict.test"),
-            "unknown": message("x@nowhere.test")}.get(case, message())
-    mail_from = {"spf-fail": "x@strict.test", "unknown": "x@nowhere.test",
-                 "null-sender": ""}.get(case, "bounce@sender.test")
-    cache = AnswerCache()
-
-    def check(cache_only: bool):
-        return check_message(data, client_ip="127.0.0.1", helo="mx.helo.test",
-                             mail_from=mail_from, authserv_id=AUTHSERV_ID, dns=world.dns,
-                             cache=cache, cache_only=cache_only)
-
-    # Not a result (pyspf's and dkimpy's exception handlers must not swallow it).
-    with pytest.raises(NeedsLookup):
-        check(cache_only=True)
-    full = check(cache_only=False)
-    asked = len(world.server.queries)
-    again = check(cache_only=True)
-    assert again == full
-    assert len(world.server.queries) == asked, "everything came from the cache"
-
-
-def test_the_answer_cache_keeps_answers_for_their_ttl_and_is_bounded(
-        world: World, monkeypatch) -> None:
-    cache = AnswerCache(size=2)
-    lookup = DNSLookup(world.dns, cache=cache)
-    assert lookup.resolve("sender.test", "TXT") is not None
-    assert lookup.resolve("nowhere.test", "TXT") is None
-    assert world.server.queries.count(("sender.test", "TXT")) == 1
-    lookup.resolve("Sender.TEST", "TXT")  # names are case-insensitive
-    assert world.server.queries.count(("sender.test", "TXT")) == 1
-    lookup.resolve("other.test", "TXT")  # a third name pushes out the least recent one
-    assert cache.get(("nowhere.test", "TXT")) == (False, None)
-    later = time.time() + AnswerCache.NEGATIVE_TTL + 1
-    monkeypatch.setattr(time, "time", lambda: later + 86400)
-    assert cache.get(("sender.test", "TXT")) == (False, None)
