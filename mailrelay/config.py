@@ -6,7 +6,6 @@ so ``mailrelay check`` can point the owner at the exact place to fix.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,8 +195,9 @@ class Config:
     aliases: AliasSettings = field(default_factory=AliasSettings)
     inbound: InboundSettings = field(default_factory=InboundSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
-    # SMTP worker processes beside the main one (0: the main process serves SMTP itself).
-    workers: int = 0
+    # What is loaded but deserves the owner's attention (``check`` prints it, ``serve``
+    # logs it): e.g. a setting that no longer has an effect.
+    warnings: tuple[str, ...] = ()
 
     @property
     def domains_dir(self) -> Path:
@@ -270,19 +270,6 @@ def _as_bool(value: Any) -> bool:
 def _as_positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"expected a positive whole number, not {value!r}")
-    return value
-
-
-MAX_WORKERS = 64
-
-
-def _as_workers(value: Any) -> int:
-    """``auto``: one SMTP worker process when there are two or more CPUs, else none."""
-    if value == "auto":
-        return 1 if (os.cpu_count() or 1) >= 2 else 0
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_WORKERS:
-        raise ValueError(f"expected auto or a whole number from 0 to {MAX_WORKERS}, "
-                         f"not {value!r}")
     return value
 
 
@@ -362,7 +349,7 @@ def load_config(config_dir: Path | str) -> Config:
         "hostname": _scalar_of(_as_str),
         "listen": None, "data_dir": _scalar_of(_as_str), "tls": None, "dns": None,
         "delivery": None, "limits": None, "senders": None, "aliases": None, "inbound": None,
-        "metrics": None, "workers": _scalar_of(_as_workers),
+        "metrics": None, "workers": None,
     }
     top = reader.mapping(root, "top level")
     for key, (key_node, _) in top.items():
@@ -459,13 +446,20 @@ def load_config(config_dir: Path | str) -> Config:
         "listen": _scalar_of(lambda v: None if v is None else parse_hostport(v)),
     }))
 
-    workers = (_convert(reader, top["workers"][1], _as_workers, "workers") if "workers" in top
-               else _as_workers("auto"))
+    warnings = []
+    if "workers" in top:
+        # Removed: SMTP worker processes doubled the memory and split the per-IP limits
+        # for no gain on the small machines mailrelay is for. A config that still has the
+        # key keeps working.
+        line = top["workers"][0].start_mark.line + 1
+        warnings.append(f"{path}:{line}: workers: no longer used, mailrelay runs as one "
+                        "process; delete this line")
 
     return Config(
         config_dir=config_dir, hostname=hostname, listen=listen, data_dir=data_dir, tls=tls,
         dns=dns, delivery=delivery, limits=limits, domains=discover_domains(config_dir),
-        senders=senders, aliases=aliases, inbound=inbound, metrics=metrics, workers=workers,
+        senders=senders, aliases=aliases, inbound=inbound, metrics=metrics,
+        warnings=tuple(warnings),
     )
 
 

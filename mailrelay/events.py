@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -115,30 +115,6 @@ class _QueueCollector(Collector):
                                 value=max(0.0, now - oldest))
 
 
-class _Tally(Collector):
-    """A counter with one label, kept as plain integers and turned into a metric family
-    at scrape time. For the counters each SMTP command and reply adds to (a dozen per
-    message): prometheus_client's Counter takes a lock and makes several checks on every
-    increment. Increments come from the event loop's thread only."""
-
-    def __init__(self, name: str, documentation: str, label: str,
-                 registry: CollectorRegistry):
-        self.name = name
-        self.documentation = documentation
-        self.label = label
-        self.counts: dict[str, int] = {}
-        registry.register(self)
-
-    def inc(self, value: str) -> None:
-        self.counts[value] = self.counts.get(value, 0) + 1
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
-        for value, count in list(self.counts.items()):
-            family.add_metric([value], count)
-        yield family
-
-
 class Events:
     """One server's mail log and metrics (a private registry: tests run several servers
     in one process)."""
@@ -159,9 +135,10 @@ class Events:
         self.tls_in = Counter("mailrelay_smtp_tls",
                               "TLS sessions established by clients, by port kind and version",
                               ["port", "version"], registry=r)
-        self.commands = _Tally("mailrelay_smtp_commands", "SMTP commands received, by verb",
-                               "verb", r)
-        self.replies = _Tally("mailrelay_smtp_replies", "SMTP replies sent, by code", "code", r)
+        self.commands = Counter("mailrelay_smtp_commands", "SMTP commands received, by verb",
+                                ["verb"], registry=r)
+        self.replies = Counter("mailrelay_smtp_replies", "SMTP replies sent, by code",
+                               ["code"], registry=r)
         self.rejections = Counter("mailrelay_smtp_rejections",
                                   "Refused connections, MAIL, RCPT and DATA commands",
                                   ["command", "code"], registry=r)
@@ -241,10 +218,10 @@ class Events:
                             ("session", info.session_id)])
 
     def command(self, verb: str) -> None:
-        self.commands.inc(verb if verb in VERBS else "unknown")
+        self._child(self.commands, verb if verb in VERBS else "unknown").inc()
 
     def reply(self, code: str) -> None:
-        self.replies.inc(code if code.isdigit() and len(code) == 3 else "other")
+        self._child(self.replies, code if code.isdigit() and len(code) == 3 else "other").inc()
 
     def auth_ok(self, info: SessionInfo, user: str) -> None:
         self._child(self.auth, "success").inc()

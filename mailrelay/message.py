@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import email.utils
-import functools
 import re
 import time
+from datetime import UTC, datetime
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
 
@@ -33,15 +33,10 @@ def received_header(
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 
 
-@functools.lru_cache(maxsize=4)
-def _rfc5322_date_of(second: int) -> str:
-    return email.utils.formatdate(second, localtime=False, usegmt=False)
-
-
-def rfc5322_date(when: float) -> str:
-    """``Sat, 28 Nov 2026 10:47:00 -0000``: the same for every message of one second, so
-    it is formatted once per second rather than once per message."""
-    return _rfc5322_date_of(int(when))
+def rfc5322_date(when: float | None = None) -> str:
+    """``Sat, 28 Nov 2026 10:47:00 +0000`` (RFC 5322 3.3), now or at ``when``."""
+    moment = datetime.fromtimestamp(time.time() if when is None else int(when), UTC)
+    return email.utils.format_datetime(moment)
 
 
 def protocol_name(esmtp: bool, tls: bool, authenticated: bool) -> str:

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from .fsutil import atomic_write, fsync_dir
-from .offload import SerialThread
 
 log = logging.getLogger("mailrelay.queue")
 
@@ -102,26 +101,19 @@ def new_id() -> str:
     return f"{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
 
 
-def _is_item_id(text: str) -> bool:
-    return 0 < len(text) <= 64 and all(c in "0123456789abcdef" for c in text)
-
-
 class GroupCommit:
-    """Makes queue files durable in batches, on one worker thread at a time.
+    """Makes queue files durable in batches, one batch at a time in a thread.
 
     Each file is written to a temporary name, fsynced and renamed into place; then one
     fsync of the directory covers every file of the batch. Files handed in while a batch
     is being written form the next batch: with many sessions at once the disk sees a
-    handful of directory fsyncs rather than one per message, and the event loop one
-    thread hand-off per batch rather than two per message (a hand-off costs more CPU
-    than writing a small message).
+    handful of directory fsyncs rather than one per message (bench/queue_bench.py).
     """
 
     def __init__(self, directory: Path):
         self.directory = directory
         self._pending: list[tuple[Path, list[bytes], asyncio.Future[None]]] = []
         self._runner: asyncio.Task[None] | None = None
-        self._thread = SerialThread("queue-commit")
 
     async def write(self, path: Path, chunks: list[bytes]) -> None:
         """Return once ``path`` holds ``chunks`` durably (or raise why it does not)."""
@@ -135,7 +127,7 @@ class GroupCommit:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                errors = await self._thread.run(
+                errors = await asyncio.to_thread(
                     _write_batch, self.directory, [(path, chunks) for path, chunks, _ in batch])
             except Exception as exc:  # the whole batch failed: every writer hears why
                 errors = [exc] * len(batch)
@@ -182,9 +174,6 @@ class Queue:
         self.max_items = max_items
         self.min_free_bytes = min_free_bytes
         self.items: dict[str, QueueItem] = {}
-        # In an SMTP worker process the items live in the main process, which reports
-        # their number here for check_space.
-        self.reported_count: int | None = None
         self._commit = GroupCommit(self.directory)
 
     # -- start-up -------------------------------------------------------------
@@ -206,37 +195,11 @@ class Queue:
                 _unlink(self.directory / name)  # delivery finished; the .msg went first
         return sorted(self.items.values(), key=lambda i: i.id)
 
-    def adopt(self, item_id: str) -> QueueItem | None:
-        """Take over an item another process (an SMTP worker) has queued; None when its
-        file is gone or was already taken over."""
-        if item_id in self.items or not _is_item_id(item_id):
-            return None
-        # Reported at once, or found after its worker died: never attempted, so no state.
-        item = _read_or_move_aside(self.directory / f"{item_id}{MSG_SUFFIX}", with_state=False)
-        if item is not None:
-            self.items[item.id] = item
-        return item
-
-    def adopt_unknown(self, dead_pid: int | None = None) -> list[QueueItem]:
-        """Take over every committed item not known yet (after a worker died before it
-        could report them), and remove the temporary files ``dead_pid`` left."""
-        adopted = []
-        for name in sorted(os.listdir(self.directory)):
-            if name.startswith("."):
-                if dead_pid is not None and name.endswith(f".tmp{dead_pid}"):
-                    _unlink(self.directory / name)
-            elif name.endswith(MSG_SUFFIX):
-                item = self.adopt(name[: -len(MSG_SUFFIX)])
-                if item is not None:
-                    adopted.append(item)
-        return adopted
-
     # -- accepting ------------------------------------------------------------
 
     def check_space(self) -> None:
         """Raise QueueFullError when a new message must not be accepted."""
-        count = len(self.items) if self.reported_count is None else self.reported_count
-        if self.max_items and count >= self.max_items:
+        if self.max_items and len(self.items) >= self.max_items:
             raise QueueFullError("queue is full")
         if self.min_free_bytes:
             stats = os.statvfs(self.directory)
@@ -340,11 +303,11 @@ def _recipient_envelope(rcpt: Recipient) -> dict[str, Any]:
     return entry
 
 
-def _read_or_move_aside(path: Path, with_state: bool = True) -> QueueItem | None:
+def _read_or_move_aside(path: Path) -> QueueItem | None:
     """The item, or None when it is gone or unreadable (then moved aside: kept for a
     human instead of deleting mail we may have accepted)."""
     try:
-        return _read_item(path, with_state)
+        return _read_item(path)
     except FileNotFoundError:
         return None  # delivered and removed meanwhile
     except (OSError, ValueError) as exc:
@@ -353,7 +316,7 @@ def _read_or_move_aside(path: Path, with_state: bool = True) -> QueueItem | None
         return None
 
 
-def _read_item(path: Path, with_state: bool = True) -> QueueItem:
+def _read_item(path: Path) -> QueueItem:
     with open(path, "rb") as handle:
         first = handle.readline(1024 * 1024)
         size = os.fstat(handle.fileno()).st_size - len(first)
@@ -369,8 +332,6 @@ def _read_item(path: Path, with_state: bool = True) -> QueueItem:
         id=env["id"], sender=env["sender"], recipients=recipients, created=env["created"],
         size=size, path=path, meta=env.get("meta", {}), body_offset=len(first),
     )
-    if not with_state:
-        return item
     state_path = path.with_suffix(STATE_SUFFIX)
     try:
         state = json.loads(state_path.read_bytes())

@@ -13,8 +13,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from prometheus_client import generate_latest
-
 from .aliases import Aliases
 from .config import Config, load_config
 from .control import ControlServer, socket_path
@@ -23,7 +21,7 @@ from .delivery.manager import DeliveryManager, Schedule
 from .delivery.mta_sts import MTASTS
 from .delivery.remote import RemoteDelivery, verifying_tls_context
 from .dkim.keys import KeyRing
-from .dnsresolver import make_resolver
+from .dnsresolver import blocking_twin, make_resolver
 from .errors import ConfigError
 from .events import Events
 from .fsutil import atomic_write
@@ -35,11 +33,11 @@ from .router import Router
 from .sdnotify import Notifier
 from .senders import SenderPolicy
 from .signing import MessageSigner
-from .smtp.listener import ConnectionLimits, Listeners
+from .smtp.listener import ConnectionLimits, Listeners, ListeningSocket, bind_all
+from .smtp.session import Port
 from .srs import SRS, load_or_create_secrets
 from .tls import CertificateStore
 from .users import Users
-from .workers import Channel, ListeningSocket, WorkerPool, bind_listeners
 
 log = logging.getLogger("mailrelay")
 
@@ -70,14 +68,14 @@ class Server:
         self.mta_sts: MTASTS | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self.control: ControlServer | None = None
-        self.workers: WorkerPool | None = None
         self._bound: list[ListeningSocket] = []
-        self._queue_size_task: asyncio.Task[None] | None = None
         self._last_domain_stamp: tuple = ()
 
     async def start(self) -> None:
         """Load everything, resume the queue, then bind the listeners."""
         config = self.config
+        for warning in config.warnings:
+            log.warning("%s", warning)
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.srs = SRS(load_or_create_secrets(config.data_dir),
                        max_age_days=max(1, round(config.aliases.srs_max_age / 86400)))
@@ -85,7 +83,7 @@ class Server:
         self.certificates.load()
         tls_context = self.certificates.server_context()
 
-        resolver = make_resolver(config.dns)
+        resolver = self.resolver = make_resolver(config.dns)
         # MX hosts and MTA-STS policy hosts (RFC 8461 3.3) are checked against one store.
         verify_context = verifying_tls_context(config.delivery.ca_file)
         if config.delivery.mta_sts:
@@ -114,8 +112,6 @@ class Server:
             default_domain=config.domains[0] if config.domains else None,
             pipe_timeout=config.delivery.pipe_timeout, local_mda=config.delivery.local_mda,
             events=self.events,
-            # With SMTP workers this loop serves no session that a spawn could hold up.
-            inline_spawn=bool(config.workers),
         )
         items = await asyncio.to_thread(self.queue.load)
         for item in items:
@@ -140,12 +136,10 @@ class Server:
                       socket_path(config.data_dir), exc.strerror or exc)
 
         try:
-            # Bound here either way: SMTP workers inherit these sockets.
-            self._bound = await bind_listeners(config)
-            if config.workers:
-                await self._start_workers()
-            else:
-                await self._start_listeners(self.delivery.schedule, tls_context, self._bound)
+            await self._start_listeners(self.delivery.schedule, tls_context)
+        except OSError as exc:
+            await self.stop()
+            raise ConfigError(exc.strerror or str(exc)) from None
         except BaseException:
             await self.stop()
             raise
@@ -163,62 +157,30 @@ class Server:
         config = self.config
         return InboundPolicy(config, lambda: self.users, self.queue, on_queued, tls_context,
                              SenderPolicy(config.senders, self.router.owners), self.signer,
-                             self.router, self.srs, events=self.events)
+                             self.router, self.srs, blocking_twin(self.resolver),
+                             events=self.events)
 
     async def _start_listeners(self, on_queued: Callable[[QueueItem], None],
-                               tls_context: ssl.SSLContext | None,
-                               bound: list[ListeningSocket]) -> None:
-        """Serve SMTP in this process on the ``bound`` sockets."""
+                               tls_context: ssl.SSLContext | None) -> None:
         config = self.config
+        listen = config.listen
+        self._bound = bind_all([
+            (port, host, number)
+            for port, pairs in ((Port.SMTP, listen.smtp), (Port.SUBMISSION, listen.submission),
+                                (Port.SUBMISSION_TLS, listen.submission_tls))
+            for host, number in pairs])
         self.listeners = Listeners(self._inbound_policy(on_queued, tls_context),
                                    ConnectionLimits(config.limits.max_connections,
                                                     config.limits.max_connections_per_ip))
-        for listening in bound:
+        for listening in self._bound:
             await self.listeners.start(listening.port, listening.sock)
-
-    async def _start_workers(self) -> None:
-        """SMTP in worker processes (workers.py); this process delivers what they queue."""
-        self.workers = WorkerPool(self.config.config_dir, self.config.workers, self._bound,
-                                  on_queued=self._adopt, on_lost=self._adopt_lost)
-        await self.workers.start()
-        self._queue_size_task = asyncio.create_task(self._report_queue_size(),
-                                                    name="queue-size-to-workers")
-
-    def _adopt(self, item_id: str) -> None:
-        """A worker queued ``item_id``: deliver it from here."""
-        item = self.queue.adopt(item_id)
-        if item is not None and self.delivery is not None:
-            self.delivery.schedule(item)
-
-    def _adopt_lost(self, pid: int) -> None:
-        """A worker died: whatever it queued but had not reported yet is delivered too."""
-        items = self.queue.adopt_unknown(pid)
-        for item in items:
-            if self.delivery is not None:
-                self.delivery.schedule(item)
-        if items:
-            log.warning("queue: took over %d message(s) the lost worker had queued", len(items))
-
-    async def _report_queue_size(self) -> None:
-        """Workers check max_queue_items against the size reported here."""
-        reported = -1
-        while self.workers is not None:
-            if len(self.queue.items) != reported:
-                reported = len(self.queue.items)
-                self.workers.send_all(f"count {reported}".encode())
-            await asyncio.sleep(0.5)
 
     def listening_addresses(self) -> list[tuple[str, int]]:
         return [listening.sock.getsockname()[:2] for listening in self._bound]
 
-    def signal_workers(self, signum: int) -> None:
-        if self.workers is not None:
-            self.workers.signal_all(signum)
-
     async def _start_metrics(self, host: str, number: int) -> None:
         # Mail flows without metrics: a port in use is logged, not fatal.
-        metrics = MetricsServer(self.events.registry, host, number,
-                                extra=self.workers.metrics if self.workers else None)
+        metrics = MetricsServer(self.events.registry, host, number)
         try:
             await metrics.start()
         except OSError as exc:
@@ -355,12 +317,6 @@ class Server:
         if self.listeners:
             self.listeners.close()
             await self.listeners.drain(grace)
-        if self.workers:
-            # Their last reports are taken (and delivered) before delivery stops.
-            await self.workers.stop(grace)
-            self.workers = None
-        if self._queue_size_task:
-            self._queue_size_task.cancel()
         for listening in self._bound:
             listening.sock.close()
         self._bound = []
@@ -372,37 +328,7 @@ class Server:
             await self.mta_sts.stop()
 
 
-class WorkerServer(Server):
-    """An SMTP worker process (workers.py): sessions and queue writes; the main process
-    delivers."""
-
-    def __init__(self, config: Config, channel: Channel):
-        super().__init__(config)
-        self.channel = channel
-
-    async def start_worker(self, listening: list[ListeningSocket]) -> None:
-        config = self.config
-        # The main process created both before starting its workers.
-        self.srs = SRS(load_or_create_secrets(config.data_dir),
-                       max_age_days=max(1, round(config.aliases.srs_max_age / 86400)))
-        self.router.srs = self.srs
-        self.certificates.load()
-        await self._start_listeners(self._report_queued, self.certificates.server_context(),
-                                    listening)
-        self._last_domain_stamp = self._domain_files_stamp()
-        self._watch_task = asyncio.create_task(self._watch_files(), name="file-watcher")
-
-    def _report_queued(self, item: QueueItem) -> None:
-        self.queue.items.pop(item.id, None)  # the main process keeps the items
-        if not self.channel.send(f"queued {item.id}".encode()):
-            # The main process is gone. The message is on disk: the next start loads it.
-            log.error("queue %s: could not tell the main process", item.id)
-
-    def metrics_exposition(self) -> bytes:
-        return generate_latest(self.events.registry)
-
-
-_LIVE_SETTINGS = frozenset({"config_dir", "domains"})
+_LIVE_SETTINGS = frozenset({"config_dir", "domains", "warnings"})
 
 
 def changed_settings(running: Config, fresh: Config) -> list[str]:
@@ -448,7 +374,6 @@ async def serve(config: Config) -> int:
             return  # stopping: systemd has heard STOPPING=1 and expects nothing else
         notifier.reloading()
         ok = False
-        server.signal_workers(signal.SIGHUP)  # each reloads its own copy
         try:
             ok = server.reload()
         except Exception:  # keep serving on the previous state; systemd must hear READY

@@ -411,10 +411,6 @@ class CertificateStore:
             raise MailrelayError("no TLS certificate loaded")
         return entry
 
-    def source_for(self, server_name: str | None) -> CertificateSource:
-        """The certificate a handshake for ``server_name`` would get."""
-        return self._select(server_name).source
-
     def fingerprint_for(self, server_name: str | None) -> str:
         """SHA-256 (hex) of the leaf certificate chosen for ``server_name``."""
         return self._select(server_name).fingerprint

@@ -527,24 +527,10 @@ def test_fractional_byte_count_is_refused():
         parse_size(1.5)
 
 
-@pytest.mark.parametrize("cpus, expected", [(1, 0), (2, 1), (16, 1), (None, 0)])
-def test_workers_auto_is_one_with_two_or_more_cpus(tmp_path, monkeypatch, cpus, expected):
-    monkeypatch.setattr("os.cpu_count", lambda: cpus)
+def test_the_removed_workers_key_is_a_warning_naming_its_line(tmp_path):
+    path = write_config(tmp_path, "hostname: h.test\nworkers: auto\n")
+    config = load_config(tmp_path)
+    [warning] = config.warnings
+    assert warning.startswith(f"{path.resolve()}:2: workers:") and "one process" in warning
     write_config(tmp_path, "hostname: h.test\n")
-    assert load_config(tmp_path).workers == expected
-    write_config(tmp_path, "hostname: h.test\nworkers: auto\n")
-    assert load_config(tmp_path).workers == expected
-
-
-@pytest.mark.parametrize("value, expected", [("0", 0), ("3", 3), ("64", 64)])
-def test_workers_as_a_number(tmp_path, value, expected):
-    write_config(tmp_path, f"hostname: h.test\nworkers: {value}\n")
-    assert load_config(tmp_path).workers == expected
-
-
-@pytest.mark.parametrize("value", ["-1", "65", "two", "yes", "1.5"])
-def test_workers_out_of_range_or_not_a_number(tmp_path, value):
-    path = write_config(tmp_path, f"hostname: h.test\nworkers: {value}\n")
-    error = config_error(tmp_path)
-    assert_located(error, path.resolve(), 2)
-    assert "workers" in error.message and "auto" in error.message
+    assert load_config(tmp_path).warnings == ()

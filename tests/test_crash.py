@@ -52,14 +52,9 @@ def delivered_tokens(env, submission: bool) -> list[str]:
     return [re.search(rb"Subject: (\S+)", m).group(1).decode() for m in messages]
 
 
-@pytest.mark.parametrize("workers", [0, 1], ids=["one-process", "smtp-worker"])
 @pytest.mark.parametrize("submission", [False, True], ids=["mx-to-maildir", "submit-to-sink"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_kill_9_mid_load_loses_nothing(env, seed, submission, workers):
-    """With an SMTP worker, the kill hits the main process; the kernel then kills the
-    worker, which may have acknowledged mail the main process never heard of."""
-    if workers:
-        env.write_config(workers=workers)
+async def test_kill_9_mid_load_loses_nothing(env, seed, submission):
     env.add_mx("remote.test", (10, "mx.remote.test", "127.0.0.2"))
     env.sink = env.add_sink("127.0.0.2")
     acked: set[str] = set()
@@ -88,7 +83,7 @@ async def test_kill_9_mid_load_loses_nothing(env, seed, submission, workers):
             await asyncio.sleep(0.1)
         lost = acked - set(delivered)
         duplicates = len(delivered) - len(set(delivered))
-        print(f"workers={workers} submission={submission} seed={seed} acked={len(acked)} "
+        print(f"submission={submission} seed={seed} acked={len(acked)} "
               f"delivered={len(delivered)} lost={len(lost)} duplicates={duplicates}")
         assert not lost, f"accepted but lost: {sorted(lost)}"
     finally:

@@ -9,9 +9,11 @@ from mailrelay.message import received_header, rfc5322_date, submission_fixups
 WHEN = 1_795_000_000.75  # a fraction of a second: the date shows whole seconds
 
 
-def test_the_date_is_formatdates_for_every_second():
+def test_the_date_is_utc_with_a_numeric_zone():
     for when in (WHEN, WHEN + 0.2, WHEN + 1, WHEN + 86_400.5, 0.0):
-        assert rfc5322_date(when) == email.utils.formatdate(when, localtime=False)
+        expected = email.utils.formatdate(int(when), localtime=False).replace("-0000", "+0000")
+        assert rfc5322_date(when) == expected
+    assert rfc5322_date(0.0) == "Thu, 01 Jan 1970 00:00:00 +0000"
 
 
 def test_received_header_names_the_client_us_the_queue_id_and_the_recipient():
@@ -19,7 +21,7 @@ def test_received_header_names_the_client_us_the_queue_id_and_the_recipient():
                              hostname="mx.example.com", queue_id="0123abcd",
                              protocol="ESMTPS", recipient="me@example.com",
                              tls="TLSv1.3 TLS_AES_256_GCM_SHA384", now=WHEN)
-    date = email.utils.formatdate(WHEN, localtime=False)
+    date = rfc5322_date(WHEN)
     assert header == (
         "Received: from client.example ([192.0.2.7])\r\n"
         "\tby mx.example.com (mailrelay) with ESMTPS id 0123abcd\r\n"
@@ -34,11 +36,11 @@ def test_received_header_cleans_what_the_client_said_and_leaves_out_odd_recipien
     lines = header.decode().split("\r\n")
     assert lines[0] == "Received: from evil??x???X-Forged:?1 ([192.0.2.7])"
     assert lines[1].endswith("id 1;") and "for <" not in header.decode()
-    assert lines[2] == "\t" + email.utils.formatdate(WHEN, localtime=False)
+    assert lines[2] == "\t" + rfc5322_date(WHEN)
 
 
 def test_submission_fixups_add_a_missing_date_and_message_id_only():
     added = submission_fixups([("From", "me@example.com")], "example.com", now=WHEN).decode()
-    assert f"Date: {email.utils.formatdate(WHEN, localtime=False)}\r\n" in added
+    assert f"Date: {rfc5322_date(WHEN)}\r\n" in added
     assert added.startswith("Message-ID: <") and added.count("@example.com>") == 1
     assert submission_fixups([("DATE", "x"), ("message-id", "<y@z>")], "example.com") == b""

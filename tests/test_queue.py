@@ -87,20 +87,6 @@ async def test_remove_deletes_a_state_written_before_a_restart(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-async def test_adopt_takes_over_an_item_another_process_queued(tmp_path):
-    worker = Queue(tmp_path)
-    worker.load()
-    item = await worker.put("a@x.test", ["b@y.test"], [b"Subject: a\r\n", b"\r\nbody\r\n"])
-    main = Queue(tmp_path)
-    main.load()
-    main.items.clear()
-    adopted = main.adopt(item.id)
-    assert adopted is not None and main.items == {item.id: adopted}
-    assert adopted.read_data() == b"Subject: a\r\n\r\nbody\r\n"
-    assert main.adopt(item.id) is None, "already ours"
-    assert main.adopt("../../etc/passwd") is None and main.adopt("0000none") is None
-
-
 async def test_queue_size_cap(tmp_path):
     queue = Queue(tmp_path, max_items=2)
     queue.load()

@@ -134,14 +134,13 @@ def test_unit_matches_readme_and_needs() -> None:
 MESSAGE = b"From: me@example.com\r\nTo: friend@remote.test\r\nSubject: sandbox\r\n\r\nHello.\r\n"
 
 
-def prepare(env, workers: int) -> None:
-    env.write_config(workers=workers)  # 1 is the default on a machine with 2+ CPUs
+def prepare(env) -> None:
     domain_dir = env.config_dir / "domains" / "example.com"
     publish_new_key(env.dns, domain_dir, "example.com", "rsa1", "rsa2048")
     publish_new_key(env.dns, domain_dir, "example.com", "ed1", "ed25519")
     env.add_mx("remote.test", (10, "mx1.remote.test", "127.0.0.2"))
     env.sink = env.add_sink("127.0.0.2")
-    # A pipe alias: commands are started through libc's posix_spawnp and awaited on a pidfd.
+    # A pipe alias: a command started by the server.
     (domain_dir / "aliases").write_text(f"archive: | sh -c 'cat > {env.root / 'piped'}'\n")
 
 
@@ -205,11 +204,10 @@ def _mdwe_supported() -> bool:
     return probe.returncode == 3
 
 
-@pytest.mark.parametrize("workers", [0, 1], ids=["one-process", "smtp-worker"])
-async def test_server_works_without_writable_executable_memory(env, workers) -> None:
+async def test_server_works_without_writable_executable_memory(env) -> None:
     if not await asyncio.to_thread(_mdwe_supported):
         pytest.skip("the kernel has no PR_SET_MDWE (Linux < 6.3)")
-    prepare(env, workers)
+    prepare(env)
     process = await start_server(env, preexec_fn=_deny_write_execute)
     try:
         await exercise(env, process.pid)
@@ -235,8 +233,7 @@ def _syscall_group(tool: str, group: str, seen: set[str]) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("workers", [0, 1], ids=["one-process", "smtp-worker"])
-async def test_server_calls_only_what_system_service_allows(env, workers) -> None:
+async def test_server_calls_only_what_system_service_allows(env) -> None:
     """SystemCallFilter=@system-service: strace lists every system call the server makes
     while it works; each must be in the filter (else it would get EPERM)."""
     tool = systemd_analyze()
@@ -245,7 +242,7 @@ async def test_server_calls_only_what_system_service_allows(env, workers) -> Non
         pytest.skip("strace not installed")
     allowed = _syscall_group(tool, "@system-service", set())
     assert {"read", "sendmsg", "epoll_wait"} <= allowed
-    prepare(env, workers)
+    prepare(env)
     counts = env.root / "syscalls.txt"
     process = await asyncio.create_subprocess_exec(
         strace, "-f", "-c", "-o", str(counts), "--", sys.executable, "-m",

@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     print(f"config {config.config_dir}: ok (hostname {config.hostname})")
+    for warning in config.warnings:
+        print(f"warning: {warning}")
     certificates = find_certificates(config.tls)
     if certificates:
         for cert in certificates:

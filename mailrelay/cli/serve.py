@@ -9,7 +9,6 @@ import logging
 import os
 import resource
 import sys
-import time
 
 from ..config import load_config
 
@@ -39,38 +38,15 @@ def _stderr_is_journal() -> bool:
     return False
 
 
-class SecondCachingFormatter(logging.Formatter):
-    """The standard format ("2026-01-02 03:04:05,678"), with the date and time of day
-    formatted once per second: time.strftime for every line showed in the profile of
-    one-connection-per-message load, where the mail log writes three lines a message."""
-
-    _second = -1
-    _text = ""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        if datefmt is not None:
-            return super().formatTime(record, datefmt)
-        second = int(record.created)
-        if second != self._second:
-            self._text = time.strftime(self.default_time_format, self.converter(second))
-            self._second = second
-        return self.default_msec_format % (self._text, record.msecs)
-
-
 def configure_logging(level: str | int) -> None:
-    """The server's log format on stderr (also used by its SMTP worker processes)."""
+    """The server's log format on stderr."""
     # The journal stamps every line itself; elsewhere the time leads the line (a format
     # fail2ban's date detection knows: "2026-01-02 03:04:05,678").
     time_field = "" if _stderr_is_journal() else "%(asctime)s "
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(SecondCachingFormatter(time_field + "%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(time_field + "%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper() if isinstance(level, str) else level,
                         handlers=[handler])
-    # The format uses no caller, thread or process fields: skip collecting them for every
-    # line (the logging HOWTO's "Optimization" section). The mail log writes several lines
-    # per message.
-    logging._srcfile = None  # type: ignore[attr-defined]
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
 def run(args: argparse.Namespace) -> int:

@@ -153,8 +153,7 @@ def _body_hash(body: bytes) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class _Layout:
-    """All that the names of a header's signed fields (in order) decide; the same names
-    come again and again, so this is computed once for each sequence (see _layout)."""
+    """All that the names of a header's signed fields (in order) decide."""
 
     names: tuple[bytes, ...]  # h=
     # The canonical fields without their values: "name:" pieces, each followed by a
@@ -206,15 +205,8 @@ def _header_fields(header_block: bytes) -> tuple[_Layout, bytes]:
     return layout, canonical
 
 
-_LAYOUTS: dict[tuple[bytes, ...], _Layout] = {}
-
-
 def _layout(raw_names: tuple[bytes, ...]) -> _Layout:
-    """The layout for the signed fields with these names, in message order. They are as
-    written, not lowercased: a cache hit then costs no work per field."""
-    layout = _LAYOUTS.get(raw_names)
-    if layout is not None:
-        return layout
+    """The layout for the signed fields with these names (as written), in message order."""
     found: dict[bytes, list[int]] = {}  # name -> its fields' indexes, in message order
     for i, name in enumerate(raw_names):
         found.setdefault(name.lower(), []).append(i)
@@ -230,17 +222,13 @@ def _layout(raw_names: tuple[bytes, ...]) -> _Layout:
     template.append(b"\n")
     reorder = itemgetter(*order) if order != sorted(order) else None
     h_tag, h_canonical = _h_tag(tuple(names))
-    layout = _Layout(tuple(names), tuple(template), reorder, h_tag, h_canonical)
-    if len(_LAYOUTS) >= 1024:
-        _LAYOUTS.clear()
-    _LAYOUTS[raw_names] = layout
-    return layout
+    return _Layout(tuple(names), tuple(template), reorder, h_tag, h_canonical)
 
 
 def _sign_one(key: DKIMKey, when: int, layout: _Layout, body_hash: bytes,
               canonical_headers: bytes) -> bytes:
-    # The field: the key's tags, the h= tag, "t= bh=" on one line, b= last. The first
-    # two are folded once and cached, in the key and in the layout.
+    # The field: the key's tags (folded once, in the key), the h= tag, "t= bh=" on one
+    # line, b= last.
     start, signed_start = key._header_start
     stamp = b" t=%d; bh=%s;" % (when, body_hash)
     # What is signed: the canonical fields, then this field with b= empty and no CRLF.

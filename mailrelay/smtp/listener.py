@@ -9,6 +9,7 @@ import os
 import socket
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 from .session import Backend, Port, Session, SessionInfo
 
@@ -30,6 +31,29 @@ def bind(host: str, number: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+@dataclass(frozen=True)
+class ListeningSocket:
+    port: Port  # the kind of listener
+    sock: socket.socket
+
+
+def bind_all(addresses: list[tuple[Port, str, int]]) -> list[ListeningSocket]:
+    """Every address bound and listening, or none (OSError naming the address)."""
+    bound: list[ListeningSocket] = []
+    try:
+        for port, host, number in addresses:
+            try:
+                bound.append(ListeningSocket(port, bind(host, number)))
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {host}:{number}: "
+                                         f"{exc.strerror}") from None
+    except BaseException:
+        for listening in bound:
+            listening.sock.close()
+        raise
+    return bound
 
 
 class ConnectionLimits:

@@ -60,8 +60,6 @@ class RelayEnv:
                 "ca_file": "test-ca.pem",
             },
             "limits": {"auth_failure_delay": "0s", "command_timeout": "30s"},
-            # One process unless a test asks for SMTP workers (tests/test_workers.py).
-            "workers": 0,
         }
         for section, values in overrides.items():
             if isinstance(values, dict):
