@@ -558,8 +558,8 @@ class Mailrelay(Server):
         write_cert(config / "certs", self.ca)
         # The user and the DKIM key as `mailrelay user add` and `mailrelay dkim keygen`
         # make them, in-process: two CLI starts would cost seconds per bench run.
-        from mailrelay.dkim.keys import generate_key, write_key
-        from mailrelay.users import UserDB
+        from mailrelay.message.dkim.keys import generate_key, write_key
+        from mailrelay.policy.users import UserDB
 
         users = UserDB.load(config / "domains" / DOMAIN / "users", DOMAIN)
         users.set_password(USER.split("@")[0], PASSWORD)

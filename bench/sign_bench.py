@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from bench.report import emit
-from mailrelay.dkim.signer import DKIMKey, sign
+from mailrelay.message.dkim.signer import DKIMKey, sign
 
 SIZES = {"1KiB": 1024, "10KiB": 10 * 1024, "100KiB": 100 * 1024}
 ALGOS = ("rsa2048", "ed25519")

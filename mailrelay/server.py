@@ -13,31 +13,31 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .aliases import Aliases
 from .config import Config, load_config
-from .control import ControlServer, socket_path
 from .delivery.local import Maildirs
 from .delivery.manager import DeliveryManager, Schedule
 from .delivery.mta_sts import MTASTS
 from .delivery.remote import RemoteDelivery, verifying_tls_context
-from .dkim.keys import KeyRing
 from .dnsresolver import blocking_twin, make_resolver
 from .errors import ConfigError
-from .events import Events
 from .fsutil import atomic_write
-from .headers import parse_headers
-from .inbound import InboundPolicy
-from .metrics import MetricsServer
+from .message.dkim.keys import KeyRing
+from .message.headers import parse_headers
+from .message.signing import MessageSigner
+from .ops.control import ControlServer, socket_path
+from .ops.events import Events
+from .ops.metrics import MetricsServer
+from .ops.sdnotify import Notifier
+from .policy.aliases import Aliases
+from .policy.backend import InboundPolicy
+from .policy.router import Router
+from .policy.senders import SenderPolicy
+from .policy.srs import SRS, load_or_create_secrets
+from .policy.users import Users
 from .queue import Queue, QueueItem
-from .router import Router
-from .sdnotify import Notifier
-from .senders import SenderPolicy
-from .signing import MessageSigner
 from .smtp.listener import ConnectionLimits, Listeners, ListeningSocket, bind_all
 from .smtp.session import Port
-from .srs import SRS, load_or_create_secrets
-from .tls import CertificateStore
-from .users import Users
+from .smtp.tls import CertificateStore
 
 log = logging.getLogger("mailrelay")
 

@@ -9,9 +9,9 @@ import sys
 import dkim
 import pytest
 
-from mailrelay.dkim.keys import load_key
-from mailrelay.dkim.signer import sign
-from mailrelay.headers import get_all, parse_headers
+from mailrelay.message.dkim.keys import load_key
+from mailrelay.message.dkim.signer import sign
+from mailrelay.message.headers import get_all, parse_headers
 from tests.support.client import RawSMTP
 from tests.support.dkim_dns import dnsfunc_for, publish_new_key
 from tests.support.process import start_server

@@ -31,9 +31,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from mailrelay.config import TLSSettings
-from mailrelay.headers import get_all, parse_headers
-from mailrelay.sdnotify import Notifier, monotonic_usec
-from mailrelay.tls import CertificateStore
+from mailrelay.message.headers import get_all, parse_headers
+from mailrelay.ops.sdnotify import Notifier, monotonic_usec
+from mailrelay.smtp.tls import CertificateStore
 from tests.support.client import RawSMTP
 from tests.support.dkim_dns import dnsfunc_for, publish_new_key
 from tests.support.relay import HOSTNAME, PASSWORD, USER, RelayEnv, free_port

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from mailrelay.address import AddressError, normalize, normalize_domain, normalize_local
 from mailrelay.errors import ConfigError
-from mailrelay.users import UserDB
+from mailrelay.policy.users import UserDB
 
 LINE_PIECES = st.sampled_from([
     "me", "Me", "x.y", "#", " ", "\t", "!", "$scrypt$", "ln=14,r=8,p=1", "$", "ln=99",

@@ -14,7 +14,10 @@ import tempfile
 from pathlib import Path
 
 from ..address import AddressError, normalize_domain
-from ..aliases import (
+from ..config import Config, load_config
+from ..errors import ConfigError, MailrelayError
+from ..fsutil import atomic_write
+from ..policy.aliases import (
     CATCH_ALL,
     EMAIL,
     PIPE,
@@ -24,10 +27,7 @@ from ..aliases import (
     default_text,
     parse_text,
 )
-from ..config import Config, load_config
-from ..errors import ConfigError, MailrelayError
-from ..fsutil import atomic_write
-from ..users import Users
+from ..policy.users import Users
 from .common import local_domain
 
 PID_FILE = "mailrelay.pid"  # written by the server into data_dir (server.PID_FILE)

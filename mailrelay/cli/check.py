@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..aliases import Aliases
 from ..config import load_config
-from ..dkim.keys import KeyRing
-from ..tls import find_certificates
-from ..users import UserDB
+from ..message.dkim.keys import KeyRing
+from ..policy.aliases import Aliases
+from ..policy.users import UserDB
+from ..smtp.tls import find_certificates
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -7,9 +7,16 @@ import sys
 import time
 
 from ..config import load_config
-from ..dkim.keys import ALGOS, dns_record, format_txt, generate_key, load_domain_keys, write_key
-from ..dkim.signer import DKIMKey
 from ..errors import MailrelayError
+from ..message.dkim.keys import (
+    ALGOS,
+    dns_record,
+    format_txt,
+    generate_key,
+    load_domain_keys,
+    write_key,
+)
+from ..message.dkim.signer import DKIMKey
 from .common import local_domain
 
 

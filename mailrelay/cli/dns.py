@@ -8,11 +8,10 @@ import re
 import sys
 import textwrap
 
-from ..authcheck import DNSTempError
 from ..config import Config, load_config
-from ..dkim.keys import load_domain_keys
-from ..dkim.signer import DKIMKey
-from ..dnsrecords import (
+from ..message.dkim.keys import load_domain_keys
+from ..message.dkim.signer import DKIMKey
+from ..ops.dnsrecords import (
     ERROR,
     OK,
     CheckResult,
@@ -24,6 +23,7 @@ from ..dnsrecords import (
     parse_ips,
     plan_records,
 )
+from ..policy.authres import DNSTempError
 from .common import local_domain
 
 _WIDTH = 88

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import CONFIG_FILE
-from ..migrate import Plan, apply, plan_import
+from ..migrate.chasquid import Plan, apply, plan_import
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

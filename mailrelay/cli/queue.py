@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..config import Config, load_config
-from ..control import ServerNotRunning, describe, read_headers, request
 from ..errors import MailrelayError
+from ..ops.control import ServerNotRunning, describe, read_headers, request
 from ..queue import PENDING, PIPE, scan
 
 # `remove` waits for an attempt in flight, which may last up to the command timeout.

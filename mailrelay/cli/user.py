@@ -9,7 +9,7 @@ import sys
 from ..address import AddressError, normalize_local, split
 from ..config import Config, load_config
 from ..errors import MailrelayError
-from ..users import USERS_FILE, UserDB
+from ..policy.users import USERS_FILE, UserDB
 from .common import local_domain
 
 

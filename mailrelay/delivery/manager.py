@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ..address import domain_of
-from ..dsn import FailedRecipient, build_dsn, is_auto_generated
-from ..events import Events
+from ..ops.events import Events
 from ..queue import FAILED, MAILBOX, PENDING, PIPE, SENT, Queue, QueueItem, Recipient
+from .dsn import FailedRecipient, build_dsn, is_auto_generated
 from .local import Maildirs
 from .pipe import SpooledMessage, run_pipe
 from .remote import Outcome, RecipientResult, RemoteDelivery

@@ -23,7 +23,7 @@ from .parse import Path, SyntaxErrorReply, decode_xtext, parse_path, split_comma
 from .stream import ClientGone, ClientTimeout, LineTooLong, SMTPStream
 
 if TYPE_CHECKING:
-    from ..events import Events
+    from ..ops.events import Events
 
 log = logging.getLogger("mailrelay.smtp")
 

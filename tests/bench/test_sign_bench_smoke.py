@@ -8,8 +8,8 @@ import dkim
 import pytest
 
 from bench import sign_bench
-from mailrelay.dkim.keys import dns_record
-from mailrelay.dkim.signer import sign
+from mailrelay.message.dkim.keys import dns_record
+from mailrelay.message.dkim.signer import sign
 
 MR_OUTPUT = "+F2:2:2048:1512.121212:53040.000000\n+F6:0:253:Ed25519:23319.191919:8381.000000\n"
 TABLE_OUTPUT = """\

@@ -18,7 +18,7 @@ import pytest
 from mailrelay.cli import aliases as aliases_cli
 from mailrelay.cli.main import COMMAND_MODULES, common_options
 from mailrelay.errors import MailrelayError
-from mailrelay.users import UserDB
+from mailrelay.policy.users import UserDB
 
 # Rewrites the file it is given with edit<N> (if present) on its N-th run and keeps a
 # copy of what it was shown as seen<N>.

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mailrelay import users as users_mod
-from mailrelay.users import UserDB
+from mailrelay.policy import users as users_mod
+from mailrelay.policy.users import UserDB
 
 
 @pytest.fixture(autouse=True)

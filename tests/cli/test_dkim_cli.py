@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives import serialization
 from mailrelay.cli import dkim as dkim_cli
 from mailrelay.cli import main as cli_main
 from mailrelay.cli.main import common_options
-from mailrelay.dkim.keys import load_domain_keys
-from mailrelay.dkim.signer import sign
 from mailrelay.errors import MailrelayError
+from mailrelay.message.dkim.keys import load_domain_keys
+from mailrelay.message.dkim.signer import sign
 from tests.support.dkim_dns import txt_lookup
 
 

@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from mailrelay.cli import main as cli_main
-from mailrelay.dkim.keys import dns_record, generate_key, load_key, write_key
+from mailrelay.message.dkim.keys import dns_record, generate_key, load_key, write_key
 from tests.support.dns_server import TestDNSServer
 
 DOMAIN = "example.com"

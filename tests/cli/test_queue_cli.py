@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from mailrelay.control import SOCKET_NAME, ControlServer
 from mailrelay.errors import ConfigError
+from mailrelay.ops.control import SOCKET_NAME, ControlServer
 from mailrelay.queue import Queue, scan
 from tests.support.process import start_server
 from tests.support.relay import USER

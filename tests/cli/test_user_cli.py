@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from mailrelay import users as users_mod
 from mailrelay.cli import user as user_cli
 from mailrelay.cli.main import common_options
 from mailrelay.errors import MailrelayError
-from mailrelay.users import UserDB, verify_password
+from mailrelay.policy import users as users_mod
+from mailrelay.policy.users import UserDB, verify_password
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dns.resolver
 
-from mailrelay.dkim.keys import dns_record, generate_key, load_key, write_key
+from mailrelay.message.dkim.keys import dns_record, generate_key, load_key, write_key
 from tests.support.dns_server import TestDNSServer
 
 

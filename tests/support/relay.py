@@ -14,8 +14,8 @@ import yaml
 
 from bench.ports import free_port
 from mailrelay.config import load_config
+from mailrelay.policy.users import UserDB
 from mailrelay.server import Server
-from mailrelay.users import UserDB
 from tests.support.dns_server import TestDNSServer
 from tests.support.sink import Sink
 

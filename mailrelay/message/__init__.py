@@ -1,0 +1,1 @@
+"""Steps on a message's bytes: headers, trace fields, DKIM, ARC and filters."""

@@ -1,0 +1,1 @@
+"""Running the server: control socket, mail log and metrics, systemd, DNS records."""

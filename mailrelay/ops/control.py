@@ -1,0 +1,289 @@
+"""The control socket: ``mailrelay queue`` talks to the running server through it.
+
+``<data_dir>/control.sock`` is a unix socket (mode 0600, so only the server's user, and
+root, may use it). Each request is one JSON object on one line, and gets one JSON object
+on one line back:
+
+    {"cmd": "list"}                                -> {"ok": true, "messages": [...]}
+    {"cmd": "show", "id": ID}                      -> {"ok": true, "message": {...}}
+    {"cmd": "flush"} / {"cmd": "flush", "id": ID} / {"cmd": "flush", "domain": D}
+                                                   -> {"ok": true, "flushed": N}
+    {"cmd": "remove", "id": ID, "bounce": false}   -> {"ok": true, "id": ID,
+                                                       "bounced": [...], "dsn": ID|null}
+
+Anything wrong gets ``{"ok": false, "error": "one line"}`` and the connection stays open.
+The client side (``request``) is plain blocking sockets: the CLI has no event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import stat
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..address import AddressError, normalize_domain
+from ..delivery.dsn import header_section
+from ..errors import ConfigError, MailrelayError
+
+if TYPE_CHECKING:
+    from ..delivery.manager import DeliveryManager
+    from ..queue import Queue, QueueItem
+
+log = logging.getLogger("mailrelay.control")
+
+SOCKET_NAME = "control.sock"
+MAX_REQUEST = 64 * 1024  # a request is a command and an id; anything longer is junk
+MAX_HEADER_BYTES = 256 * 1024  # `show` reads this much of a message for its headers
+
+
+def socket_path(data_dir: Path) -> Path:
+    return Path(data_dir) / SOCKET_NAME
+
+
+# -- what list and show report (shared with the CLI's spool reading) -----------------
+
+def describe(item: QueueItem, in_flight: bool | None = None) -> dict[str, Any]:
+    """A queue item as plain JSON data. ``in_flight`` is None when no server was asked."""
+    return {
+        "id": item.id,
+        "sender": item.sender,
+        "created": item.created,
+        "size": item.size,
+        "attempts": item.attempts,
+        "last_attempt": item.last_attempt,
+        "next_attempt": item.next_attempt,
+        "in_flight": in_flight,
+        "meta": item.meta,
+        "recipients": [asdict(r) for r in item.recipients],
+    }
+
+
+def read_headers(item: QueueItem, limit: int = MAX_HEADER_BYTES) -> str:
+    """The message's header section (at most ``limit`` bytes), as text for display."""
+    with open(item.path, "rb") as handle:
+        handle.seek(item.body_offset)
+        head = handle.read(limit)
+    # Headers are ASCII or (SMTPUTF8) UTF-8; anything else still shows, replaced.
+    return header_section(head).decode("utf-8", "replace")
+
+
+# -- the server side ---------------------------------------------------------------------
+
+class ControlServer:
+    def __init__(self, path: Path, queue: Queue, delivery: DeliveryManager):
+        self.path = Path(path)
+        self.queue = queue
+        self.delivery = delivery
+        self._server: asyncio.AbstractServer | None = None
+        self._inode: int | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        _clear_stale_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(self.path))
+            # Before listen(): nobody can connect while the mode is still the umask's.
+            os.chmod(self.path, 0o600)
+            self._inode = os.stat(self.path).st_ino
+            self._server = await asyncio.start_unix_server(self._handle, sock=sock,
+                                                           limit=MAX_REQUEST)
+        except BaseException:
+            sock.close()
+            self._unlink()
+            raise
+        log.info("control socket %s", self.path)
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 5)
+        self._server = None
+        self._unlink()
+
+    def _unlink(self) -> None:
+        # Only our own socket: a newer server may have replaced it already.
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    # Too long to be a request; the rest of the line cannot be resynced.
+                    await _send(writer, _error("request too long"))
+                    return
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                await _send(writer, await self.dispatch(line))
+        except ConnectionError:
+            pass  # the client went away; nothing to tell it
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def dispatch(self, line: bytes) -> dict[str, Any]:
+        """One request line to its response; never raises for bad input."""
+        try:
+            request = json.loads(line)
+        except ValueError:
+            return _error("bad request: not JSON")
+        if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+            return _error('bad request: expected an object with "cmd"')
+        command = request["cmd"]
+        handler = getattr(self, f"_cmd_{command}", None)
+        if handler is None:
+            return _error(f"unknown command {command!r} (list, show, flush, remove)")
+        try:
+            return {"ok": True, **await handler(request)}
+        except _RequestError as exc:
+            return _error(str(exc))
+        except Exception as exc:  # a bug or a disk error: report it, keep serving
+            log.exception("control: %s failed", command)
+            return _error(f"{command} failed: {exc}")
+
+    def _item(self, request: dict[str, Any]) -> QueueItem:
+        item_id = request.get("id")
+        if not isinstance(item_id, str) or not item_id:
+            raise _RequestError('"id" is required')
+        item = self.queue.items.get(item_id)
+        if item is None:
+            raise _RequestError(f"no message {item_id} in the queue")
+        return item
+
+    async def _cmd_list(self, request: dict[str, Any]) -> dict[str, Any]:
+        items = sorted(self.queue.items.values(), key=lambda i: i.id)
+        return {"messages": [describe(i, self.delivery.attempting(i.id)) for i in items]}
+
+    async def _cmd_show(self, request: dict[str, Any]) -> dict[str, Any]:
+        item = self._item(request)
+        message = describe(item, self.delivery.attempting(item.id))
+        try:
+            message["headers"] = await asyncio.to_thread(read_headers, item)
+        except FileNotFoundError:  # delivered while we were looking
+            raise _RequestError(f"no message {item.id} in the queue") from None
+        return {"message": message}
+
+    async def _cmd_flush(self, request: dict[str, Any]) -> dict[str, Any]:
+        ids = None
+        if request.get("id") is not None:
+            ids = [self._item(request).id]
+        domain = request.get("domain")
+        if domain is not None:
+            if not isinstance(domain, str):
+                raise _RequestError('"domain" must be a string')
+            try:
+                domain = normalize_domain(domain)
+            except AddressError as exc:
+                raise _RequestError(str(exc)) from None
+        return {"flushed": self.delivery.flush(ids, domain)}
+
+    async def _cmd_remove(self, request: dict[str, Any]) -> dict[str, Any]:
+        item = self._item(request)
+        bounce = request.get("bounce", False)
+        if not isinstance(bounce, bool):
+            raise _RequestError('"bounce" must be true or false')
+        try:
+            bounced, dsn_id = await self.delivery.remove(item.id, bounce)
+        except KeyError:  # its attempt in flight delivered it
+            raise _RequestError(f"no message {item.id} in the queue "
+                                "(delivered while waiting for its attempt)") from None
+        return {"id": item.id, "sender": item.sender, "bounced": bounced, "dsn": dsn_id}
+
+
+class _RequestError(Exception):
+    """A request that cannot be carried out; its text is the error response."""
+
+
+def _error(message: str) -> dict[str, Any]:
+    return {"ok": False, "error": message}
+
+
+async def _send(writer: asyncio.StreamWriter, response: dict[str, Any]) -> None:
+    writer.write(json.dumps(response, separators=(",", ":")).encode() + b"\n")
+    await writer.drain()
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """Remove the socket a crashed server left behind; refuse to steal a live one."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{path} exists and is not a socket; remove it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError, TimeoutError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise ConfigError(f"another mailrelay is running on this data_dir ({path} answers)")
+
+
+# -- the client side ---------------------------------------------------------------------
+
+class ServerNotRunning(MailrelayError):
+    """No server answers on the control socket."""
+
+
+def request(data_dir: Path, payload: dict[str, Any], timeout: float | None = 30.0
+            ) -> dict[str, Any]:
+    """Send one request to the running server; its ``ok`` response without ``ok``.
+
+    ServerNotRunning when nothing listens; MailrelayError (one line) for an error response.
+    """
+    path = socket_path(data_dir)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise ServerNotRunning(f"the server is not running (no control socket at {path})"
+                                   ) from None
+        except PermissionError:
+            raise MailrelayError(f"{path}: permission denied (run this as the user the "
+                                 "server runs as, or root)") from None
+        except OSError as exc:  # e.g. a path too long for a unix socket: no server there
+            raise ServerNotRunning(f"cannot reach the server through {path}: "
+                                   f"{exc.strerror or exc}") from None
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        with sock.makefile("rb") as stream:
+            line = stream.readline()
+    except TimeoutError:
+        raise MailrelayError(f"the server did not answer within {timeout:.0f}s") from None
+    finally:
+        sock.close()
+    if not line:
+        raise MailrelayError("the server closed the control connection without an answer")
+    try:
+        response = json.loads(line)
+    except ValueError:
+        raise MailrelayError("the server's answer is not JSON") from None
+    if not isinstance(response, dict):
+        raise MailrelayError("the server's answer is not a JSON object")
+    if not response.pop("ok", False):
+        raise MailrelayError(str(response.get("error") or "the server refused the request"))
+    return response

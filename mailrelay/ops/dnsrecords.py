@@ -1,0 +1,500 @@
+"""The DNS records a domain served by mailrelay needs, and a check of what DNS publishes.
+
+``plan_records`` says what to publish (MX, SPF, DKIM, DMARC, the hostname's A/AAAA, the
+PTR of the server's addresses, and the optional HELO SPF, MTA-STS and TLS-RPT records);
+``check_records`` asks the configured nameservers and compares, record by record.
+
+All lookups go through ``authcheck.DNSLookup`` (the configured nameservers, a bounded
+time per lookup), and SPF is evaluated by pyspf through the same resolver, exactly as
+inbound mail is checked. DNS trouble becomes an ``error`` result for that record only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+
+import dns.exception
+import dns.reversename
+
+from ..config import Config
+from ..errors import MailrelayError
+from ..message.dkim.keys import dns_record, format_txt
+from ..message.dkim.signer import DKIMKey
+from ..policy.authres import DNSLookup, DNSTempError, check_spf
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Statuses of a checked record; only "ok" is good.
+OK, MISSING, WRONG, ERROR = "ok", "missing", "wrong", "error"
+
+# An address no real server sends from (RFC 5737 TEST-NET-1): if SPF passes for it, the
+# record authorises everybody (+all). It is only evaluated, never contacted.
+_PROBE_IP = "192.0.2.1"
+_MTA_STS_MAX_AGE = 604800  # one week, the RFC 8461 example; long enough to be useful
+# Each lookup may take dns.timeout; a record check (SPF with includes) gets this many.
+_LOOKUPS_PER_CHECK = 12
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record to publish."""
+
+    kind: str  # MX, A, AAAA, PTR, SPF, DKIM, DMARC, SPF-HELO, MTA-STS, TLS-RPT
+    name: str  # owner name, without the trailing dot
+    rtype: str  # MX, A, AAAA, PTR, TXT
+    value: str  # presentation form; for TXT the text itself, unquoted
+    why: str
+    required: bool = True
+    # The value is a stand-in (an address we could not learn); not to be pasted as is.
+    placeholder: bool = False
+
+    def zone(self) -> str:
+        """The zone-file line."""
+        if self.rtype == "TXT":
+            return format_txt(self.name, self.value)
+        return f"{self.name.rstrip('.')}. IN {self.rtype} {self.value}"
+
+
+@dataclass
+class RecordPlan:
+    domain: str
+    hostname: str
+    ips: list[str]
+    ip_source: str  # "--ip", "dns" or "none"
+    records: list[Record]
+    mta_sts_policy: str  # the file to serve at https://mta-sts.<domain>/.well-known/
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "domain": self.domain, "hostname": self.hostname, "ips": self.ips,
+            "ip_source": self.ip_source, "notes": self.notes,
+            "mta_sts_policy": self.mta_sts_policy,
+            "records": [asdict(r) | {"zone": r.zone()} for r in self.records],
+        }
+
+
+@dataclass
+class CheckResult:
+    """What DNS publishes for one record, compared with what it should."""
+
+    kind: str
+    name: str
+    status: str  # ok | missing | wrong | error
+    detail: str  # what was found, or why it is not right
+    fix: list[str] = field(default_factory=list)  # zone lines or steps that put it right
+    required: bool = True
+
+    @property
+    def good(self) -> bool:
+        return self.status == OK or not self.required
+
+
+def parse_ips(values: Sequence[str]) -> list[IPAddress]:
+    """``--ip`` values; a one-line error for anything that is not an address."""
+    ips: list[IPAddress] = []
+    for value in values:
+        try:
+            ip = ipaddress.ip_address(value.strip().strip("[]"))
+        except ValueError:
+            raise MailrelayError(f"--ip {value}: not an IPv4 or IPv6 address") from None
+        if ip not in ips:
+            ips.append(ip)
+    return ips
+
+
+def make_lookup(config: Config) -> DNSLookup:
+    return DNSLookup(config.dns, budget=_LOOKUPS_PER_CHECK * config.dns.timeout)
+
+
+def hostname_addresses(lookup: DNSLookup, hostname: str) -> list[IPAddress]:
+    """The A and AAAA addresses of ``hostname``; DNSTempError when DNS does not answer."""
+    found: list[IPAddress] = []
+    for rtype in ("A", "AAAA"):
+        answer = lookup.resolve(hostname, rtype)
+        found += [ipaddress.ip_address(r.address) for r in answer or ()]
+    return found
+
+
+def reverse_name(ip: IPAddress) -> str:
+    return dns.reversename.from_address(str(ip)).to_text(omit_final_dot=True)
+
+
+# -- what to publish ----------------------------------------------------------------
+
+def spf_value(strict: bool = False) -> str:
+    # "mx": mail leaves from the host mail arrives at, so the record follows the MX.
+    return f"v=spf1 mx {'-all' if strict else '~all'}"
+
+
+def dmarc_value(domain: str) -> str:
+    return f"v=DMARC1; p=quarantine; rua=mailto:postmaster@{domain}"
+
+
+def mta_sts_policy(hostname: str) -> str:
+    return (f"version: STSv1\nmode: testing\nmx: {hostname}\n"
+            f"max_age: {_MTA_STS_MAX_AGE}\n")
+
+
+def plan_records(config: Config, domain: str, keys: Sequence[DKIMKey],
+                 ips: Sequence[IPAddress], ip_source: str, *,
+                 strict_spf: bool = False) -> RecordPlan:
+    """Every record ``domain`` needs, with why; PTRs and A/AAAA for the ``ips`` given."""
+    host = config.hostname
+    records: list[Record] = [
+        Record("MX", domain, "MX", f"10 {host}.",
+               f"mail for {domain} is delivered to this server ({host})"),
+    ]
+    records += address_records(host, ips)
+    records += ptr_records(host, ips)
+    spf_why = ("authorises the MX host (this server) to send as @" + domain + "; "
+               + ("-all: everybody else fails outright"
+                  if strict_spf else
+                  "~all, not -all: DMARC below already tells receivers to quarantine "
+                  "mail that fails, and some receivers reject an SPF -all failure before "
+                  "looking at DKIM, which loses mail forwarded by your recipients "
+                  "(use --strict-spf for -all)"))
+    records.append(Record("SPF", domain, "TXT", spf_value(strict_spf), spf_why))
+    for key in keys:
+        name, value = dns_record(key)
+        records.append(Record("DKIM", name, "TXT", value,
+                              f"the public half of {key.path or 'the key'} "
+                              f"({key.algorithm}); receivers check signatures with it"))
+    records.append(Record(
+        "DMARC", f"_dmarc.{domain}", "TXT", dmarc_value(domain),
+        "tells receivers what to do with mail that claims to be from " + domain
+        + " but passes neither aligned SPF nor DKIM: p=quarantine (spam folder) protects "
+        "the domain without losing mail outright while you set things up (p=none protects "
+        "nothing; move to p=reject once the reports are clean); aggregate reports go to "
+        f"postmaster@{domain}, so make that a user or alias"))
+    if host != domain:  # else the domain's SPF record is the HELO name's, too
+        records.append(Record(
+            "SPF-HELO", host, "TXT", "v=spf1 a -all",
+            f"recommended: bounces are sent with an empty sender, so receivers check SPF "
+            f"of the HELO name {host}; only this host uses that name, hence -all",
+            required=False))
+    records += [mta_sts_record(domain, host), tls_rpt_record(domain, host)]
+    notes: list[str] = []
+    if not keys:
+        notes.append(f"{domain} has no DKIM key: create one with "
+                     f"`mailrelay dkim keygen {domain}`, then run this again")
+    if not ips:
+        notes.append(f"the addresses of {host} are unknown (it does not resolve): "
+                     "run this again with --ip ADDRESS for each public address of the server")
+    return RecordPlan(domain, host, [str(ip) for ip in ips], ip_source, records,
+                      mta_sts_policy(host), notes)
+
+
+def mta_sts_record(domain: str, host: str) -> Record:
+    policy_id = hashlib.sha256(mta_sts_policy(host).encode()).hexdigest()[:20]
+    return Record(
+        "MTA-STS", f"_mta-sts.{domain}", "TXT", f"v=STSv1; id={policy_id}",
+        f"optional: senders that support MTA-STS (RFC 8461) then insist on TLS to {host}; "
+        f"only useful once https://mta-sts.{domain}/.well-known/mta-sts.txt serves the "
+        "policy (with a valid certificate; mailrelay does not serve HTTPS); the id is the "
+        "policy's hash, so it changes when the policy does",
+        required=False)
+
+
+def tls_rpt_record(domain: str, host: str) -> Record:
+    return Record(
+        "TLS-RPT", f"_smtp._tls.{domain}", "TXT", f"v=TLSRPTv1; rua=mailto:postmaster@{domain}",
+        f"optional: senders report trouble with TLS to {host} (RFC 8460)", required=False)
+
+
+def address_records(host: str, ips: Sequence[IPAddress]) -> list[Record]:
+    why = f"{host} is the MX host and the HELO name; it must resolve to the server"
+    if not ips:
+        return [Record("A", host, "A", "<IPv4 address of this server>", why,
+                       placeholder=True)]
+    return [Record("A" if ip.version == 4 else "AAAA", host, "A" if ip.version == 4 else "AAAA",
+                   str(ip), why) for ip in ips]
+
+
+def ptr_records(host: str, ips: Sequence[IPAddress]) -> list[Record]:
+    why = ("reverse DNS: receivers refuse or distrust mail from an address whose PTR does "
+           "not name a host that resolves back to it; set it at your VPS provider (the "
+           "reverse zone is theirs), not in the zone of your domain")
+    if not ips:
+        return [Record("PTR", "<reverse name of the server's address>", "PTR", f"{host}.",
+                       why, placeholder=True)]
+    return [Record("PTR", reverse_name(ip), "PTR", f"{host}.", why) for ip in ips]
+
+
+# -- what DNS publishes -------------------------------------------------------------
+
+def _guarded(config: Config, kind: str, name: str, required: bool,
+             check: Callable[[DNSLookup], CheckResult]) -> CheckResult:
+    """Run one record's check with a fresh time budget; DNS trouble is that record's
+    result, not a traceback."""
+    try:
+        return check(make_lookup(config))
+    except (DNSTempError, dns.exception.DNSException) as exc:
+        return CheckResult(kind, name, ERROR, f"DNS lookup failed: {_trouble(exc)}",
+                           required=required)
+
+
+def _trouble(exc: Exception) -> str:
+    """dnspython's long messages (every server, every attempt) in a few words."""
+    text = str(exc)
+    query, _, reason = text.partition(": ") if isinstance(exc, DNSTempError) else ("", "", text)
+    if "timed out" in reason or "lifetime expired" in reason or "Timeout" in reason:
+        reason = "no answer (timeout)"
+    elif "SERVFAIL" in reason:
+        reason = "the nameservers answered SERVFAIL"
+    elif "REFUSED" in reason:
+        reason = "the nameservers refused the query"
+    elif len(reason) > 100:
+        reason = reason[:97] + "..."
+    return f"{query}: {reason}" if query else reason
+
+
+def check_records(config: Config, domain: str, keys: Sequence[DKIMKey],
+                  ips: Sequence[IPAddress], *, strict_spf: bool = False) -> list[CheckResult]:
+    """Each record of ``plan_records`` looked up through the configured resolver.
+
+    Without ``ips`` the server's addresses are the hostname's A/AAAA records."""
+    host = config.hostname
+    results = [_guarded(config, "MX", domain, True, partial(_check_mx, domain=domain, host=host))]
+
+    published: list[IPAddress] = []
+
+    def addresses(lookup: DNSLookup) -> CheckResult:
+        published.extend(hostname_addresses(lookup, host))
+        return _check_addresses(host, ips, published)
+
+    results.append(_guarded(config, "A", host, True, addresses))
+    # The server's addresses: the ones given, else the ones published (when we got them).
+    server_ips = list(ips) or published
+    results += [_guarded(config, "PTR", reverse_name(ip), True,
+                         partial(_check_ptr, ip=ip, host=host)) for ip in server_ips]
+    results.append(_guarded(config, "SPF", domain, True,
+                            partial(_check_spf, domain=domain, host=host, ips=server_ips,
+                                    strict=strict_spf)))
+    if not keys:
+        results.append(CheckResult(
+            "DKIM", f"*._domainkey.{domain}", MISSING, f"{domain} has no DKIM key on disk",
+            [f"mailrelay dkim keygen {domain}   (then publish the record it prints)"]))
+    results += [_guarded(config, "DKIM", dns_record(key)[0], True, partial(_check_dkim, key=key))
+                for key in keys]
+    results.append(_guarded(config, "DMARC", f"_dmarc.{domain}", True,
+                            partial(_check_dmarc, domain=domain)))
+    if host != domain:  # one name has one SPF record: the domain's, checked above
+        results.append(_guarded(config, "SPF-HELO", host, False,
+                                partial(_check_helo_spf, host=host, ips=server_ips)))
+    for record, version, needed in ((mta_sts_record(domain, host), "v=STSv1", "id"),
+                                    (tls_rpt_record(domain, host), "v=TLSRPTv1", "rua")):
+        results.append(_guarded(config, record.kind, record.name, False,
+                                partial(_check_tagged, record=record, version=version,
+                                        needed=(needed,))))
+    return results
+
+
+def _norm(name: str) -> str:
+    return name.rstrip(".").lower()
+
+
+def _check_mx(lookup: DNSLookup, domain: str, host: str) -> CheckResult:
+    want = [f"{domain}. IN MX 10 {host}."]
+    answer = lookup.resolve(domain, "MX")
+    if answer is None:
+        return CheckResult("MX", domain, MISSING, "no MX record", want)
+    mx = sorted((r.preference, _norm(r.exchange.to_text())) for r in answer)
+    shown = ", ".join(f"{pref} {target or '.'}" for pref, target in mx)
+    ours = [pref for pref, target in mx if target == host]
+    if not ours:
+        return CheckResult("MX", domain, WRONG, f"MX is {shown}, not {host}",
+                           [*want, f"and remove: {shown}"])
+    preferred = [f"{pref} {target}" for pref, target in mx if pref < min(ours) and target != host]
+    if preferred:
+        # Senders try those first, so mail for the domain goes elsewhere.
+        return CheckResult("MX", domain, WRONG,
+                           f"MX is {shown}: {', '.join(preferred)} is preferred over {host}",
+                           [*want, f"and remove: {', '.join(preferred)}"])
+    return CheckResult("MX", domain, OK, f"MX is {shown}")
+
+
+def _check_addresses(host: str, ips: Sequence[IPAddress],
+                     published: list[IPAddress]) -> CheckResult:
+    if not published:
+        fix = [r.zone() for r in address_records(host, ips)]
+        if not ips:
+            fix.append("(or run this with --ip ADDRESS to name the server's addresses)")
+        return CheckResult("A", host, MISSING, "no A or AAAA record", fix)
+    shown = ", ".join(map(str, published))
+    absent = [ip for ip in ips if ip not in published]
+    if absent:
+        return CheckResult("A", host, WRONG,
+                           f"resolves to {shown}, not to {', '.join(map(str, absent))}",
+                           [r.zone() for r in address_records(host, ips)])
+    detail = f"resolves to {shown}"
+    if not ips:
+        detail += " (taken as the server's addresses; --ip names them)"
+    return CheckResult("A", host, OK, detail)
+
+
+def _check_ptr(lookup: DNSLookup, ip: IPAddress, host: str) -> CheckResult:
+    """Forward-confirmed reverse DNS: IP -> PTR -> host, and host -> A/AAAA -> IP."""
+    name = reverse_name(ip)
+    fix = [f"{name}. IN PTR {host}.",
+           f"(set the reverse DNS of {ip} to {host} in your VPS provider's control panel)"]
+    answer = lookup.resolve(name, "PTR")
+    if answer is None:
+        return CheckResult("PTR", name, MISSING, f"{ip} has no PTR record", fix)
+    targets = sorted({_norm(r.target.to_text()) for r in answer})
+    if host not in targets:
+        return CheckResult("PTR", name, WRONG,
+                           f"PTR of {ip} is {', '.join(targets)}, not {host}", fix)
+    forward = hostname_addresses(lookup, host)
+    if ip not in forward:
+        return CheckResult(
+            "PTR", name, WRONG,
+            f"PTR of {ip} is {host}, but {host} does not resolve to {ip} (not forward-confirmed)",
+            [r.zone() for r in address_records(host, [ip])])
+    return CheckResult("PTR", name, OK, f"{ip} -> {host} -> {ip}")
+
+
+def _spf_records(lookup: DNSLookup, name: str) -> list[str]:
+    texts = [t.decode("utf-8", "replace") for t in lookup.txt(name)]
+    return [t for t in texts if t.lower() == "v=spf1" or t.lower().startswith("v=spf1 ")]
+
+
+def _spf_fix(existing: str, failing: Sequence[IPAddress]) -> str:
+    """The record with the server added: "mx" when it lacks it, else the addresses."""
+    terms = existing.split()
+    add = ["mx"] if "mx" not in (t.lower() for t in terms) else [
+        f"ip{ip.version}:{ip}" for ip in failing]
+    return " ".join(terms[:1] + add + terms[1:])
+
+
+def _check_spf(lookup: DNSLookup, domain: str, host: str, ips: Sequence[IPAddress],
+               strict: bool) -> CheckResult:
+    records = _spf_records(lookup, domain)
+    want = format_txt(domain, spf_value(strict))
+    if not records:
+        return CheckResult("SPF", domain, MISSING, "no SPF record (TXT v=spf1 ...)", [want])
+    if len(records) > 1:
+        return CheckResult("SPF", domain, WRONG,
+                           f"{len(records)} SPF records (receivers treat that as an error)",
+                           [f"keep only one: {want}"])
+    record = records[0]
+    if not ips:
+        return CheckResult("SPF", domain, ERROR,
+                           f'"{record}" found, but the server\'s addresses are unknown',
+                           ["run this with --ip ADDRESS"])
+    sender = f"postmaster@{domain}"
+    failing: list[tuple[IPAddress, str]] = []
+    for ip in ips:
+        result, _ = check_spf(lookup, str(ip), host, sender)
+        if result == "temperror":
+            raise DNSTempError(f"SPF of {domain} for {ip}: temperror")
+        if result != "pass":
+            failing.append((ip, result))
+    if failing:
+        why = ", ".join(f"{ip} ({result})" for ip, result in failing)
+        fixed = _spf_fix(record, [ip for ip, _ in failing])
+        return CheckResult("SPF", domain, WRONG, f'"{record}" does not authorise {why}',
+                           [format_txt(domain, fixed)])
+    if _PROBE_IP not in map(str, ips) and check_spf(lookup, _PROBE_IP, host, sender)[0] == "pass":
+        return CheckResult("SPF", domain, WRONG,
+                           f'"{record}" authorises every address (it passes {_PROBE_IP})',
+                           [want])
+    return CheckResult("SPF", domain, OK,
+                       f'"{record}" authorises {", ".join(map(str, ips))}')
+
+
+def _check_helo_spf(lookup: DNSLookup, host: str, ips: Sequence[IPAddress]) -> CheckResult:
+    want = [format_txt(host, "v=spf1 a -all")]
+    records = _spf_records(lookup, host)
+    if not records:
+        return CheckResult("SPF-HELO", host, MISSING, f"no SPF record for {host}", want,
+                           required=False)
+    failing = [str(ip) for ip in ips if check_spf(lookup, str(ip), host, "<>")[0] != "pass"]
+    if failing or len(records) > 1:
+        return CheckResult("SPF-HELO", host, WRONG,
+                           f'"{records[0]}" does not authorise {", ".join(failing)}'
+                           if failing else f"{len(records)} SPF records", want, required=False)
+    return CheckResult("SPF-HELO", host, OK, f'"{records[0]}"', required=False)
+
+
+def _tags(text: str) -> dict[str, str]:
+    """``k=v; k=v`` (DKIM, DMARC, MTA-STS, TLS-RPT syntax), names lower-cased."""
+    tags: dict[str, str] = {}
+    for part in text.split(";"):
+        name, equals, value = part.partition("=")
+        if equals:
+            tags.setdefault(name.strip().lower(), value.strip())
+    return tags
+
+
+def _check_dkim(lookup: DNSLookup, key: DKIMKey) -> CheckResult:
+    name, value = dns_record(key)
+    want = [format_txt(name, value)]
+    texts = [t.decode("utf-8", "replace") for t in lookup.txt(name)]
+    # A key record may omit v=DKIM1 (RFC 6376 3.6.1); any record with p= counts.
+    found = [t for t in texts if "p" in _tags(t)]
+    if not found:
+        what = "no TXT record" if not texts else "no DKIM key record (TXT with p=)"
+        return CheckResult("DKIM", name, MISSING, what, want)
+    if len(found) > 1:
+        return CheckResult("DKIM", name, WRONG, f"{len(found)} key records",
+                           [f"keep only one: {want[0]}"])
+    tags = _tags(found[0])
+    published = re.sub(r"\s", "", tags["p"])
+    expected = _tags(value)["p"]
+    if not published:
+        return CheckResult("DKIM", name, WRONG, "the key is revoked (empty p=)", want)
+    if published != expected:
+        return CheckResult("DKIM", name, WRONG,
+                           f"p= is not the public half of {key.path or 'the key on disk'}",
+                           want)
+    kind = tags.get("k", "rsa").lower()
+    if kind != _tags(value)["k"]:
+        return CheckResult("DKIM", name, WRONG, f"k={kind}, the key is {_tags(value)['k']}",
+                           want)
+    return CheckResult("DKIM", name, OK, f"matches {key.path or 'the key on disk'}")
+
+
+def _check_dmarc(lookup: DNSLookup, domain: str) -> CheckResult:
+    name = f"_dmarc.{domain}"
+    want = [format_txt(name, dmarc_value(domain))]
+    texts = [t.decode("utf-8", "replace") for t in lookup.txt(name)]
+    found = [t for t in texts if re.match(r"v\s*=\s*DMARC1\s*(;|$)", t)]
+    if not found:
+        return CheckResult("DMARC", name, MISSING, "no DMARC record (TXT v=DMARC1; ...)", want)
+    if len(found) > 1:
+        # RFC 7489 6.6.3: several records mean no policy at all.
+        return CheckResult("DMARC", name, WRONG,
+                           f"{len(found)} DMARC records (receivers then apply none)",
+                           [f"keep only one: {want[0]}"])
+    policy = _tags(found[0]).get("p", "").lower()
+    if policy not in ("none", "quarantine", "reject"):
+        return CheckResult("DMARC", name, WRONG,
+                           f'"{found[0]}" has no valid policy (p=none|quarantine|reject)', want)
+    detail = f'"{found[0]}"'
+    if policy == "none":
+        detail += " (p=none only monitors; quarantine or reject protects the domain)"
+    return CheckResult("DMARC", name, OK, detail)
+
+
+def _check_tagged(lookup: DNSLookup, record: Record, version: str,
+                  needed: Sequence[str]) -> CheckResult:
+    """An optional record: a TXT starting with ``version`` that has the ``needed`` tags."""
+    kind, name, want = record.kind, record.name, [record.zone()]
+    texts = [t.decode("utf-8", "replace") for t in lookup.txt(name)]
+    found = [t for t in texts if t.replace(" ", "").lower().startswith(version.lower())]
+    if not found:
+        return CheckResult(kind, name, MISSING, f"no {kind} record", want,
+                           required=False)
+    tags = _tags(found[0])
+    absent = [tag for tag in needed if not tags.get(tag)]
+    if len(found) > 1 or absent:
+        what = (f"{len(found)} records" if len(found) > 1
+                else f'"{found[0]}" lacks {", ".join(absent)}=')
+        return CheckResult(kind, name, WRONG, what, want, required=False)
+    return CheckResult(kind, name, OK, f'"{found[0]}"', required=False)

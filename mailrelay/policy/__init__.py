@@ -1,0 +1,1 @@
+"""What the server allows: users, aliases, senders, routing, SRS and the checks of inbound mail."""

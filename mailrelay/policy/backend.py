@@ -1,0 +1,264 @@
+"""Inbound policy: what the SMTP sessions may do, and how accepted mail reaches the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import ssl
+from collections.abc import Callable
+
+import dns.resolver
+
+from ..address import AddressError, normalize, split
+from ..config import Config
+from ..message.arc import arc_seal
+from ..message.headers import addresses, get_all, parse_headers
+from ..message.received import protocol_name, received_header, submission_fixups
+from ..message.signing import MessageSigner
+from ..ops.events import Events
+from ..queue import Queue, QueueFullError, QueueItem, Recipient, new_id
+from ..smtp.parse import Path
+from ..smtp.session import Envelope, SessionInfo
+from ..smtp.throttle import AuthThrottle
+from .authres import AuthResults, check_message, decide, strip_our_authentication_results
+from .router import Expansion, Router
+from .senders import SenderPolicy
+from .srs import SRS
+from .users import Users
+
+log = logging.getLogger("mailrelay.smtp")
+
+
+class InboundPolicy:
+    """The ``Backend`` of SMTP sessions (see smtp.session.Backend)."""
+
+    def __init__(
+        self,
+        config: Config,
+        users: Callable[[], Users],
+        queue: Queue,
+        on_queued: Callable[[QueueItem], None],
+        tls_context: ssl.SSLContext | None,
+        senders: SenderPolicy,
+        signer: MessageSigner,
+        router: Router,
+        srs: SRS | None,
+        dns_resolver: dns.resolver.Resolver,
+        events: Events | None = None,
+    ):
+        self.config = config
+        self.hostname = config.hostname
+        self.max_message_size = config.limits.max_message_size
+        self.max_recipients = config.limits.max_recipients
+        self.command_timeout = config.limits.command_timeout
+        self.max_errors = config.limits.max_errors
+        self._users = users
+        self.queue = queue
+        self.on_queued = on_queued
+        self._tls_context = tls_context
+        self.senders = senders
+        self.signer = signer
+        self.router = router
+        self.srs = srs
+        self.events = events if events is not None else Events()
+        self._dns = dns_resolver
+        self.throttle = AuthThrottle(
+            config.limits.auth_failures_per_ip, config.limits.auth_block_time,
+            delay_step=config.limits.auth_failure_delay,
+        )
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        return self._tls_context
+
+    # -- AUTH -----------------------------------------------------------------
+
+    async def authenticate(self, info: SessionInfo, username: str, password: str) -> str:
+        ip = info.peer_ip
+        blocked = "454 4.7.0 Too many failed logins, try again later"
+        if self.throttle.blocked(ip):
+            self.events.auth_failed(info, username, blocked, blocked=True)
+            return blocked
+        # scrypt takes tens of milliseconds: keep it off the event loop.
+        user = await asyncio.to_thread(self._users().authenticate, username, password)
+        if self.throttle.blocked(ip):
+            # Blocked while this attempt was being checked (guesses sent at once on many
+            # connections): its answer, right or wrong, would be one guess too many.
+            self.events.auth_failed(info, username, blocked, blocked=True)
+            return blocked
+        if user is None:
+            delay = self.throttle.failure(ip)
+            reply = "535 5.7.8 Authentication credentials invalid"
+            self.events.auth_failed(info, username, reply)
+            if delay:
+                await asyncio.sleep(delay)
+            return reply
+        self.throttle.success(ip)
+        info.user = user
+        self.events.auth_ok(info, user)
+        return "235 2.7.0 Authentication successful"
+
+    # -- envelope -------------------------------------------------------------
+
+    async def check_sender(self, info: SessionInfo, path: Path) -> str | None:
+        try:
+            self.queue.check_space()  # say so now, before the client sends the data
+        except QueueFullError as exc:
+            log.warning("refusing mail from %s: %s", info.peer_ip, exc)
+            return "452 4.3.1 Insufficient system storage, try again later"
+        if info.user is None:
+            return None  # inbound mail: any sender (SPF checks come on top of this)
+        if self.senders.settings.restrict and (
+            path.is_null or not self.senders.may_send_as(info.user, path.address)
+        ):
+            return f"550 5.7.1 Not authorised to send as <{path.address}>"
+        return None
+
+    async def check_recipient(
+        self, info: SessionInfo, envelope: Envelope, address: str
+    ) -> str | None:
+        try:
+            local, domain = split(normalize(address))
+        except AddressError:
+            return f"550 5.1.2 <{address}>: address literals are not accepted"
+        if self.config.is_local_domain(domain):
+            return self.router.check_recipient(f"{local}@{domain}")
+        if info.user is not None:
+            return None
+        return f"554 5.7.1 <{address}>: Relay access denied"
+
+    # -- DATA -----------------------------------------------------------------
+
+    async def _prepare_submission(self, user: str, sender: str, body: bytes) -> list[bytes] | str:
+        """From: check, missing headers, DKIM signature: the header chunks to put before
+        the body, or the refusal reply."""
+        fields = parse_headers(body)
+        for address in addresses(get_all(fields, "From")):
+            if not self.senders.may_send_as(user, address):
+                return f"550 5.7.1 Not authorised to send as <{address}> (From: header)"
+        fixups = submission_fixups(fields, split(user)[1])
+        signature = await asyncio.to_thread(self.signer.signature, fixups + body, fields, sender)
+        return [signature, fixups]
+
+    async def accept_message(self, info: SessionInfo, envelope: Envelope, body: bytes) -> str:
+        assert envelope.sender is not None
+        item_id = new_id()
+        tls = f"{info.tls_version} {info.tls_cipher}" if info.tls else None
+        received = received_header(
+            helo=info.helo, peer_ip=info.peer_ip, hostname=self.hostname, queue_id=item_id,
+            protocol=protocol_name(info.esmtp, info.tls, info.user is not None),
+            recipient=envelope.recipients[0] if len(envelope.recipients) == 1 else None,
+            tls=tls,
+        )
+        meta: dict[str, str] = {"client_ip": info.peer_ip, "helo": info.helo}
+        if info.user:
+            meta["user"] = info.user
+        for key, name in (("RET", "ret"), ("ENVID", "envid")):
+            value = envelope.sender_params.get(key)
+            if value:
+                meta[name] = value.upper() if key == "RET" else value
+        results: AuthResults | None = None
+        if info.user is not None:
+            prepared = await self._prepare_submission(info.user, envelope.sender, body)
+            if isinstance(prepared, str):
+                return prepared
+            head = [received, *prepared]
+        else:
+            checked = await self._check_inbound(info, envelope.sender, body)
+            if isinstance(checked, str):
+                return checked
+            results, body = checked
+            head = [received, results.header]
+
+        params = [{k: v for k, v in p.items() if v is not None}
+                  for p in envelope.recipient_params]
+        expansion = self.router.expand(envelope.recipients, params)
+        batches: list[tuple[str, list[Recipient], list[bytes]]] = []
+        if info.user is not None:
+            # Our user's own mail: already signed; aliases may add more recipients.
+            batches.append((envelope.sender, expansion.local + expansion.remote, [*head, body]))
+        else:
+            if expansion.local:
+                batches.append((envelope.sender, expansion.local, [*head, body]))
+            if expansion.remote:
+                batches.append(await self._forwarded(envelope.sender, expansion, head, body,
+                                                     results))
+        if not any(rcpts for _, rcpts, _ in batches):
+            return "554 5.5.1 No valid recipients"
+        return await self._enqueue(info, item_id, batches, meta, results)
+
+    async def _check_inbound(
+        self, info: SessionInfo, sender: str, body: bytes
+    ) -> tuple[AuthResults, bytes] | str:
+        """SPF, DKIM and DMARC of mail from outside: the results (and the body without
+        forged Authentication-Results claiming to be ours), or the refusal reply."""
+        settings = self.config.inbound
+
+        def run() -> tuple[AuthResults, bytes]:
+            cleaned = strip_our_authentication_results(body, self.hostname)
+            results = check_message(cleaned, client_ip=info.peer_ip, helo=info.helo,
+                                    mail_from=sender, authserv_id=self.hostname,
+                                    dns=self.config.dns, resolver=self._dns)
+            return results, cleaned
+
+        # In a thread: lookups block, and parsing and hashing take time on big messages.
+        results, cleaned = await asyncio.to_thread(run)
+        reply = decide(results, reject_spf=settings.reject_spf_fail,
+                       reject_dmarc=settings.reject_dmarc)
+        if reply is None and settings.on_dns_error == "tempfail" and "temperror" in (
+            results.spf, results.dmarc, *(r for r, _, _ in results.dkim)
+        ):
+            reply = "451 4.4.3 Temporary DNS failure checking the sender, try again later"
+        if reply is not None:
+            return reply
+        return results, cleaned
+
+    async def _forwarded(
+        self, sender: str, expansion: Expansion, head: list[bytes], body: bytes,
+        results: AuthResults | None,
+    ) -> tuple[str, list[Recipient], list[bytes]]:
+        """Mail an alias sends elsewhere: the envelope sender becomes an SRS address of
+        ours (so SPF passes at the next hop and bounces come back through us), an ARC set
+        records what we saw, and we sign it for that domain."""
+        domain = expansion.forwarding_domain or self.config.domains[0]
+        new_sender = self.srs.forward(sender, domain) if sender and self.srs else sender
+        message = b"".join([*head[1:], body])
+        arc = b""
+        keys = self.signer.keys_for(domain)
+        if results is not None and keys:
+            arc = await asyncio.to_thread(
+                arc_seal, message, key=keys, authserv_id=self.hostname,
+                results_header_value=results.header, dns=self.config.dns)
+            if not arc:
+                log.warning("forward: no ARC set added for %s (no RSA key, or the existing "
+                            "chain could not be checked)", domain)
+        signature = await asyncio.to_thread(self.signer.signature, arc + message,
+                                            parse_headers(body), new_sender)
+        return new_sender, expansion.remote, [signature, arc, *head, body]
+
+    async def _enqueue(
+        self, info: SessionInfo, item_id: str,
+        batches: list[tuple[str, list[Recipient], list[bytes]]], meta: dict[str, str],
+        checks: AuthResults | None = None,
+    ) -> str:
+        """Store every part durably before answering; all or nothing."""
+        stored: list[QueueItem] = []
+        try:
+            for index, (sender, rcpts, chunks) in enumerate(batches):
+                if rcpts:
+                    stored.append(await self.queue.put(
+                        sender, rcpts, chunks, meta, item_id=item_id if index == 0 else None))
+        except (QueueFullError, OSError) as exc:
+            for item in stored:  # not acknowledged, so not accepted: take it back
+                await self.queue.remove(item)
+            if isinstance(exc, QueueFullError):
+                log.warning("queue refused message from %s: %s", info.peer_ip, exc)
+                return "452 4.3.1 Insufficient system storage, try again later"
+            log.error("queue write failed: %s", exc)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                return "452 4.3.1 Insufficient system storage, try again later"
+            return "451 4.3.0 Local error in processing, try again later"
+        for item in stored:
+            self.events.queued_message(info, item, checks)
+            self.on_queued(item)
+        return f"250 2.0.0 Ok: queued as {stored[0].id}"

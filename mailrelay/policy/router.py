@@ -1,0 +1,110 @@
+"""Where each recipient goes: local users, aliases (with catch-all), pipes, and SRS
+addresses whose bounces we relay back to the original sender."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..address import AddressError, normalize_domain, split
+from ..queue import EMAIL, Recipient
+from ..queue import MAILBOX as QUEUE_MAILBOX
+from ..queue import PIPE as QUEUE_PIPE
+from .aliases import MAILBOX, PIPE, Aliases
+from .srs import SRS, SRSError
+from .users import Users
+
+log = logging.getLogger("mailrelay.router")
+
+@dataclass
+class Expansion:
+    """The final recipients of a message's envelope recipients."""
+
+    local: list[Recipient]  # mailboxes and pipes: delivered here
+    remote: list[Recipient]  # addresses elsewhere: sent on by SMTP
+    # The local domain whose aliases sent mail elsewhere (the SRS domain when forwarding).
+    forwarding_domain: str | None = None
+
+
+class Router:
+    def __init__(
+        self,
+        is_local_domain: Callable[[str], bool],
+        users: Callable[[], Users],
+        aliases: Callable[[], Aliases],
+        srs: SRS | None,
+    ):
+        self.is_local_domain = is_local_domain
+        self._users = users
+        self._aliases = aliases
+        self.srs = srs
+
+    def is_user(self, address: str) -> bool:
+        return self._users().exists(address)
+
+    def _srs_reverse(self, address: str) -> str | None:
+        """The original sender an SRS address of ours stands for; None if it is not one.
+
+        Raises SRSError for a forged or expired SRS address."""
+        if self.srs is None or not SRS.is_srs(address):
+            return None
+        return self.srs.reverse(address)
+
+    def check_recipient(self, address: str) -> str | None:
+        """None to accept RCPT TO a local-domain address, else the refusal reply."""
+        try:
+            if self._srs_reverse(address) is not None:
+                return None
+        except SRSError as exc:
+            log.info("rcpt refused: <%s>: %s", address, exc)
+            return f"550 5.1.1 <{address}>: invalid or expired SRS address"
+        if self._aliases().exists(address, self.is_user, self.is_local_domain):
+            return None
+        return f"550 5.1.1 <{address}>: no such user here"
+
+    def owners(self, address: str) -> list[str]:
+        """Users an address delivers to through aliases (for sender rights)."""
+        return self._aliases().owners(address, self.is_user, self.is_local_domain)
+
+    def expand(self, addresses: list[str], params: list[dict[str, str]]) -> Expansion:
+        expansion = Expansion(local=[], remote=[])
+        seen: set[tuple[str, str, str | None]] = set()
+
+        def add(rcpt: Recipient, original: str) -> None:
+            key = (rcpt.kind, rcpt.address, rcpt.command)
+            if key in seen:
+                return
+            seen.add(key)
+            # A DSN names the address the sender used, not where an alias led.
+            rcpt.params.setdefault("ORCPT", f"rfc822;{original}")
+            is_remote = rcpt.kind == EMAIL and not self.is_local_domain(
+                normalize_domain(split(rcpt.address)[1]))
+            (expansion.remote if is_remote else expansion.local).append(rcpt)
+
+        for address, rcpt_params in zip(addresses, params, strict=True):
+            try:
+                domain = normalize_domain(split(address)[1])
+            except AddressError:
+                continue
+            if not self.is_local_domain(domain):
+                add(Recipient(address, params=dict(rcpt_params)), address)
+                continue
+            try:
+                original = self._srs_reverse(address)
+            except SRSError:
+                original = None  # checked at RCPT; expired since: nothing to relay to
+            if original is not None:
+                add(Recipient(original, params=dict(rcpt_params)), address)
+                continue
+            for target in self._aliases().resolve(address, self.is_user, self.is_local_domain):
+                if target.kind == PIPE:
+                    add(Recipient(address, kind=QUEUE_PIPE, command=target.value,
+                                  params=dict(rcpt_params)), address)
+                elif target.kind == MAILBOX:
+                    add(Recipient(target.value, kind=QUEUE_MAILBOX, params=dict(rcpt_params)),
+                        address)
+                else:
+                    add(Recipient(target.value, params=dict(rcpt_params)), address)
+                    expansion.forwarding_domain = expansion.forwarding_domain or domain
+        return expansion
