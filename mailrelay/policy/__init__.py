@@ -1,0 +1,1 @@
+"""Policy: who may log in, who exists, where mail goes."""
