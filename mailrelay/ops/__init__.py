@@ -1,0 +1,1 @@
+"""Operations: how the server meets its host (systemd, control socket, logs, metrics)."""
