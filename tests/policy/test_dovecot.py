@@ -249,7 +249,7 @@ async def test_missing_socket_is_none_at_once_with_one_log_line(tmp_path, caplog
     assert await auth.exists(USER) is None
     assert time.monotonic() - started < 1
     assert_one_clean_line(caplog)
-    assert await auth.check() is not None
+    assert await auth.check() == f"{tmp_path / 'auth-userdb'}: No such file or directory"
 
 
 # --- hostile or broken sockets ----------------------------------------------------------------

@@ -242,7 +242,7 @@ async def test_oversized_v1_is_cut_at_107_bytes(factor):
     started = time.perf_counter()
     with pytest.raises(ProxyError, match="107"):
         await read_proxy_header(reader, 1)
-    assert time.perf_counter() - started < 0.05
+    assert time.perf_counter() - started < 0.1
     assert len(await remaining(reader)) == len(data) - V1_MAX_LENGTH
 
 
@@ -253,7 +253,7 @@ async def test_oversized_v2_is_refused_before_its_body(factor):
     started = time.perf_counter()
     with pytest.raises(ProxyError, match="more than"):
         await read_proxy_header(reader, 1)
-    assert time.perf_counter() - started < 0.05
+    assert time.perf_counter() - started < 0.1
     assert len(await remaining(reader)) == len(body)  # the body was never read
 
 
@@ -273,7 +273,7 @@ async def test_garbage_is_refused_at_once(factor):
     started = time.perf_counter()
     with pytest.raises(ProxyError, match="not a PROXY"):
         await parse(data)
-    assert time.perf_counter() - started < 0.05
+    assert time.perf_counter() - started < 0.1
 
 
 @asynccontextmanager
@@ -307,7 +307,7 @@ async def test_slow_drip_times_out():
         reason, elapsed = await asyncio.wait_for(outcome, 2)
         writer.close()
     assert "within 0.3s" in reason
-    assert 0.25 < elapsed < 0.6
+    assert 0.25 < elapsed < 1.0
 
 
 async def test_silent_client_times_out():
