@@ -215,21 +215,23 @@ class DovecotAuth:
 
     async def check(self) -> str | None:
         """At start: None when both sockets accept connections, else what is wrong."""
+        path = "dovecot"
         try:
             async with asyncio.timeout(self.timeout):
-                for path in (await self._userdb(), await self._client()):
+                for find in (self._userdb, self._client):
+                    path = await find()
                     (await self._connect(path)).close()
         except TimeoutError:
-            return f"no answer within {self.timeout:g}s"
+            return f"{path}: no answer within {self.timeout:g}s"
         except DovecotError as exc:
             return str(exc)
         except OSError as exc:
-            return f"{exc.filename or ''}: {exc.strerror or type(exc).__name__}".lstrip(": ")
+            return f"{path}: {exc.strerror or type(exc).__name__}"
         return None
 
     # -- protocol ------------------------------------------------------------------------
 
-    async def _exists(self, conn: _Connection, user: str) -> bool | None:
+    async def _exists(self, conn: _Connection, user: str) -> bool:
         fields = await conn.readline()
         if fields[0] != "VERSION" or len(fields) < 2 or fields[1] != "1":
             raise DovecotError(f"unexpected greeting {_describe(fields)}")
@@ -249,7 +251,7 @@ class DovecotAuth:
 
     async def _authenticate(
         self, conn: _Connection, user: str, password: str, rip: str
-    ) -> bool | None:
+    ) -> bool:
         await conn.send(f"VERSION\t1\t1\nCPID\t{os.getpid()}\n")
         fields = await conn.readline()
         if fields[0] != "VERSION" or len(fields) < 2 or fields[1] != "1":
