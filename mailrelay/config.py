@@ -15,6 +15,7 @@ import yaml
 
 from .address import AddressError, normalize_domain
 from .errors import ConfigError
+from .smtp.proxy import IPNetwork, parse_network
 
 CONFIG_FILE = "mailrelay.yaml"
 DEFAULT_CONFIG_DIR = Path("/etc/mailrelay")
@@ -173,6 +174,37 @@ class InboundSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """Logins of users not in our users files (chasquid's dovecot_auth)."""
+
+    # Ask dovecot's auth service about users not in domains/<domain>/users.
+    dovecot: bool = False
+    # Its auth-userdb and auth-client unix sockets; None: the first that answers of
+    # /var/run/dovecot/auth-chasquid-{userdb,client} and /var/run/dovecot/auth-{userdb,client}.
+    dovecot_userdb_path: Path | None = None
+    dovecot_client_path: Path | None = None
+    dovecot_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class ProxyProtocolSettings:
+    """haproxy's PROXY protocol (v1 and v2) per listener kind (chasquid's haproxy_incoming).
+
+    A kind with networks takes connections only from them, each starting with a PROXY
+    header; an empty tuple is off.
+    """
+
+    smtp: tuple[IPNetwork, ...] = ()
+    submission: tuple[IPNetwork, ...] = ()
+    submission_tls: tuple[IPNetwork, ...] = ()
+    timeout: float = 5.0  # for the whole header to arrive
+
+    def trusted(self, kind: str) -> tuple[IPNetwork, ...]:
+        """The proxies' networks for listener ``kind`` (``smtp``, ``submission``, …)."""
+        return getattr(self, kind, ()) if kind in ("smtp", "submission", "submission_tls") else ()
+
+
+@dataclass(frozen=True)
 class SenderSettings:
     # Authenticated users may send (MAIL FROM and From:) only as their own addresses...
     restrict: bool = True
@@ -195,6 +227,8 @@ class Config:
     aliases: AliasSettings = field(default_factory=AliasSettings)
     inbound: InboundSettings = field(default_factory=InboundSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    proxy_protocol: ProxyProtocolSettings = field(default_factory=ProxyProtocolSettings)
     # What is loaded but deserves the owner's attention (``check`` prints it, ``serve``
     # logs it): e.g. a setting that no longer has an effect.
     warnings: tuple[str, ...] = ()
@@ -317,6 +351,12 @@ def _list_of(converter: Any):
     return convert
 
 
+def _tuple_of(converter: Any):
+    def convert(reader: _Reader, node: yaml.Node, name: str) -> tuple[Any, ...]:
+        return tuple(_list_of(converter)(reader, node, name))
+    return convert
+
+
 def _optional_path(base: Path):
     def convert(value: Any) -> Path | None:
         if value is None:
@@ -349,7 +389,7 @@ def load_config(config_dir: Path | str) -> Config:
         "hostname": _scalar_of(_as_str),
         "listen": None, "data_dir": _scalar_of(_as_str), "tls": None, "dns": None,
         "delivery": None, "limits": None, "senders": None, "aliases": None, "inbound": None,
-        "metrics": None, "workers": None,
+        "metrics": None, "workers": None, "auth": None, "proxy_protocol": None,
     }
     top = reader.mapping(root, "top level")
     for key, (key_node, _) in top.items():
@@ -446,6 +486,20 @@ def load_config(config_dir: Path | str) -> Config:
         "listen": _scalar_of(lambda v: None if v is None else parse_hostport(v)),
     }))
 
+    auth = AuthSettings(**_section(reader, sub("auth"), "auth", {
+        "dovecot": _scalar_of(_as_bool),
+        "dovecot_userdb_path": base_path,
+        "dovecot_client_path": base_path,
+        "dovecot_timeout": _scalar_of(parse_duration),
+    }))
+
+    networks = _tuple_of(parse_network)
+    proxy_protocol = ProxyProtocolSettings(**_section(
+        reader, sub("proxy_protocol"), "proxy_protocol", {
+            "smtp": networks, "submission": networks, "submission_tls": networks,
+            "timeout": _scalar_of(parse_duration),
+        }))
+
     warnings = []
     if "workers" in top:
         # Removed: SMTP worker processes doubled the memory and split the per-IP limits
@@ -459,7 +513,7 @@ def load_config(config_dir: Path | str) -> Config:
         config_dir=config_dir, hostname=hostname, listen=listen, data_dir=data_dir, tls=tls,
         dns=dns, delivery=delivery, limits=limits, domains=discover_domains(config_dir),
         senders=senders, aliases=aliases, inbound=inbound, metrics=metrics,
-        warnings=tuple(warnings),
+        auth=auth, proxy_protocol=proxy_protocol, warnings=tuple(warnings),
     )
 
 
