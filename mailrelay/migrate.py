@@ -27,7 +27,7 @@ from .aliases import parse_text as parse_aliases
 from .config import CONFIG_FILE, AliasSettings, TLSSettings, parse_hostport
 from .dkim.keys import KEY_PREFIX, KEY_SUFFIX, check_selector, load_key
 from .errors import ConfigError, MailrelayError
-from .fsutil import atomic_write
+from .fsutil import atomic_write, make_dirs
 from .tls import find_certificates
 from .users import RECEIVE_ONLY, USERS_FILE, check_localpart, parse_hash
 
@@ -662,10 +662,8 @@ def apply(plan: Plan) -> list[Path]:
     made: list[Path] = []
     try:
         for directory in [Path("."), *plan.dirs]:
-            path = target / directory
-            if not path.exists():
-                path.mkdir(parents=True)
-                made.append(path)
+            # Owned like the directory they are made in (fsutil.owner_for), mode 0750.
+            made += make_dirs(target / directory)
         for planned in files:
             path = target / planned.path
             atomic_write(path, planned.data, mode=planned.mode)
