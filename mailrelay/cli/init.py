@@ -119,6 +119,8 @@ class Step:
 
 @dataclasses.dataclass
 class Plan:
+    """Everything one run of init does, validated by plan_init before any step runs."""
+
     config_dir: Path
     data_dir: Path
     domain: str
