@@ -517,6 +517,27 @@ def load_config(config_dir: Path | str) -> Config:
     )
 
 
+def setting_line(config_dir: Path | str, dotted: str) -> int | None:
+    """The line of ``dotted`` (``delivery.local_mda``) in ``mailrelay.yaml``, for messages
+    about a setting that loaded but is wrong in another way (``mailrelay check``); None
+    when it is not written there (a default) or the file does not parse."""
+    try:
+        node = yaml.compose((Path(config_dir) / CONFIG_FILE).read_text(encoding="utf-8"),
+                            Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    line = None
+    for key in dotted.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        found = next(((name, value) for name, value in node.value
+                      if isinstance(name, yaml.ScalarNode) and name.value == key), None)
+        if found is None:
+            return None
+        line, node = found[0].start_mark.line + 1, found[1]
+    return line
+
+
 def _allow_patterns(reader: _Reader, node: yaml.Node, name: str) -> dict[str, tuple[str, ...]]:
     """``{user@domain | domain: [pattern, ...]}`` with lower-cased keys and patterns."""
     result: dict[str, tuple[str, ...]] = {}

@@ -24,17 +24,56 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
-def _keep_owner(fd: int, path: Path) -> None:
-    """Give the new file the old one's owner: root editing a users file must not make it
-    unreadable for the unprivileged server."""
+def owner_for(path: Path) -> tuple[int, int]:
+    """Who a file written at ``path`` should belong to (uid, gid): the owner of the file
+    it replaces, else the owner of the directory it is written into.
+
+    The one ownership rule of every file and directory mailrelay writes: root running
+    `mailrelay user add`, `dkim keygen`, `aliases edit`, `import-chasquid` or `init` in
+    the service's directories must not leave files the unprivileged server cannot read.
+    """
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return
-    if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+        st = os.stat(path.parent)
+    return st.st_uid, st.st_gid
+
+
+def _give_owner(path: Path, owner: tuple[int, int], fd: int | None = None) -> None:
+    """Make ``owner`` own ``path`` (through ``fd`` when given: the temporary file that is
+    about to replace ``path``)."""
+    if owner != (os.geteuid(), os.getegid()):
         # Not root: the file stays ours, as it would with any editor.
         with contextlib.suppress(PermissionError):
-            os.fchown(fd, st.st_uid, st.st_gid)
+            if fd is not None:
+                os.fchown(fd, *owner)
+            else:
+                os.chown(path, *owner, follow_symlinks=False)
+
+
+def make_dirs(path: Path | str, mode: int = 0o750) -> list[Path]:
+    """``mkdir -p`` for files the CLI writes: each directory it creates gets ``mode``
+    (exactly, not narrowed by the umask) and the owner of the directory it is created in
+    (the rule of :func:`owner_for`). Returns the directories created, outermost first."""
+    path = Path(path)
+    missing: list[Path] = []
+    walk = path
+    while not walk.exists():
+        missing.append(walk)
+        if walk.parent == walk:
+            break
+        walk = walk.parent
+    created: list[Path] = []
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, mode)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: theirs, left as it is
+        created.append(directory)
+        os.chmod(directory, mode)
+        _give_owner(directory, owner_for(directory.parent))
+        fsync_dir(directory.parent)
+    return created
 
 
 def atomic_write(
@@ -47,8 +86,11 @@ def atomic_write(
     The temporary file is created with ``mode`` from the start (no window where a
     secret is world-readable) and removed again if anything fails. Its name is
     ``.<name>.tmp<pid>``, so the leftovers of a dead process can be told apart.
-    ``new_file``: ``path`` does not exist yet (a queue file, written per message), so
-    there is no owner to keep, and the mode is left as the umask makes it.
+    The file keeps the owner of the file it replaces; a new file gets the owner of its
+    directory (:func:`owner_for`).
+    ``new_file``: ``path`` does not exist yet and is the server's own (a queue file,
+    written per message in its own data_dir), so ownership is not looked at, and the mode
+    is left as the umask makes it.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -57,7 +99,7 @@ def atomic_write(
         try:
             if not new_file:
                 os.fchmod(fd, mode)  # the umask may have narrowed it; never widened
-                _keep_owner(fd, path)
+                _give_owner(path, owner_for(path), fd)
             for chunk in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
                 write_all(fd, chunk)
             os.fsync(fd)

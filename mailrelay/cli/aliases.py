@@ -231,13 +231,24 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _dead_ends(aliases: Aliases, domain: str, table: dict[str, list[Target]],
                users: Users, config: Config) -> list[str]:
     """Aliases that deliver nowhere (so RCPT refuses them), loops and too-deep chains."""
-    warnings: list[str] = []
+    return list(dict.fromkeys(problem for _, problem in
+                              alias_problems(aliases, domain, table, users, config)))
+
+
+def alias_problems(aliases: Aliases, domain: str, table: dict[str, list[Target]],
+                   users: Users, config: Config) -> list[tuple[str, str]]:
+    """(name, problem) for each alias of ``domain`` that delivers nowhere, runs into a
+    loop or is nested too deep; the catch-all (``*``) included. Shared by ``aliases
+    check`` and ``mailrelay check``."""
+    problems: list[tuple[str, str]] = []
     for name in table:
-        if name == CATCH_ALL:
-            continue
+        # "*@domain" resolves through the catch-all: no alias or user has that name.
         address = f"{name}@{domain}"
+        found: list[str] = []
         if not aliases.resolve(address, users.exists, config.is_local_domain,
-                               warn=warnings.append):
-            warnings.append(f"{address} delivers nowhere (its targets are neither "
-                            "users nor aliases), so mail to it is refused")
-    return list(dict.fromkeys(warnings))
+                               warn=found.append):
+            what = f"the catch-all of {domain}" if name == CATCH_ALL else address
+            found.append(f"{what} delivers nowhere (its targets are neither "
+                         "users nor aliases), so mail to it is refused")
+        problems += [(name, problem) for problem in dict.fromkeys(found)]
+    return problems

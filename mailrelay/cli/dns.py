@@ -62,7 +62,14 @@ def _keys(config: Config, domain: str) -> tuple[list[DKIMKey], int]:
 def cmd_records(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     domain = local_domain(config, args.domain)
-    ips: list[IPAddress] = parse_ips(args.ip)
+    return print_records(config, domain, args.ip, strict_spf=args.strict_spf,
+                         as_json=args.json)
+
+
+def print_records(config: Config, domain: str, ip_args: list[str], *,
+                  strict_spf: bool = False, as_json: bool = False) -> int:
+    """What ``dns records`` prints (also ``mailrelay init``); 1 if a key file is broken."""
+    ips: list[IPAddress] = parse_ips(ip_args)
     source = "--ip"
     if not ips:
         source = "dns"
@@ -74,8 +81,8 @@ def cmd_records(args: argparse.Namespace) -> int:
         if not ips:
             source = "none"
     keys, broken = _keys(config, domain)
-    plan = plan_records(config, domain, keys, ips, source, strict_spf=args.strict_spf)
-    if args.json:
+    plan = plan_records(config, domain, keys, ips, source, strict_spf=strict_spf)
+    if as_json:
         print(json.dumps(plan.to_json(), indent=2))
     else:
         print(format_plan(plan))

@@ -23,7 +23,7 @@ from pathlib import Path
 from ..address import AddressError, normalize_domain
 from ..config import CONFIG_FILE, AliasSettings, TLSSettings, parse_hostport
 from ..errors import ConfigError, MailrelayError
-from ..fsutil import atomic_write
+from ..fsutil import atomic_write, make_dirs
 from ..message.dkim.keys import KEY_PREFIX, KEY_SUFFIX, check_selector, load_key
 from ..policy import chasquid_users as ctext
 from ..policy.aliases import ALIASES_FILE
@@ -662,10 +662,8 @@ def apply(plan: Plan) -> list[Path]:
     made: list[Path] = []
     try:
         for directory in [Path("."), *plan.dirs]:
-            path = target / directory
-            if not path.exists():
-                path.mkdir(parents=True)
-                made.append(path)
+            # Owned like the directory they are made in (fsutil.owner_for), mode 0750.
+            made += make_dirs(target / directory)
         for planned in files:
             path = target / planned.path
             atomic_write(path, planned.data, mode=planned.mode)

@@ -147,12 +147,12 @@ def _parse_line(line: str, domain: str,
 
 def parse_text(
     text: str | bytes, domain: str, path: Path | None = None,
-    settings: AliasSettings = DEFAULT_SETTINGS,
+    settings: AliasSettings = DEFAULT_SETTINGS, lines: dict[str, int] | None = None,
 ) -> tuple[dict[str, list[Target]], list[ConfigError]]:
     """Every alias of a file and every error in it (the table holds the good lines).
 
     Keys are normalised names, ``'*'`` for the catch-all; targets are EMAIL (with a
-    domain) or PIPE.
+    domain) or PIPE. ``lines``, when given, gets the line number of each name's entry.
     """
     domain = normalize_domain(domain)
     table: dict[str, list[Target]] = {}
@@ -174,6 +174,8 @@ def parse_text(
             errors.append(ConfigError(str(exc), path, number))
             continue
         table[name] = targets  # the last line for a name wins, as in chasquid
+        if lines is not None:
+            lines[name] = number
     return table, errors
 
 

@@ -183,25 +183,39 @@ class UserDB:
 
     @classmethod
     def load(cls, path: Path, domain: str) -> UserDB:
-        """Read ``path``; a missing file is an empty database."""
+        """Read ``path``; a missing file is an empty database. Raises the first error."""
+        db, errors = cls.load_all(path, domain)
+        if errors:
+            raise errors[0]
+        return db
+
+    @classmethod
+    def load_all(cls, path: Path, domain: str) -> tuple[UserDB, list[ConfigError]]:
+        """Like :meth:`load`, but every broken line is reported (``mailrelay check``);
+        the database holds the good lines."""
         path = Path(path)
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
-            return cls(path, domain)
+            return cls(path, domain), []
         except OSError as exc:
-            raise ConfigError(f"cannot read: {exc.strerror or exc}", path) from None
+            return cls(path, domain), [ConfigError(f"cannot read: {exc.strerror or exc}", path)]
         if is_chasquid_users(raw):
             # chasquid's file, read in place; save() would write our format instead.
-            return cls(path, domain, login_entries(raw, path))
+            try:
+                return cls(path, domain, login_entries(raw, path)), []
+            except ConfigError as exc:
+                return cls(path, domain), [exc]
         entries: dict[str, str] = {}
+        errors: list[ConfigError] = []
         header_lines: list[str] = []
         in_header = True
         for number, raw_line in enumerate(raw.split(b"\n"), start=1):
             try:
                 line = raw_line.decode("utf-8").strip()
             except UnicodeDecodeError:
-                raise ConfigError("not valid UTF-8", path, number) from None
+                errors.append(ConfigError("not valid UTF-8", path, number))
+                continue
             if line.startswith("#"):
                 if in_header:  # the comment block at the top is kept on save
                     header_lines.append(line)
@@ -211,23 +225,27 @@ class UserDB:
                 continue
             fields = line.split()
             if len(fields) != 2:
-                raise ConfigError("expected '<user> <password hash>' (or '<user> !')",
-                                  path, number)
+                errors.append(ConfigError("expected '<user> <password hash>' (or '<user> !')",
+                                          path, number))
+                continue
             name, encoded = fields
             try:
                 local = check_localpart(name)
             except ValueError as exc:
-                raise ConfigError(str(exc), path, number) from None
+                errors.append(ConfigError(str(exc), path, number))
+                continue
             if encoded != RECEIVE_ONLY:
                 try:
                     parse_hash(encoded)
                 except ValueError as exc:
-                    raise ConfigError(f"user {name}: {exc}", path, number) from None
+                    errors.append(ConfigError(f"user {name}: {exc}", path, number))
+                    continue
             if local in entries:
-                raise ConfigError(f"duplicate user {local!r}", path, number)
+                errors.append(ConfigError(f"duplicate user {local!r}", path, number))
+                continue
             entries[local] = encoded
         header = "".join(f"{h}\n" for h in header_lines) if header_lines else DEFAULT_HEADER
-        return cls(path, domain, entries, header)
+        return cls(path, domain, entries, header), errors
 
     def __contains__(self, localpart: object) -> bool:
         return isinstance(localpart, str) and normalize_local(localpart) in self._entries

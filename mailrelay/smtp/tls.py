@@ -114,11 +114,42 @@ def _load_all(tls: TLSSettings) -> list[_Loaded]:
         raise ConfigError("tls.acme_sh_home is not a directory", tls.acme_sh_home)
     loaded = []
     for name, cert_path, key_path in _candidates(tls):
-        if not (cert_path.is_file() and key_path.is_file()):
-            log.debug("skipping %s: needs both %s and %s", name, cert_path.name, key_path.name)
+        has_cert, has_key = cert_path.is_file(), key_path.is_file()
+        if not (has_cert and has_key):
+            # Half a pair is a mistake worth a line (`mailrelay check` calls it an error);
+            # neither file is just another directory (acme.sh's ca/, dnsapi/...).
+            log.log(logging.WARNING if has_cert or has_key else logging.DEBUG,
+                    "skipping %s: needs both %s and %s", name, cert_path, key_path.name)
             continue
         loaded.append(_load_pair(name, cert_path, key_path))
     return loaded
+
+
+def inspect_certificates(tls: TLSSettings) -> tuple[list[CertificateSource], list[ConfigError]]:
+    """For ``mailrelay check``: every certificate :func:`find_certificates` would load, and
+    every problem at once instead of the first: a broken pair, and a half pair (a
+    certificate without its key, or a key without its certificate), which the server skips.
+    A directory with neither file (acme.sh's ``ca/``, ``deploy/``...) is no certificate."""
+    if tls.acme_sh_home is not None and not tls.acme_sh_home.is_dir():
+        return [], [ConfigError("tls.acme_sh_home is not a directory", tls.acme_sh_home)]
+    try:
+        candidates = _candidates(tls)
+    except ConfigError as exc:
+        return [], [exc]
+    found: list[CertificateSource] = []
+    problems: list[ConfigError] = []
+    for name, cert_path, key_path in candidates:
+        has_cert, has_key = cert_path.is_file(), key_path.is_file()
+        if has_cert != has_key:
+            present, absent = (cert_path, key_path) if has_cert else (key_path, cert_path)
+            problems.append(ConfigError(f"{absent.name} is missing beside it, so this "
+                                        "certificate is not loaded", present))
+        elif has_cert:
+            try:
+                found.append(_load_pair(name, cert_path, key_path).source)
+            except ConfigError as exc:
+                problems.append(exc)
+    return found, problems
 
 
 @dataclass(frozen=True)

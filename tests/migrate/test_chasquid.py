@@ -55,6 +55,7 @@ def add_cert(ca, directory: Path, name: str = "mail.example.com") -> None:
     cert = ca.issue_cert(name, "127.0.0.1")
     directory.mkdir(parents=True, exist_ok=True)
     cert.private_key_pem.write_to_path(str(directory / "privkey.pem"))
+    (directory / "privkey.pem").chmod(0o600)  # as certbot and acme.sh leave it
     cert.cert_chain_pems[0].write_to_path(str(directory / "fullchain.pem"))
 
 
@@ -328,8 +329,16 @@ def test_odd_domains_users_aliases_and_hook_dkim(chasquid, tmp_path, capsys):
     net = UserDB.load(new / "domains" / "example.net" / "users", "example.net")
     assert net.names() == ["nopass", "short"] and not net.can_login("short")
     result = mailrelay("check", "-c", str(new))
-    assert result.returncode == 0, result.stderr
     assert "domain example.org: 3 user(s)" in result.stdout
+    # The import is faithful, and check says what chasquid let pass: example.net has no
+    # user "me", so its aliases, catch-all and postmaster@ deliver nowhere.
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    net_aliases = new / "domains" / "example.net" / "aliases"
+    assert any(f"{net_aliases}:1: good@example.net delivers nowhere" in e for e in errors), errors
+    assert any(f"{net_aliases}:3: the catch-all of example.net" in e for e in errors), errors
+    assert any("postmaster@example.net is refused" in e for e in errors), errors
+    assert len(errors) == 3, errors
 
 
 def test_mda_template_quotes_and_placeholders():
