@@ -10,8 +10,9 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+import dns.asyncresolver
 
 from .config import Config, load_config
 from .delivery.local import Maildirs
@@ -21,15 +22,15 @@ from .delivery.remote import RemoteDelivery, verifying_tls_context
 from .dnsresolver import blocking_twin, make_resolver
 from .errors import ConfigError
 from .fsutil import atomic_write
+from .intake import Intake
 from .message.dkim.keys import KeyRing
-from .message.headers import parse_headers
-from .message.signing import MessageSigner
+from .message.dkim.outgoing import MessageSigner
 from .ops.control import ControlServer, socket_path
 from .ops.events import Events
 from .ops.metrics import MetricsServer
 from .ops.sdnotify import Notifier
 from .policy.aliases import Aliases
-from .policy.backend import InboundPolicy
+from .policy.backend import PolicyBackend
 from .policy.router import Router
 from .policy.senders import SenderPolicy
 from .policy.srs import SRS, load_or_create_secrets
@@ -54,13 +55,18 @@ class Server:
         self.keyring, _ = self._load_keyring()
         self.aliases, _ = self._load_aliases(None)
         self.srs: SRS | None = None
-        self.router = Router(config.is_local_domain, lambda: self.users, lambda: self.aliases,
+        self.router = Router(self.is_local_domain, lambda: self.users, lambda: self.aliases,
                              None)
         # Mail log and metrics; a registry per server (tests run several in one process).
         self.events = Events()
         self.events.watch_queue(self.queue)
         self.metrics: MetricsServer | None = None
-        self.signer = MessageSigner(lambda: self.keyring, config.is_local_domain, self.events)
+        self.signer = MessageSigner(lambda: self.keyring, self.is_local_domain, self.events)
+        # sign -> route -> put -> schedule, for SMTP sessions and for our own DSNs
+        self.intake = Intake(self.queue, self.router, self.signer, lambda: self.srs,
+                             lambda: self.config.domains[0] if self.config.domains else None,
+                             config.hostname, config.dns, self._schedule)
+        self.resolver: dns.asyncresolver.Resolver | None = None
         self.certificates = CertificateStore(config.tls, config.hostname,
                                              config.data_dir / "selfsigned")
         self.listeners: Listeners | None = None
@@ -102,9 +108,9 @@ class Server:
             policies=self.mta_sts,
         )
         self.delivery = DeliveryManager(
-            self.queue, remote, Maildirs(config.data_dir / "mail"), config.is_local_domain,
+            self.queue, remote, Maildirs(config.data_dir / "mail"), self.is_local_domain,
             local_mailbox=lambda address: self.users.mailbox_for(address),
-            enqueue=self.enqueue_generated,
+            enqueue=self.intake.generated,
             schedule=Schedule(tuple(config.delivery.retry_intervals),
                               config.delivery.give_up_after,
                               delay_warning_after=config.delivery.delay_warning_after),
@@ -136,7 +142,7 @@ class Server:
                       socket_path(config.data_dir), exc.strerror or exc)
 
         try:
-            await self._start_listeners(self.delivery.schedule, tls_context)
+            await self._start_listeners(tls_context)
         except OSError as exc:
             await self.stop()
             raise ConfigError(exc.strerror or str(exc)) from None
@@ -152,16 +158,15 @@ class Server:
         self._last_domain_stamp = self._domain_files_stamp()
         self._watch_task = asyncio.create_task(self._watch_files(), name="file-watcher")
 
-    def _inbound_policy(self, on_queued: Callable[[QueueItem], None],
-                        tls_context: ssl.SSLContext | None) -> InboundPolicy:
-        config = self.config
-        return InboundPolicy(config, lambda: self.users, self.queue, on_queued, tls_context,
-                             SenderPolicy(config.senders, self.router.owners), self.signer,
-                             self.router, self.srs, blocking_twin(self.resolver),
-                             events=self.events)
+    def is_local_domain(self, domain: str) -> bool:
+        """Against the domains of now: a reload may add or remove some."""
+        return self.config.is_local_domain(domain)
 
-    async def _start_listeners(self, on_queued: Callable[[QueueItem], None],
-                               tls_context: ssl.SSLContext | None) -> None:
+    def _schedule(self, item: QueueItem) -> None:
+        assert self.delivery is not None
+        self.delivery.schedule(item)
+
+    async def _start_listeners(self, tls_context: ssl.SSLContext | None) -> None:
         config = self.config
         listen = config.listen
         self._bound = bind_all([
@@ -169,9 +174,13 @@ class Server:
             for port, pairs in ((Port.SMTP, listen.smtp), (Port.SUBMISSION, listen.submission),
                                 (Port.SUBMISSION_TLS, listen.submission_tls))
             for host, number in pairs])
-        self.listeners = Listeners(self._inbound_policy(on_queued, tls_context),
-                                   ConnectionLimits(config.limits.max_connections,
-                                                    config.limits.max_connections_per_ip))
+        assert self.resolver is not None
+        backend = PolicyBackend(config, self.is_local_domain, lambda: self.users, self.queue,
+                                self.intake,
+                                tls_context, SenderPolicy(config.senders, self.router.owners),
+                                self.router, blocking_twin(self.resolver), events=self.events)
+        self.listeners = Listeners(backend, ConnectionLimits(
+            config.limits.max_connections, config.limits.max_connections_per_ip))
         for listening in self._bound:
             await self.listeners.start(listening.port, listening.sock)
 
@@ -188,19 +197,6 @@ class Server:
             return
         self.metrics = metrics
         log.info("metrics on http://%s:%d/metrics", host, number)
-
-    async def enqueue_generated(self, sender: str, recipients: list[str], data: bytes) -> QueueItem:
-        """Queue a message we generate ourselves (DSNs), DKIM-signed like all our mail."""
-        signature = await asyncio.to_thread(self.signer.signature, data, parse_headers(data),
-                                            sender)
-        # Through the router: a bounce of forwarded mail goes to our SRS address, which
-        # stands for the original sender.
-        expansion = self.router.expand(recipients, [{} for _ in recipients])
-        item = await self.queue.put(sender, expansion.local + expansion.remote,
-                                    [signature, data], {"generated": True})
-        assert self.delivery is not None
-        self.delivery.schedule(item)
-        return item
 
     def _load_keyring(self) -> tuple[KeyRing, bool]:
         """DKIM keys of every domain; a broken key file is reported, the others sign."""
@@ -250,10 +246,9 @@ class Server:
             removed = sorted(set(self.config.domains) - set(fresh.domains))
             log.info("reload: domains added: %s; removed: %s",
                      ", ".join(added) or "none", ", ".join(removed) or "none")
-            # Config is frozen and shared by reference (router, signer, delivery and the
-            # inbound policy hold it or its is_local_domain), so the domains are swapped in
-            # place, before users, aliases and keys are loaded for them.
-            object.__setattr__(self.config, "domains", fresh.domains)
+            # Before users, aliases and keys are loaded for them. Whoever needs the live
+            # domains asks self.is_local_domain.
+            self.config = dataclasses.replace(self.config, domains=fresh.domains)
         return True
 
     async def _watch_files(self) -> None:

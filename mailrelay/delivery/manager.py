@@ -24,8 +24,9 @@ from .remote import Outcome, RecipientResult, RemoteDelivery
 
 log = logging.getLogger("mailrelay.delivery")
 
-# A DSN is handed back to the server to be (signed and) queued like any message we create.
-EnqueueFn = Callable[[str, list[str], bytes], Awaitable[QueueItem]]
+# A DSN goes through the intake (signed, routed, queued) like any message we create; None
+# when no recipient was left.
+EnqueueFn = Callable[[str, list[str], bytes], Awaitable[QueueItem | None]]
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class DeliveryManager:
         self._due: dict[str, float] = {}
         self._seq = itertools.count()
         self._active: dict[str, asyncio.Task[None]] = {}
+        self._removing: set[str] = set()  # being taken out by `mailrelay queue remove`
         self._wakeup = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
@@ -125,11 +127,17 @@ class DeliveryManager:
         while (task := self._active.get(item_id)) is not None:
             await asyncio.wait([task])
         item = self.queue.items.get(item_id)
-        if item is None:
+        if item is None or item_id in self._removing:
             raise KeyError(item_id)
         # Out of the scheduler's sight before any await: no attempt may start meanwhile.
-        del self.queue.items[item_id]
-        self._due.pop(item_id, None)
+        self._removing.add(item_id)
+        try:
+            return await self._remove(item, bounce)
+        finally:
+            self._removing.discard(item_id)
+
+    async def _remove(self, item: QueueItem, bounce: bool) -> tuple[list[str], str | None]:
+        item_id = item.id
         pending = item.pending if bounce else []
         dsn_id = None
         if pending:
@@ -143,7 +151,6 @@ class DeliveryManager:
                 bounce = await self._bounce(item, failed)
             except BaseException:
                 # Not bounced (e.g. the queue is full), so not removed either.
-                self.queue.items[item_id] = item
                 self.schedule(item)
                 raise
             dsn_id = bounce.id if bounce else None
@@ -177,7 +184,7 @@ class DeliveryManager:
                     continue  # superseded by a newer schedule, or already running
                 item = self.queue.items.get(item_id)
                 del self._due[item_id]
-                if item is None:
+                if item is None or item_id in self._removing:
                     continue
                 task = asyncio.create_task(self._attempt(item), name=f"deliver-{item_id}")
                 self._active[item_id] = task
@@ -378,6 +385,9 @@ class DeliveryManager:
             from_domain=self._bounce_domain(item.sender),
         )
         bounce = await self.enqueue("", [item.sender], dsn)
+        if bounce is None:
+            log.warning("queue %s: no DSN, nowhere to send it (<%s>)", item.id, item.sender)
+            return None
         self.events.dsn_generated(bounce.id, item.id, item.sender,
                                   [f.address for f in wanted], kind=wanted[0].action)
         return bounce

@@ -1,4 +1,5 @@
-"""Inbound policy: what the SMTP sessions may do, and how accepted mail reaches the queue."""
+"""The policy behind every SMTP port: who may log in, send, relay and to whom, and what
+a message must pass (sender rights, SPF/DKIM/DMARC) before the intake queues it."""
 
 from __future__ import annotations
 
@@ -12,42 +13,41 @@ import dns.resolver
 
 from ..address import AddressError, normalize, split
 from ..config import Config
-from ..message.arc import arc_seal
+from ..intake import Intake
 from ..message.headers import addresses, get_all, parse_headers
 from ..message.received import protocol_name, received_header, submission_fixups
-from ..message.signing import MessageSigner
 from ..ops.events import Events
-from ..queue import Queue, QueueFullError, QueueItem, Recipient, new_id
+from ..queue import Queue, QueueFullError, new_id
 from ..smtp.parse import Path
 from ..smtp.session import Envelope, SessionInfo
 from ..smtp.throttle import AuthThrottle
 from .authres import AuthResults, check_message, decide, strip_our_authentication_results
-from .router import Expansion, Router
+from .router import Router
 from .senders import SenderPolicy
-from .srs import SRS
 from .users import Users
 
 log = logging.getLogger("mailrelay.smtp")
 
 
-class InboundPolicy:
-    """The ``Backend`` of SMTP sessions (see smtp.session.Backend)."""
+class PolicyBackend:
+    """The ``Backend`` of SMTP sessions on every port (see smtp.session.Backend): each
+    decision of policy, then the intake for an accepted message."""
 
     def __init__(
         self,
         config: Config,
+        is_local_domain: Callable[[str], bool],
         users: Callable[[], Users],
         queue: Queue,
-        on_queued: Callable[[QueueItem], None],
+        intake: Intake,
         tls_context: ssl.SSLContext | None,
         senders: SenderPolicy,
-        signer: MessageSigner,
         router: Router,
-        srs: SRS | None,
         dns_resolver: dns.resolver.Resolver,
         events: Events | None = None,
     ):
         self.config = config
+        self.is_local_domain = is_local_domain
         self.hostname = config.hostname
         self.max_message_size = config.limits.max_message_size
         self.max_recipients = config.limits.max_recipients
@@ -55,12 +55,10 @@ class InboundPolicy:
         self.max_errors = config.limits.max_errors
         self._users = users
         self.queue = queue
-        self.on_queued = on_queued
+        self.intake = intake
         self._tls_context = tls_context
         self.senders = senders
-        self.signer = signer
         self.router = router
-        self.srs = srs
         self.events = events if events is not None else Events()
         self._dns = dns_resolver
         self.throttle = AuthThrottle(
@@ -121,24 +119,13 @@ class InboundPolicy:
             local, domain = split(normalize(address))
         except AddressError:
             return f"550 5.1.2 <{address}>: address literals are not accepted"
-        if self.config.is_local_domain(domain):
+        if self.is_local_domain(domain):
             return self.router.check_recipient(f"{local}@{domain}")
         if info.user is not None:
             return None
         return f"554 5.7.1 <{address}>: Relay access denied"
 
     # -- DATA -----------------------------------------------------------------
-
-    async def _prepare_submission(self, user: str, sender: str, body: bytes) -> list[bytes] | str:
-        """From: check, missing headers, DKIM signature: the header chunks to put before
-        the body, or the refusal reply."""
-        fields = parse_headers(body)
-        for address in addresses(get_all(fields, "From")):
-            if not self.senders.may_send_as(user, address):
-                return f"550 5.7.1 Not authorised to send as <{address}> (From: header)"
-        fixups = submission_fixups(fields, split(user)[1])
-        signature = await asyncio.to_thread(self.signer.signature, fixups + body, fields, sender)
-        return [signature, fixups]
 
     async def accept_message(self, info: SessionInfo, envelope: Envelope, body: bytes) -> str:
         assert envelope.sender is not None
@@ -157,35 +144,39 @@ class InboundPolicy:
             value = envelope.sender_params.get(key)
             if value:
                 meta[name] = value.upper() if key == "RET" else value
-        results: AuthResults | None = None
-        if info.user is not None:
-            prepared = await self._prepare_submission(info.user, envelope.sender, body)
-            if isinstance(prepared, str):
-                return prepared
-            head = [received, *prepared]
-        else:
-            checked = await self._check_inbound(info, envelope.sender, body)
-            if isinstance(checked, str):
-                return checked
-            results, body = checked
-            head = [received, results.header]
-
         params = [{k: v for k, v in p.items() if v is not None}
                   for p in envelope.recipient_params]
-        expansion = self.router.expand(envelope.recipients, params)
-        batches: list[tuple[str, list[Recipient], list[bytes]]] = []
-        if info.user is not None:
-            # Our user's own mail: already signed; aliases may add more recipients.
-            batches.append((envelope.sender, expansion.local + expansion.remote, [*head, body]))
-        else:
-            if expansion.local:
-                batches.append((envelope.sender, expansion.local, [*head, body]))
-            if expansion.remote:
-                batches.append(await self._forwarded(envelope.sender, expansion, head, body,
-                                                     results))
-        if not any(rcpts for _, rcpts, _ in batches):
+        results: AuthResults | None = None
+        try:
+            if info.user is not None:
+                fields = parse_headers(body)
+                for address in addresses(get_all(fields, "From")):
+                    if not self.senders.may_send_as(info.user, address):
+                        return f"550 5.7.1 Not authorised to send as <{address}> (From: header)"
+                fixups = submission_fixups(fields, split(info.user)[1])
+                stored = await self.intake.own(envelope.sender, envelope.recipients, params,
+                                               [received], [fixups, body], meta, item_id)
+            else:
+                checked = await self._check_inbound(info, envelope.sender, body)
+                if isinstance(checked, str):
+                    return checked
+                results, body = checked
+                stored = await self.intake.inbound(
+                    envelope.sender, envelope.recipients, params, [received, results.header],
+                    body, results, meta, item_id)
+        except QueueFullError as exc:
+            log.warning("queue refused message from %s: %s", info.peer_ip, exc)
+            return "452 4.3.1 Insufficient system storage, try again later"
+        except OSError as exc:
+            log.error("queue write failed: %s", exc)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                return "452 4.3.1 Insufficient system storage, try again later"
+            return "451 4.3.0 Local error in processing, try again later"
+        if not stored:
             return "554 5.5.1 No valid recipients"
-        return await self._enqueue(info, item_id, batches, meta, results)
+        for item in stored:
+            self.events.queued_message(info, item, results)
+        return f"250 2.0.0 Ok: queued as {stored[0].id}"
 
     async def _check_inbound(
         self, info: SessionInfo, sender: str, body: bytes
@@ -212,53 +203,3 @@ class InboundPolicy:
         if reply is not None:
             return reply
         return results, cleaned
-
-    async def _forwarded(
-        self, sender: str, expansion: Expansion, head: list[bytes], body: bytes,
-        results: AuthResults | None,
-    ) -> tuple[str, list[Recipient], list[bytes]]:
-        """Mail an alias sends elsewhere: the envelope sender becomes an SRS address of
-        ours (so SPF passes at the next hop and bounces come back through us), an ARC set
-        records what we saw, and we sign it for that domain."""
-        domain = expansion.forwarding_domain or self.config.domains[0]
-        new_sender = self.srs.forward(sender, domain) if sender and self.srs else sender
-        message = b"".join([*head[1:], body])
-        arc = b""
-        keys = self.signer.keys_for(domain)
-        if results is not None and keys:
-            arc = await asyncio.to_thread(
-                arc_seal, message, key=keys, authserv_id=self.hostname,
-                results_header_value=results.header, dns=self.config.dns)
-            if not arc:
-                log.warning("forward: no ARC set added for %s (no RSA key, or the existing "
-                            "chain could not be checked)", domain)
-        signature = await asyncio.to_thread(self.signer.signature, arc + message,
-                                            parse_headers(body), new_sender)
-        return new_sender, expansion.remote, [signature, arc, *head, body]
-
-    async def _enqueue(
-        self, info: SessionInfo, item_id: str,
-        batches: list[tuple[str, list[Recipient], list[bytes]]], meta: dict[str, str],
-        checks: AuthResults | None = None,
-    ) -> str:
-        """Store every part durably before answering; all or nothing."""
-        stored: list[QueueItem] = []
-        try:
-            for index, (sender, rcpts, chunks) in enumerate(batches):
-                if rcpts:
-                    stored.append(await self.queue.put(
-                        sender, rcpts, chunks, meta, item_id=item_id if index == 0 else None))
-        except (QueueFullError, OSError) as exc:
-            for item in stored:  # not acknowledged, so not accepted: take it back
-                await self.queue.remove(item)
-            if isinstance(exc, QueueFullError):
-                log.warning("queue refused message from %s: %s", info.peer_ip, exc)
-                return "452 4.3.1 Insufficient system storage, try again later"
-            log.error("queue write failed: %s", exc)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                return "452 4.3.1 Insufficient system storage, try again later"
-            return "451 4.3.0 Local error in processing, try again later"
-        for item in stored:
-            self.events.queued_message(info, item, checks)
-            self.on_queued(item)
-        return f"250 2.0.0 Ok: queued as {stored[0].id}"

@@ -100,7 +100,7 @@ async def test_no_dsn_for_null_sender(env):
     """A bounce that bounces is dropped, never sent back to <>."""
     env.dns.add("nullmx.test", "MX", (0, "."))
     await env.start()
-    item = await env.server.enqueue_generated("", ["someone@nullmx.test"], MESSAGE)
+    item = await env.server.intake.generated("", ["someone@nullmx.test"], MESSAGE)
     await env.wait_queue_empty()
     assert env.mailbox() == []
     assert not item.path.exists()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..address import AddressError, domain_of
-from ..ops.events import Events
-from .dkim.keys import KeyRing
-from .dkim.signer import sign
-from .headers import addresses, get_all
+from ...address import AddressError, domain_of
+from ...ops.events import Events
+from ..headers import addresses, get_all
+from .keys import KeyRing
+from .signer import sign
 
 
 class MessageSigner:

@@ -1,0 +1,130 @@
+"""The one way into the queue: sign, route, put, schedule.
+
+SMTP sessions (through the policy backend, once it has accepted a message) and the server
+itself (DSNs) hand messages here. When a call returns, every part of the message is on
+disk (fsynced) and scheduled for delivery; when it raises, nothing of it was kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .message.arc import arc_seal
+from .message.dkim.outgoing import MessageSigner
+from .message.headers import parse_headers
+from .policy.authres import AuthResults
+from .policy.router import Expansion, Router
+from .policy.srs import SRS
+from .queue import Queue, QueueItem, Recipient
+
+log = logging.getLogger("mailrelay.intake")
+
+
+@dataclass
+class Part:
+    """One queue item of an accepted message: its envelope sender, its recipients and
+    its bytes (chunks written one after the other)."""
+
+    sender: str
+    recipients: list[Recipient]
+    chunks: list[bytes]
+
+
+class Intake:
+    """Turns an accepted message into queue items.
+
+    Our own mail (a user's submission, a DSN) is DKIM-signed for its domain and queued as
+    one item. Mail from outside is queued as it came for local recipients; what an alias
+    sends elsewhere becomes a second item, forwarded: its envelope sender is rewritten
+    with SRS, an ARC set records the checks we made, and we sign it. Every item is
+    stored before the caller answers anyone (all or nothing), then scheduled.
+    """
+
+    def __init__(self, queue: Queue, router: Router, signer: MessageSigner,
+                 srs: Callable[[], SRS | None], default_domain: Callable[[], str | None],
+                 hostname: str, dns_settings, schedule: Callable[[QueueItem], None]):
+        self.queue = queue
+        self.router = router
+        self.signer = signer
+        self._srs = srs
+        self._default_domain = default_domain
+        self.hostname = hostname
+        self.dns_settings = dns_settings
+        self.schedule = schedule
+
+    async def own(self, sender: str, recipients: list[str], params: list[dict[str, str]],
+                  trace: list[bytes], message: list[bytes], meta: dict[str, str],
+                  item_id: str | None = None) -> list[QueueItem]:
+        """Mail that leaves in our name: ``trace`` (Received) stays above the signature,
+        which covers ``message`` (added headers and the message itself)."""
+        data = b"".join(message)
+        signature = await asyncio.to_thread(self.signer.signature, data, parse_headers(data),
+                                            sender)
+        expansion = self.router.expand(recipients, params)
+        return await self._store(
+            [Part(sender, expansion.local + expansion.remote, [*trace, signature, *message])],
+            meta, item_id)
+
+    async def generated(self, sender: str, recipients: list[str], data: bytes
+                        ) -> QueueItem | None:
+        """A message we write ourselves (a DSN): signed like all our mail. Routed too: a
+        bounce of forwarded mail goes to our SRS address, which stands for the original
+        sender. None when no recipient is left to deliver to."""
+        stored = await self.own(sender, recipients, [{} for _ in recipients], [], [data],
+                                {"generated": True})
+        return stored[0] if stored else None
+
+    async def inbound(self, sender: str, recipients: list[str], params: list[dict[str, str]],
+                      trace: list[bytes], body: bytes, results: AuthResults | None,
+                      meta: dict[str, str], item_id: str | None = None) -> list[QueueItem]:
+        """Mail from outside for our domains; ``trace``: Received, Authentication-Results."""
+        expansion = self.router.expand(recipients, params)
+        parts = []
+        if expansion.local:
+            parts.append(Part(sender, expansion.local, [*trace, body]))
+        if expansion.remote:
+            parts.append(await self._forwarded(sender, expansion, trace, body, results))
+        return await self._store(parts, meta, item_id)
+
+    async def _forwarded(self, sender: str, expansion: Expansion, trace: list[bytes],
+                         body: bytes, results: AuthResults | None) -> Part:
+        """The envelope sender becomes an SRS address of ours (so SPF passes at the next
+        hop and bounces come back through us), an ARC set records what we saw, and we
+        sign it for the domain whose alias sent it on."""
+        domain = expansion.forwarding_domain or self._default_domain() or self.hostname
+        srs = self._srs()
+        new_sender = srs.forward(sender, domain) if sender and srs else sender
+        message = b"".join([*trace[1:], body])  # what ARC seals: all but our Received
+        arc = b""
+        keys = self.signer.keys_for(domain)
+        if results is not None and keys:
+            arc = await asyncio.to_thread(
+                arc_seal, message, key=keys, authserv_id=self.hostname,
+                results_header_value=results.header, dns=self.dns_settings)
+            if not arc:
+                log.warning("forward: no ARC set added for %s (no RSA key, or the existing "
+                            "chain could not be checked)", domain)
+        signature = await asyncio.to_thread(self.signer.signature, arc + message,
+                                            parse_headers(body), new_sender)
+        return Part(new_sender, expansion.remote, [signature, arc, *trace, body])
+
+    async def _store(self, parts: list[Part], meta: dict[str, str],
+                     item_id: str | None) -> list[QueueItem]:
+        """Every part durably, or none (QueueFullError, OSError); then scheduled."""
+        stored: list[QueueItem] = []
+        try:
+            for part in parts:
+                if part.recipients:
+                    stored.append(await self.queue.put(
+                        part.sender, part.recipients, part.chunks, meta,
+                        item_id=item_id if not stored else None))
+        except BaseException:
+            for item in stored:  # not acknowledged, so not accepted: take it back
+                await self.queue.remove(item)
+            raise
+        for item in stored:
+            self.schedule(item)
+        return stored
