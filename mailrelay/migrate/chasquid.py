@@ -28,7 +28,7 @@ from ..message.dkim.keys import KEY_PREFIX, KEY_SUFFIX, check_selector, load_key
 from ..policy import chasquid_users as ctext
 from ..policy.aliases import ALIASES_FILE
 from ..policy.aliases import parse_text as parse_aliases
-from ..policy.users import RECEIVE_ONLY, USERS_FILE, check_localpart, parse_hash
+from ..policy.users import RECEIVE_ONLY, USERS_FILE, chasquid_entry, check_localpart
 from ..smtp.tls import find_certificates
 
 CHASQUID_CONF = "chasquid.conf"
@@ -528,33 +528,23 @@ def _users(entry: Path, domain: str, target: Path, plan: Plan) -> None:
         if local in entries:
             plan.not_converted.append(f"user {address} appears twice in {path}: the later "
                                       "entry wins, as in chasquid")
-        if user.scheme == ctext.SCRYPT:
-            try:
-                encoded = user.phc()
-                parse_hash(encoded)
-            except ValueError as exc:
-                entries[local] = RECEIVE_ONLY
-                plan.not_converted.append(
-                    f"user {address}: its chasquid password hash is unusable ({exc}): "
-                    f"imported as receive-only; set a password with "
-                    f"`mailrelay user passwd {address}`")
-                continue
-            entries[local] = encoded
-            plan.converted.append(f"user {address}: same password (scrypt hash copied)")
-        elif user.scheme == ctext.DENIED:
-            entries[local] = RECEIVE_ONLY
-            plan.converted.append(f"user {address}: receive-only (denied in chasquid)")
-        elif user.scheme == ctext.PLAIN:
+        try:
+            entries[local], problem = chasquid_entry(user)
+        except ValueError as exc:
             entries[local] = RECEIVE_ONLY
             plan.not_converted.append(
-                f"user {address} has a plain-text password in chasquid: set a new one with "
-                f"`mailrelay user passwd {address}` (imported as receive-only until then)")
-        else:
-            entries[local] = RECEIVE_ONLY
-            what = f"password scheme {user.scheme!r}" if user.scheme else "no password"
+                f"user {address}: its chasquid password hash is unusable ({exc}): "
+                f"imported as receive-only; set a password with "
+                f"`mailrelay user passwd {address}`")
+            continue
+        if problem:
             plan.not_converted.append(
-                f"user {address} has {what} in chasquid: imported as receive-only; set a "
+                f"user {address} has {problem}: imported as receive-only; set a "
                 f"password with `mailrelay user passwd {address}`")
+        elif entries[local] == RECEIVE_ONLY:
+            plan.converted.append(f"user {address}: receive-only (denied in chasquid)")
+        else:
+            plan.converted.append(f"user {address}: same password (scrypt hash copied)")
     header = (f"# mailrelay users of {domain}, imported from chasquid's {path}.\n"
               "# <local part> <password hash>, or <local part> ! for a receive-only user.\n"
               "# Edit with `mailrelay user`.\n")

@@ -17,8 +17,8 @@ prototext) writes valid UTF-8 as it is and other bytes as ``\\xHH``; older versi
 non-printable byte as octal ``\\NNN``. Both read the same here.
 
 This module holds a small parser for the text format (also used for ``chasquid.conf``)
-and the reading of users files. It must not import :mod:`mailrelay.policy.users` at module
-level, since that module reads chasquid files through this one.
+and the reading of users files; :mod:`mailrelay.policy.users` turns their entries into
+ours.
 """
 
 from __future__ import annotations
@@ -488,31 +488,3 @@ def _parse_scrypt(name: str, params: Message, line: int, path: Path | None) -> C
     return ChasquidUser(name, SCRYPT, line, log_n=number("logN"), r=number("r"),
                         p=number("p"), key_len=number("keyLen"), salt=raw("salt"),
                         key=raw("encrypted"))
-
-
-def login_entries(data: bytes, path: Path | None = None) -> dict[str, str]:
-    """A chasquid users file as :class:`~mailrelay.policy.users.UserDB` entries: local part ->
-    ``$scrypt$...`` string, or ``!`` (receive-only) for users that cannot log in here
-    (``denied``, ``plain``, none). A later entry for a name wins, as in chasquid."""
-    from .users import RECEIVE_ONLY, check_localpart, parse_hash  # users imports us
-
-    entries: dict[str, str] = {}
-    for user in parse_users(data, path):
-        try:
-            local = check_localpart(user.name)
-        except ValueError as exc:
-            raise ConfigError(str(exc), path, user.line) from None
-        if user.scheme != SCRYPT:
-            if user.scheme == PLAIN:
-                log.warning("%s:%d: user %s has a plain-text password in chasquid: it cannot "
-                            "log in; set a new one with `mailrelay user passwd`",
-                            path, user.line, user.name)
-            entries[local] = RECEIVE_ONLY
-            continue
-        try:
-            encoded = user.phc()
-            parse_hash(encoded)
-        except ValueError as exc:
-            raise ConfigError(f"user {user.name}: {exc}", path, user.line) from None
-        entries[local] = encoded
-    return entries

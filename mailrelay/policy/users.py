@@ -21,6 +21,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
 import os
 import re
 import unicodedata
@@ -31,10 +32,12 @@ from typing import TYPE_CHECKING
 from ..address import AddressError, normalize_domain, normalize_local, split, strip_suffix
 from ..errors import ConfigError, MailrelayError
 from ..fsutil import atomic_write
-from .chasquid_users import is_chasquid_users, login_entries
+from .chasquid_users import DENIED, PLAIN, SCRYPT, ChasquidUser, is_chasquid_users, parse_users
 
 if TYPE_CHECKING:
     from ..config import Config
+
+log = logging.getLogger("mailrelay.users")
 
 USERS_FILE = "users"
 RECEIVE_ONLY = "!"
@@ -347,3 +350,39 @@ class Users:
         if not db.check_password(local, password):
             return None
         return f"{local}@{db.domain}"
+
+
+# -- chasquid's users files ----------------------------------------------------------
+
+def chasquid_entry(user: ChasquidUser) -> tuple[str, str | None]:
+    """What a chasquid user becomes in our users file: its scrypt hash as it is (the same
+    scrypt, so the password keeps working), or receive-only (``!``) with the reason it
+    cannot log in here (None for chasquid's ``denied``, which could not either).
+    ValueError for a scrypt hash that could not log in to chasquid either."""
+    if user.scheme == SCRYPT:
+        encoded = user.phc()
+        parse_hash(encoded)
+        return encoded, None
+    if user.scheme == DENIED:
+        return RECEIVE_ONLY, None
+    if user.scheme == PLAIN:
+        return RECEIVE_ONLY, "a plain-text password in chasquid"
+    return RECEIVE_ONLY, (f"password scheme {user.scheme!r} in chasquid" if user.scheme
+                          else "no password in chasquid")
+
+
+def login_entries(data: bytes, path: Path | None = None) -> dict[str, str]:
+    """A chasquid users file as :class:`UserDB` entries: local part -> ``$scrypt$...``, or
+    ``!`` (receive-only) for users that cannot log in here. A later entry for a name wins,
+    as in chasquid."""
+    entries: dict[str, str] = {}
+    for user in parse_users(data, path):
+        try:
+            local = check_localpart(user.name)
+            entries[local], problem = chasquid_entry(user)
+        except ValueError as exc:
+            raise ConfigError(f"user {user.name}: {exc}", path, user.line) from None
+        if problem:
+            log.warning("%s:%d: user %s has %s: it cannot log in; set a new password with "
+                        "`mailrelay user passwd`", path, user.line, user.name, problem)
+    return entries

@@ -113,7 +113,8 @@ def test_import_converts_everything_and_never_touches_chasquid(chasquid, tmp_pat
         assert len([line for line in missing if line.startswith(word)]) == 1, (word, missing)
     (plain,) = [line for line in missing if "legacy" in line]
     assert plain.startswith("user legacy@example.org has a plain-text password in chasquid: "
-                            "set a new one with `mailrelay user passwd")
+                            "imported as receive-only; set a password with "
+                            "`mailrelay user passwd")
 
     config = load_config(new)
     assert config.hostname == "mail.example.com"

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from mailrelay.errors import ConfigError
 from mailrelay.policy import chasquid_users as cu
 from mailrelay.policy.users import UserDB, parse_hash
+from mailrelay.policy.users import login_entries as users_login_entries
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "chasquid"
 EXAMPLE_COM = FIXTURES / "domains" / "example.com" / "users"
@@ -315,4 +316,4 @@ def test_userdb_load_reports_syntax_errors(tmp_path):
 def test_later_entry_wins_like_chasquid():
     first = cu.ChasquidUser("me", cu.SCRYPT, 1, 14, 8, 1, 16, b"a" * 16, b"b" * 16)
     data = users_file([first]) + b'users: { key: "me" value: { denied: {} } }\n'
-    assert cu.login_entries(data) == {"me": "!"}
+    assert users_login_entries(data) == {"me": "!"}
