@@ -19,6 +19,7 @@ from .control import ControlServer, socket_path
 from .delivery.local import Maildirs
 from .delivery.manager import DeliveryManager, Schedule
 from .delivery.mta_sts import MTASTS
+from .delivery.relay import relay_from_config
 from .delivery.remote import RemoteDelivery, verifying_tls_context
 from .dkim.keys import KeyRing
 from .dnsresolver import blocking_twin, make_resolver
@@ -100,6 +101,9 @@ class Server:
             tls_fallback_plain=config.delivery.tls_fallback_plain,
             verify_context=verify_context,
             policies=self.mta_sts,
+            relay=relay_from_config(config, verify_context),
+            source_ipv4=config.delivery.source_ipv4, source_ipv6=config.delivery.source_ipv6,
+            ip_families=config.delivery.ip_families,
         )
         self.delivery = DeliveryManager(
             self.queue, remote, Maildirs(config.data_dir / "mail"), config.is_local_domain,
