@@ -41,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                               "default: the A/AAAA records of the hostname)")
     options.add_argument("--strict-spf", action="store_true",
                          help="end the SPF record in -all instead of ~all")
+    options.add_argument("--relay-spf", metavar="TERM",
+                         help="the SPF term of delivery.relay's provider, e.g. "
+                              "include:amazonses.com (default: from mailrelay's table of "
+                              "common relay services)")
     options.add_argument("--json", action="store_true", help="print JSON")
 
     records = actions.add_parser("records", parents=[common, options],
@@ -74,7 +78,8 @@ def cmd_records(args: argparse.Namespace) -> int:
         if not ips:
             source = "none"
     keys, broken = _keys(config, domain)
-    plan = plan_records(config, domain, keys, ips, source, strict_spf=args.strict_spf)
+    plan = plan_records(config, domain, keys, ips, source, strict_spf=args.strict_spf,
+                        relay_spf=args.relay_spf)
     if args.json:
         print(json.dumps(plan.to_json(), indent=2))
     else:
@@ -124,7 +129,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     domain = local_domain(config, args.domain)
     ips = parse_ips(args.ip)
     keys, broken = _keys(config, domain)
-    results = check_records(config, domain, keys, ips, strict_spf=args.strict_spf)
+    results = check_records(config, domain, keys, ips, strict_spf=args.strict_spf,
+                            relay_spf=args.relay_spf)
     bad = [r for r in results if not r.good]
     if args.json:
         print(json.dumps({

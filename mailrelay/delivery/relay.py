@@ -139,7 +139,7 @@ class Relay:
         sock = await self._tcp(address, source)
         # The certificate is checked against the relay's name, not the address we dialled.
         smtp = aiosmtplib.SMTP(
-            hostname=self.host, port=self.port, sock=sock, local_hostname=self.hostname,
+            hostname=self.host, sock=sock, local_hostname=self.hostname,
             timeout=self.command_timeout, use_tls=implicit, start_tls=False,
             tls_context=self.verify_context,
         )

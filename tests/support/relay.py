@@ -92,15 +92,17 @@ class RelayEnv:
     # -- the remote side --------------------------------------------------------
 
     def add_sink(self, ip: str, tls: bool = True, hostname: str = "mx.remote.test",
-                 ca: trustme.CA | None = None) -> Sink:
+                 ca: trustme.CA | None = None, *, port: int | None = None,
+                 **options) -> Sink:
         """A sink on ``ip``; its certificate comes from the test CA, or from ``ca`` (e.g. a
-        CA the server does not trust)."""
+        CA the server does not trust). ``options`` go to Sink (users, implicit_tls,
+        smtputf8: a submission server standing in for a smarthost, an old MX)."""
         context = None
         if tls:
             cert = (ca or self.ca).issue_cert(hostname)
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             cert.configure_cert(context)
-        sink = Sink(ip, self.sink_port, context, hostname=hostname)
+        sink = Sink(ip, port or self.sink_port, context, hostname=hostname, **options)
         sink.start()
         self.sinks.append(sink)
         return sink
