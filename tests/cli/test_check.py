@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ import pytest
 
 from mailrelay import users as users_mod
 from mailrelay.users import UserDB
+from tests.delivery.test_relay import RELAY_PASSWORD, configure_relay, start_relay
+from tests.support.relay import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -170,3 +173,43 @@ def test_check_counts_aliases_and_catch_all(confdir):
     result = check(confdir)
     assert result.returncode == 0, result.stderr
     assert "domain example.com: 1 user(s), 1 alias(es) + catch-all, no DKIM keys" in result.stdout
+
+
+# -- delivery.relay: probed, a warning when it cannot be reached ------------------------------
+
+async def test_check_logs_in_to_the_relay(env):
+    relay = start_relay(env)
+    configure_relay(env, port=relay.relay_port)
+    result = await asyncio.to_thread(check, env.config_dir)
+    assert result.returncode == 0, result.stderr
+    [line] = [x for x in result.stdout.splitlines() if "relay smtp.relay.test" in x]
+    assert line.startswith(f"relay smtp.relay.test:{relay.relay_port} (starttls) for all "
+                           "remote mail: ok")
+    assert "TLS verified" in line and "logged in as AKIAEXAMPLERELAYUSER" in line
+    assert relay.logins == [("AKIAEXAMPLERELAYUSER", True, True)]
+    assert RELAY_PASSWORD not in result.stdout + result.stderr
+
+
+async def test_check_warns_about_a_relay_it_cannot_use(env):
+    configure_relay(env, port=free_port())  # nothing listens
+    result = await asyncio.to_thread(check, env.config_dir)
+    assert result.returncode == 0, result.stderr  # a network condition: only a warning
+    assert "warning: relay smtp.relay.test" in result.stdout
+    assert "451 4.4.1 connection to relay" in result.stdout
+
+    relay = start_relay(env)
+    configure_relay(env, port=relay.relay_port, password="not-the-password")
+    result = await asyncio.to_thread(check, env.config_dir)
+    assert result.returncode == 0
+    assert "warning: relay" in result.stdout and "535 5.7.8" in result.stdout
+    assert "not-the-password" not in result.stdout and RELAY_PASSWORD not in result.stdout
+
+
+async def test_check_refuses_a_password_file_others_can_read(env):
+    configure_relay(env, port=587)
+    (env.config_dir / "relay.password").chmod(0o644)
+    line = one_line_error(await asyncio.to_thread(check, env.config_dir))
+    assert "relay.password is open to group or others (mode 0644)" in line
+    (env.config_dir / "relay.password").unlink()
+    line = one_line_error(await asyncio.to_thread(check, env.config_dir))
+    assert "relay.password does not exist" in line
