@@ -5,36 +5,18 @@ from __future__ import annotations
 
 import logging
 
-import aiosmtplib
-
-from tests.support.relay import PASSWORD, USER
+from tests.support.relay import USER, delivery_lines
 
 HEADERS = f"From: {USER}\r\nTo: someone\r\nSubject: t\r\nMessage-ID: <u.1@example.com>\r\n"
 
 
 async def submit(env, recipients: list[str], data: bytes | None = None) -> None:
-    """Submit on 587 like a client that speaks SMTPUTF8 (aiosmtplib's sendmail does not
-    encode the addresses as UTF-8)."""
-    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=env.ports["submission"],
-                           tls_context=env.client_tls(), start_tls=True)
-    await smtp.connect()
-    await smtp.ehlo()
-    await smtp.auth_plain(USER, PASSWORD)
-    await smtp.mail(USER, options=["SMTPUTF8"], encoding="utf-8")
-    for rcpt in recipients:
-        await smtp.rcpt(rcpt, encoding="utf-8")
-    await smtp.data(data or (HEADERS + "\r\nhello\r\n").encode())
-    await smtp.quit()
+    await env.submit_utf8(recipients, data or (HEADERS + "\r\nhello\r\n").encode())
 
 
 def mx(env, domain: str, ip: str, smtputf8: bool):
     env.add_mx(domain, (10, f"mx.{domain}", ip))
     return env.add_sink(ip, hostname=f"mx.{domain}", smtputf8=smtputf8)
-
-
-def delivery_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name == "mailrelay.mail" and r.getMessage().startswith("delivery ")]
 
 
 async def test_utf8_address_goes_with_smtputf8_where_offered(env):

@@ -20,7 +20,7 @@ import sys
 import pytest
 import trustme
 
-from tests.support.relay import USER, free_port
+from tests.support.relay import USER, delivery_lines, free_port, wait_for
 from tests.support.sink import Sink, SinkBehaviour
 
 RELAY_HOST = "smtp.relay.test"
@@ -63,19 +63,6 @@ def start_relay(env, *, tls: str = "starttls", ca: trustme.CA | None = None,
 def remote_mx(env) -> Sink:
     env.add_mx("remote.test", (10, "mx1.remote.test", "127.0.0.2"))
     return env.add_sink("127.0.0.2", hostname="mx1.remote.test")
-
-
-def delivery_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name == "mailrelay.mail" and r.getMessage().startswith("delivery ")]
-
-
-async def wait_for(check, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def queue_cli(env, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -264,25 +251,10 @@ async def test_relay_without_smtputf8_refuses_a_utf8_address_for_good(env):
     relay = start_relay(env, smtputf8=False)
     configure_relay(env, port=relay.relay_port)
     await env.start()
-    await submit_utf8(env, ["pingüino@remote.test"])
+    await env.submit_utf8(["pingüino@remote.test"], MESSAGE)
     [dsn] = await env.wait_mailbox(1)
     assert b"Status: 5.6.7" in dsn and RELAY_HOST.encode() in dsn
     assert relay.messages == []
-
-
-async def submit_utf8(env, recipients: list[str]) -> None:
-    import aiosmtplib
-
-    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=env.ports["submission"],
-                           tls_context=env.client_tls(), start_tls=True)
-    await smtp.connect()
-    await smtp.ehlo()
-    await smtp.auth_plain(USER, "correct horse battery staple")
-    await smtp.mail(USER, options=["SMTPUTF8"], encoding="utf-8")
-    for rcpt in recipients:
-        await smtp.rcpt(rcpt, encoding="utf-8")
-    await smtp.data(MESSAGE)
-    await smtp.quit()
 
 
 # -- configuration --------------------------------------------------------------------------

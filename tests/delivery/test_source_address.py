@@ -3,13 +3,12 @@ the sink on loopback reports the address the connection came from."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 
 import pytest
 
-from tests.support.relay import USER
+from tests.support.relay import USER, delivery_lines, wait_for
 
 MESSAGE = (f"From: {USER}\r\nTo: friend@remote.test\r\nSubject: source\r\n"
            "Message-ID: <src.1@example.com>\r\n\r\nhello\r\n").encode()
@@ -84,19 +83,11 @@ async def test_ip_families_with_no_address_of_that_family_waits(env, caplog):
     sink = env.add_sink("127.0.0.2", hostname="mx1.remote.test")
     await env.start()
     await env.submit(["friend@remote.test"], MESSAGE)
-    await _wait_line(caplog)
-    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("delivery ")]
+    await wait_for(lambda: delivery_lines(caplog), what="an attempt")
+    [line] = delivery_lines(caplog)
     assert "result=temporary" in line and 'reply="451 4.4.4 remote.test: no MX host has an ' \
         "IPv6 address (delivery.ip_families)" in line
     assert sink.connections == 0
-
-
-async def _wait_line(caplog) -> None:
-    for _ in range(200):
-        if any(r.getMessage().startswith("delivery ") for r in caplog.records):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("no delivery line")
 
 
 def test_source_addresses_are_checked(env):
