@@ -182,6 +182,34 @@ async def test_wrong_password_is_temporary_and_retried_with_the_relays_reply(env
     await env.wait_queue_empty()
 
 
+async def test_a_relay_echoing_the_password_does_not_get_it_logged(env, caplog):
+    """A (hostile or buggy) relay that repeats the credentials in its refusal: the log
+    and the queue show the reply with them cut out."""
+    caplog.set_level(logging.DEBUG)
+    wrong = "wrong-Pa55-echoed-9c1d"
+
+    def echo(credentials) -> str:
+        password = credentials.password.decode()
+        blob = base64.b64encode(f"\0{RELAY_USER}\0{password}".encode()).decode()
+        encoded = base64.b64encode(credentials.password).decode()
+        return f"535 5.7.8 no: {password} {blob} {encoded}"
+
+    relay = start_relay(env, auth_failure=echo)
+    configure_relay(env, port=relay.relay_port, password=wrong)
+    await env.start()
+    await env.submit(["friend@remote.test"], MESSAGE)
+    await wait_for(lambda: delivery_lines(caplog), what="an attempt")
+    [line] = delivery_lines(caplog)[:1]
+    assert "535 5.7.8 no: [redacted] [redacted] [redacted]" in line
+    [item_id] = list(env.server.queue.items)
+    shown = await asyncio.to_thread(queue_cli, env, "show", item_id, "--json")
+    # (The sink's own aiosmtpd log has the echo, of course: only ours counts.)
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("mailrelay"))
+    for text in (ours, shown.stdout):
+        assert wrong not in text
+        assert base64.b64encode(wrong.encode()).decode() not in text
+
+
 async def test_unreachable_relay_is_retried(env, caplog):
     caplog.set_level(logging.INFO)
     mx = remote_mx(env)

@@ -152,7 +152,8 @@ class Sink:
     def __init__(self, host: str, port: int, tls_context: ssl.SSLContext | None = None,
                  hostname: str = "mx.remote.test", *, smtputf8: bool = True,
                  users: dict[str, str] | None = None, implicit_tls: bool = False,
-                 auth_require_tls: bool = True, exclude_auth: tuple[str, ...] = ()):
+                 auth_require_tls: bool = True, exclude_auth: tuple[str, ...] = (),
+                 auth_failure: Callable[[LoginPassword], str] | None = None):
         self.host = host
         self.port = port
         self.state = SinkBehaviourHolder()
@@ -168,7 +169,9 @@ class Sink:
                 user = auth_data.login.decode() if isinstance(auth_data, LoginPassword) else "?"
                 with state.lock:
                     state.logins.append((user, ok, session.ssl is not None or implicit_tls))
-                return AuthResult(success=ok, handled=False,
+                # ``auth_failure`` writes the refusal (e.g. a hostile echo of what we sent).
+                message = auth_failure(auth_data) if auth_failure and not ok else None
+                return AuthResult(success=ok, handled=False, message=message,
                                   auth_data=auth_data.login if ok else None)
 
             # aiosmtpd counts only STARTTLS as TLS for AUTH: on implicit TLS it is there.
