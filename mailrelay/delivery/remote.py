@@ -512,9 +512,8 @@ class RemoteDelivery:
         of ``states`` or a new one from ``open_new``; ``slot`` is the destination domain
         (the relay's Relay.slot) whose connection limit it counts against."""
         where = f"{name} [{address}]"
-        domain = slot
         while (conn := await self._obtain(slot, name, address, port, via, states)) is not None:
-            log.info("delivery: %s for %s: tls=%s (reused connection)", where, domain, conn.tls)
+            log.info("delivery: %s for %s: tls=%s (reused connection)", where, slot, conn.tls)
             try:
                 results = await self._transaction(conn, sender, recipients, data,
                                                   mail_options, reused=True)
@@ -531,7 +530,7 @@ class RemoteDelivery:
 
         # No idle connection, and a slot for a new one is ours.
         conn = await open_new()
-        log.info("delivery: %s for %s: tls=%s (new connection)", where, domain, conn.tls)
+        log.info("delivery: %s for %s: tls=%s (new connection)", where, slot, conn.tls)
         try:
             results = await self._transaction(conn, sender, recipients, data, mail_options,
                                               reused=False)
