@@ -74,7 +74,9 @@ class _LinearReplyProtocol(aiosmtplib.protocol.SMTPProtocol):
     """
 
     def data_received(self, data: bytes) -> None:
-        waiting = (self._response_waiter is not None and self._response_pending
+        # (_response_pending: aiosmtplib 5; an older one without it is always waiting.)
+        waiting = (self._response_waiter is not None
+                   and getattr(self, "_response_pending", True)
                    and not self._response_waiter.done())
         if (not waiting
                 or len(self._buffer) + len(data) > aiosmtplib.protocol.MAX_RESPONSE_LENGTH
