@@ -6,7 +6,10 @@ so ``mailrelay check`` can point the owner at the exact place to fix.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +104,26 @@ class DNSSettings:
     timeout: float = 5.0
 
 
+IP_FAMILIES = ("ipv4", "ipv6")
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """A smarthost (``delivery.relay``): remote mail goes to it instead of to MX hosts.
+
+    TLS is always required and verified; the password is never held here, only the path
+    of the file it is read from (mailrelay.delivery.relay reads it when it logs in).
+    """
+
+    host: str
+    port: int = 587
+    tls: str = "starttls"  # starttls | implicit
+    username: str | None = None
+    password_file: Path | None = None
+    # Recipient domains (A-labels) that go through the relay; empty: all remote mail.
+    domains: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class DeliverySettings:
     smtp_port: int = 25
@@ -131,6 +154,12 @@ class DeliverySettings:
     ca_file: Path | None = None
     mta_sts: bool = True
     mta_sts_port: int = 443  # HTTPS port of mta-sts.<domain> (other values are for tests)
+    relay: RelaySettings | None = None
+    # Direct delivery binds to these before connecting (None: the kernel chooses), and
+    # tries only MX addresses of these families (e.g. ipv4 alone while the IPv6 PTR is unset).
+    source_ipv4: str | None = None
+    source_ipv6: str | None = None
+    ip_families: tuple[str, ...] = IP_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -446,9 +475,16 @@ def load_config(config_dir: Path | str) -> Config:
         "ca_file": base_path,
         "mta_sts": _scalar_of(_as_bool),
         "mta_sts_port": _scalar_of(_as_port),
+        "relay": lambda r, node, name: node,  # converted below, with its own keys
+        "source_ipv4": _scalar_of(_ip_of(4)),
+        "source_ipv6": _scalar_of(_ip_of(6)),
+        "ip_families": _families,
     }))
     if not delivery.retry_intervals:
         raise reader.error("delivery.retry_intervals must not be empty", sub("delivery"))
+    if delivery.relay is not None:
+        delivery = dataclasses.replace(
+            delivery, relay=_relay_settings(reader, delivery.relay, config_dir))
 
     limits = LimitSettings(**_section(reader, sub("limits"), "limits", {
         "max_message_size": _scalar_of(parse_size),
@@ -509,9 +545,17 @@ def load_config(config_dir: Path | str) -> Config:
         warnings.append(f"{path}:{line}: workers: no longer used, mailrelay runs as one "
                         "process; delete this line")
 
+    domains = discover_domains(config_dir)
+    if delivery.relay is not None:
+        ours = sorted(set(delivery.relay.domains) & set(domains))
+        if ours:
+            raise reader.error(f"delivery.relay.domains: {', '.join(ours)} is a local domain "
+                               "(its mail is delivered here, never to the relay)",
+                               sub("delivery"))
+
     return Config(
         config_dir=config_dir, hostname=hostname, listen=listen, data_dir=data_dir, tls=tls,
-        dns=dns, delivery=delivery, limits=limits, domains=discover_domains(config_dir),
+        dns=dns, delivery=delivery, limits=limits, domains=domains,
         senders=senders, aliases=aliases, inbound=inbound, metrics=metrics,
         auth=auth, proxy_protocol=proxy_protocol, warnings=tuple(warnings),
     )
@@ -536,6 +580,86 @@ def setting_line(config_dir: Path | str, dotted: str) -> int | None:
             return None
         line, node = found[0].start_mark.line + 1, found[1]
     return line
+
+
+def _ip_of(version: int):
+    def convert(value: Any) -> str | None:
+        if value is None:
+            return None
+        try:
+            ip = ipaddress.ip_address(_as_str(value).strip().strip("[]"))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IPv{version} address") from None
+        if ip.version != version:
+            raise ValueError(f"{value} is not an IPv{version} address")
+        return str(ip)
+    return convert
+
+
+def _families(reader: _Reader, node: yaml.Node, name: str) -> tuple[str, ...]:
+    families = _list_of(_one_of(*IP_FAMILIES))(reader, node, name)
+    if not families:
+        raise reader.error(f"{name} must name ipv4, ipv6 or both", node)
+    if len(set(families)) != len(families):
+        raise reader.error(f"{name}: a family is listed twice", node)
+    return tuple(families)
+
+
+_RELAY_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[?[0-9A-Fa-f:.]+\]?")
+
+
+def _relay_settings(reader: _Reader, node: yaml.Node, config_dir: Path) -> RelaySettings:
+    """``delivery.relay``: the smarthost, its TLS mode, login and the domains it serves."""
+    name = "delivery.relay"
+    values = _section(reader, node, name, {
+        "host": _scalar_of(_as_str),
+        "port": _scalar_of(_as_port),
+        "tls": _scalar_of(_one_of("starttls", "implicit")),
+        "username": _scalar_of(_as_str),
+        "password_file": _scalar_of(_optional_path(config_dir)),
+        "domains": _list_of(_as_relay_domain),
+    })
+    host = str(values.get("host", "")).strip().lower()
+    if not host:
+        raise reader.error(f"{name}.host is required (the relay's host name)", node)
+    if not _RELAY_HOST.fullmatch(host):
+        raise reader.error(f"{name}.host: {host!r} is not a host name", node)
+    values["host"] = host.strip("[]")
+    values.setdefault("port", 465 if values.get("tls") == "implicit" else 587)
+    if ("username" in values) != (values.get("password_file") is not None):
+        raise reader.error(f"{name}: username and password_file go together (both, for "
+                           "AUTH, or neither, for a relay that knows this server's address)",
+                           node)
+    if values.get("password_file") is not None:
+        check_secret_file(values["password_file"], f"{name}.password_file", reader.path)
+    values["domains"] = tuple(dict.fromkeys(values.get("domains", ())))
+    return RelaySettings(**values)
+
+
+def _as_relay_domain(value: Any) -> str:
+    try:
+        return normalize_domain(_as_str(value))
+    except AddressError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def check_secret_file(path: Path, setting: str, config_path: Path | None = None) -> None:
+    """A file that holds a secret: it must exist and be readable by its owner only.
+
+    Only its metadata is looked at (its content is read where it is used), so a command
+    run by another user than the service's still loads the configuration."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{setting}: {path} does not exist", config_path) from None
+    except OSError as exc:
+        raise ConfigError(f"{setting}: {path}: {exc.strerror or exc}", config_path) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{setting}: {path} is not a regular file", config_path)
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise ConfigError(f"{setting}: {path} is open to group or others (mode {mode:04o}); "
+                          f"chmod 600 {path}", config_path)
 
 
 def _allow_patterns(reader: _Reader, node: yaml.Node, name: str) -> dict[str, tuple[str, ...]]:

@@ -56,6 +56,9 @@ class Recipient:
     status: str = PENDING
     attempts: int = 0
     last_error: str = ""
+    # Who gave last_error: the MX host, or the relay's name with last_via "relay".
+    last_host: str = ""
+    last_via: str = ""
     # Extra per-recipient data (e.g. ORCPT, NOTIFY) carried to DSNs.
     params: dict[str, str] = field(default_factory=dict)
 
@@ -353,6 +356,8 @@ def _read_item(path: Path) -> QueueItem:
             rcpt.status = saved.get("status", PENDING)
             rcpt.attempts = saved.get("attempts", 0)
             rcpt.last_error = saved.get("last_error", "")
+            rcpt.last_host = saved.get("last_host", "")
+            rcpt.last_via = saved.get("last_via", "")
     return item
 
 

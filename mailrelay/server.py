@@ -18,6 +18,7 @@ from .config import Config, load_config
 from .delivery.local import Maildirs
 from .delivery.manager import DeliveryManager, Schedule
 from .delivery.mta_sts import MTASTS
+from .delivery.relay import relay_from_config
 from .delivery.remote import RemoteDelivery, verifying_tls_context
 from .dnsresolver import blocking_twin, make_resolver
 from .errors import ConfigError
@@ -106,6 +107,9 @@ class Server:
             tls_fallback_plain=config.delivery.tls_fallback_plain,
             verify_context=verify_context,
             policies=self.mta_sts,
+            relay=relay_from_config(config, verify_context),
+            source_ipv4=config.delivery.source_ipv4, source_ipv6=config.delivery.source_ipv6,
+            ip_families=config.delivery.ip_families,
         )
         self.delivery = DeliveryManager(
             self.queue, remote, Maildirs(config.data_dir / "mail"), self.is_local_domain,

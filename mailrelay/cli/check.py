@@ -22,6 +22,7 @@ permissions, and a warning says so when that is not the server's user.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import os
@@ -35,7 +36,9 @@ from pathlib import Path
 
 from ..config import CONFIG_FILE, Config, load_config, setting_line
 from ..delivery.manager import mda_command
+from ..delivery.relay import RelayFailure, relay_from_config
 from ..delivery.remote import verifying_tls_context
+from ..dnsresolver import make_resolver
 from ..errors import ConfigError, MailrelayError
 from ..fsutil import write_all
 from ..message.dkim.keys import KeyRing
@@ -228,6 +231,12 @@ def collect(config_dir: Path) -> Report:
     _check_certificates(config, report)
     _check_data_dir(config, report)
     _check_delivery(config, report)
+    if config.delivery.relay is not None:
+        status = relay_status(config)
+        if status.startswith("warning: "):
+            report.warning(status.removeprefix("warning: "))
+        else:
+            report.info.append(status)
     users = _check_users(config, report)
     aliases = _check_aliases(config, report, users)
     keyring, key_errors = KeyRing.load(config)
@@ -495,3 +504,48 @@ def _check_aliases(config: Config, report: Report, users: Users) -> Aliases:
                          "it to reach a person: add `postmaster: <user>` "
                          f"(`mailrelay aliases edit {domain}`)", path)
     return aliases
+
+
+# -- the relay -----------------------------------------------------------------------------
+
+# `check` should answer soon even when the relay does not.
+_PROBE_TIMEOUT = 10.0
+
+
+def relay_status(config: Config) -> str:
+    """One line on delivery.relay: reachable, TLS verified and login accepted, or a
+    warning saying which of those failed. A warning only: the network or the relay may
+    be down for a while, which the queue rides out; the password is never shown."""
+    settings = config.delivery.relay
+    assert settings is not None
+    where = f"relay {settings.host}:{settings.port} ({settings.tls})"
+    scope = ", ".join(settings.domains) if settings.domains else "all remote mail"
+    try:
+        detail = asyncio.run(_probe(config))
+    except RelayFailure as failure:
+        return f"warning: {where} for {scope}: {failure.reply}"
+    return f"{where} for {scope}: ok ({detail})"
+
+
+async def _probe(config: Config) -> str:
+    relay = relay_from_config(config, verifying_tls_context(config.delivery.ca_file))
+    assert relay is not None
+    relay.connect_timeout = min(relay.connect_timeout, _PROBE_TIMEOUT)
+    relay.command_timeout = min(relay.command_timeout, _PROBE_TIMEOUT)
+    last = RelayFailure(f"451 4.4.1 relay {relay.host}: no address")
+    for address in await relay.addresses(make_resolver(config.dns)):
+        try:
+            smtp = await relay.open(address)
+        except RelayFailure as failure:
+            last = failure
+            continue
+        ssl_object = smtp.get_transport_info("ssl_object")
+        version = ssl_object.version() if ssl_object is not None else "?"
+        try:
+            await smtp.quit(timeout=_PROBE_TIMEOUT)
+        except Exception:  # the answer is in; how the relay says goodbye does not matter
+            smtp.close()
+        login = (f", logged in as {relay.settings.username}"
+                 if relay.settings.username is not None else "")
+        return f"[{address}], TLS verified ({version}){login}"
+    raise last

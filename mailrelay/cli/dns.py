@@ -41,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                               "default: the A/AAAA records of the hostname)")
     options.add_argument("--strict-spf", action="store_true",
                          help="end the SPF record in -all instead of ~all")
+    options.add_argument("--relay-spf", metavar="TERM",
+                         help="the SPF term of delivery.relay's provider, e.g. "
+                              "include:amazonses.com (default: from mailrelay's table of "
+                              "common relay services)")
     options.add_argument("--json", action="store_true", help="print JSON")
 
     records = actions.add_parser("records", parents=[common, options],
@@ -63,11 +67,12 @@ def cmd_records(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     domain = local_domain(config, args.domain)
     return print_records(config, domain, args.ip, strict_spf=args.strict_spf,
-                         as_json=args.json)
+                         relay_spf=args.relay_spf, as_json=args.json)
 
 
 def print_records(config: Config, domain: str, ip_args: list[str], *,
-                  strict_spf: bool = False, as_json: bool = False) -> int:
+                  strict_spf: bool = False, relay_spf: str | None = None,
+                  as_json: bool = False) -> int:
     """What ``dns records`` prints (also ``mailrelay init``); 1 if a key file is broken."""
     ips: list[IPAddress] = parse_ips(ip_args)
     source = "--ip"
@@ -81,7 +86,8 @@ def print_records(config: Config, domain: str, ip_args: list[str], *,
         if not ips:
             source = "none"
     keys, broken = _keys(config, domain)
-    plan = plan_records(config, domain, keys, ips, source, strict_spf=strict_spf)
+    plan = plan_records(config, domain, keys, ips, source, strict_spf=strict_spf,
+                        relay_spf=relay_spf)
     if as_json:
         print(json.dumps(plan.to_json(), indent=2))
     else:
@@ -131,7 +137,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     domain = local_domain(config, args.domain)
     ips = parse_ips(args.ip)
     keys, broken = _keys(config, domain)
-    results = check_records(config, domain, keys, ips, strict_spf=args.strict_spf)
+    results = check_records(config, domain, keys, ips, strict_spf=args.strict_spf,
+                            relay_spf=args.relay_spf)
     bad = [r for r in results if not r.good]
     if args.json:
         print(json.dumps({

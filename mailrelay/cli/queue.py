@@ -121,6 +121,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         attempts = rcpt.get("attempts", 0)
         print(f"    {_recipient_line(rcpt)}"
               + (f"  [{attempts} attempt{'s' if attempts != 1 else ''}]" if attempts else ""))
+        if rcpt.get("last_host") and rcpt["status"] != "sent":
+            # As in the mail log's delivery lines: who gave that answer.
+            via = " via=relay" if rcpt.get("last_via") == "relay" else ""
+            print(f"{'':13}host={_safe(rcpt['last_host'])}{via}")
     print("\nheaders:")
     for line in message.get("headers", "").rstrip("\r\n").splitlines():
         print(f"    {_safe(line)}")

@@ -44,6 +44,7 @@ class FailedRecipient:
     action: str = "failed"  # "failed" or "delayed"
     remote_mta: str | None = None  # "mx1.remote.test" -> "dns; mx1.remote.test"
     original_recipient: str | None = None  # ORCPT, "rfc822;addr" or a bare address
+    relay: bool = False  # remote_mta is our smarthost (delivery.relay), not the recipient's MX
 
 
 def header_section(message: bytes) -> bytes:
@@ -223,6 +224,9 @@ def _human_text(
         lines += [*_wrap(intro), ""]
         for rcpt in group:
             reply = _diagnostic_text(rcpt.diagnostic) or f"status {_status(rcpt)}"
+            if rcpt.remote_mta:
+                said = "our relay" if rcpt.relay else "host"
+                reply = f"{said} {_clean(rcpt.remote_mta)} said: {reply}"
             lines += [f"<{_clean(rcpt.address)}>:", *_wrap(reply, "    "), ""]
     if headers_only_fallback:
         lines += _wrap(

@@ -301,6 +301,9 @@ class DeliveryManager:
         for rcpt, result in results:
             rcpt.attempts += 1
             rcpt.last_error = "" if result.outcome is Outcome.SENT else result.reply
+            remote = result.remote_host not in (None, "local", "pipe")
+            rcpt.last_host = (result.remote_host or "") if remote else ""
+            rcpt.last_via = "relay" if result.relay else "mx" if remote else ""
             self.events.delivery_attempt(
                 item, result, final=result.outcome is not Outcome.TEMPORARY or give_up)
             if result.outcome is Outcome.SENT:
@@ -316,7 +319,7 @@ class DeliveryManager:
                     address=rcpt.address, status=status, diagnostic=f"smtp; {reply}",
                     remote_mta=(result.remote_host
                                 if result.remote_host not in ("local", "pipe") else None),
-                    original_recipient=rcpt.params.get("ORCPT"),
+                    original_recipient=rcpt.params.get("ORCPT"), relay=result.relay,
                 ))
         if failed:
             await self._bounce(item, failed)
@@ -352,7 +355,7 @@ class DeliveryManager:
                 diagnostic=f"smtp; {reply}", action="delayed",
                 remote_mta=(result.remote_host if result and result.remote_host
                             not in ("local", "pipe") else None),
-                original_recipient=rcpt.params.get("ORCPT"),
+                original_recipient=rcpt.params.get("ORCPT"), relay=bool(result and result.relay),
             ))
         await self._bounce(item, delayed, notify="DELAY")
 

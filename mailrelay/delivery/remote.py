@@ -9,6 +9,18 @@ MX hosts it names; in "testing" mode what enforce would refuse is only logged.
 
 Connections are limited in all and per destination domain, and stay open for a short
 while after a transaction so the next message for the same MX host reuses them.
+
+Mail for the domains of ``delivery.relay`` goes to that smarthost instead (relay.py opens
+the verified, authenticated connection); the transaction, the limits and the reuse are
+the same. Direct connections bind to ``delivery.source_ipv4``/``source_ipv6`` and try
+only the MX addresses of ``delivery.ip_families``.
+
+SMTPUTF8 (RFC 6531): an address with a non-ASCII local part needs it; its domain, and
+the domain of an address whose local part is ASCII, goes as A-labels, which needs
+nothing. A server without SMTPUTF8 cannot take a non-ASCII address: that recipient
+(every recipient, for a non-ASCII sender) fails for good with 553 5.6.7 (RFC 6531 3.5).
+UTF-8 in the header section asks for SMTPUTF8 where it is offered; where it is not, the
+message is sent as before (8BITMIME), as chasquid does, rather than bounced.
 """
 
 from __future__ import annotations
@@ -18,28 +30,78 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
+import aiosmtplib.protocol
+import aiosmtplib.smtp
 
 from ..errors import ConfigError
+from .dsn import header_section
 from .mx import MXHost, PermanentDNSError, TemporaryDNSError, resolve_mx
+from .relay import Relay, RelayFailure
 
 log = logging.getLogger("mailrelay.delivery")
 
 VERIFIED = "verified"
 UNVERIFIED = "unverified"
 PLAIN = "plain"
+NOT_CONNECTED = "-"  # the TLS state of a result from a host we never talked to
+
+MX = "mx"
+RELAY = "relay"
 
 # How long a host whose certificate does not verify goes straight to unverified TLS,
 # so it does not cost two connections per message; and how many such hosts we remember.
 UNVERIFIABLE_MEMORY = 3600.0
 _UNVERIFIABLE_MAX = 10_000
 _QUIT_TIMEOUT = 5.0
+
+
+class _LinearReplyProtocol(aiosmtplib.protocol.SMTPProtocol):
+    """aiosmtplib's protocol, but linear in the length of a reply.
+
+    aiosmtplib parses everything buffered for a reply again on each chunk that ends a
+    line, so a remote host that drips a multi-line reply line by line costs quadratic
+    CPU on the event loop: 8 s for one 32 KiB EHLO reply (its cap), per command. Here
+    chunks are only buffered until one ends the reply's last line (no '-' after the
+    code), and then the library parses the reply once. Its caps (8 KiB per line, 32 KiB
+    per reply) and the command timeouts still bound the rest.
+    """
+
+    def data_received(self, data: bytes) -> None:
+        # (_response_pending: aiosmtplib 5; an older one without it is always waiting.)
+        waiting = (self._response_waiter is not None
+                   and getattr(self, "_response_pending", True)
+                   and not self._response_waiter.done())
+        if (not waiting
+                or len(self._buffer) + len(data) > aiosmtplib.protocol.MAX_RESPONSE_LENGTH
+                or self._ends_reply(data)):
+            super().data_received(data)
+        else:
+            self._buffer.extend(data)
+
+    def _ends_reply(self, data: bytes) -> bool:
+        """Whether the last line ``data`` completes is a final reply line. Each line is
+        looked at once, when it completes."""
+        end = data.rfind(b"\n")
+        if end < 0:
+            return False
+        start = data.rfind(b"\n", 0, end) + 1
+        if start:
+            head = data[start:start + 4]
+        else:  # the line began in an earlier chunk
+            begin = self._buffer.rfind(b"\n") + 1
+            head = (bytes(self._buffer[begin:begin + 4]) + data[:4])[:4]
+        return head[3:4] != b"-"
+
+
+# aiosmtplib.SMTP makes its protocol by this module-level name.
+aiosmtplib.smtp.SMTPProtocol = _LinearReplyProtocol  # type: ignore[misc]
 
 
 class Outcome(Enum):
@@ -54,8 +116,9 @@ class RecipientResult:
     outcome: Outcome
     reply: str  # the remote reply ("550 5.1.1 no such user") or our own reason
     remote_host: str | None = None
-    tls: str = PLAIN  # plain | unverified | verified
+    tls: str = PLAIN  # plain | unverified | verified (| "-": not connected)
     tls_version: str | None = None  # "TLSv1.3"; None in the clear
+    relay: bool = False  # remote_host is the smarthost of delivery.relay, not an MX host
 
 
 class STSPolicy(Protocol):
@@ -87,6 +150,29 @@ class _Stale(Exception):
 
 def _reply_text(code: int, message: str) -> str:
     return f"{code} {' '.join(message.split())}"
+
+
+def envelope_address(address: str) -> tuple[str, bool]:
+    """(the address as sent, whether it needs SMTPUTF8): the domain as A-labels, so only
+    a non-ASCII local part needs the extension."""
+    if address.isascii():
+        return address, False
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address, True
+    # Queued addresses were checked at RCPT; one the codec refuses stays as it is (and
+    # so needs SMTPUTF8).
+    with contextlib.suppress(UnicodeError):
+        domain = domain.encode("idna").decode("ascii")
+    wire = f"{local}@{domain}"
+    return wire, not wire.isascii()
+
+
+def _no_smtputf8(host: str, address: str) -> str:
+    # RFC 6531 3.5: 553, and X.6.7 "non-ASCII addresses not permitted for that
+    # sender/recipient".
+    return (f"553 5.6.7 {host} does not support SMTPUTF8, which the non-ASCII address "
+            f"<{address}> needs")
 
 
 def _opportunistic_tls_context() -> ssl.SSLContext:
@@ -179,16 +265,17 @@ class _Connection:
     address: str
     port: int
     tls: str
-    domain: str  # whose per-domain slot this connection holds
+    domain: str  # whose per-domain slot this connection holds (the relay's: Relay.slot)
     tls_version: str | None = None
+    via: str = MX  # mx | relay (logged in to the smarthost)
     idle_since: float = 0.0
     expiry: asyncio.TimerHandle | None = None
     released: bool = False
 
     @property
-    def key(self) -> tuple[str, str, int, str]:
+    def key(self) -> tuple[str, str, int, str, str]:
         # The name is part of the key: "verified" was checked against this name only.
-        return self.host, self.address, self.port, self.tls
+        return self.host, self.address, self.port, self.tls, self.via
 
 
 @contextlib.contextmanager
@@ -226,6 +313,10 @@ class RemoteDelivery:
         tls_fallback_plain: bool = True,
         verify_context: ssl.SSLContext | None = None,
         policies: PolicySource | None = None,
+        relay: Relay | None = None,
+        source_ipv4: str | None = None,
+        source_ipv6: str | None = None,
+        ip_families: tuple[str, ...] = ("ipv4", "ipv6"),
     ):
         self.hostname = hostname
         self.resolver = resolver
@@ -236,6 +327,9 @@ class RemoteDelivery:
         self.connection_idle_time = connection_idle_time
         self.tls_fallback_plain = tls_fallback_plain
         self.policies = policies
+        self.relay = relay
+        self.sources = {4: source_ipv4, 6: source_ipv6}
+        self.families = frozenset(4 if f == "ipv4" else 6 for f in ip_families)
         self.tls_context = _opportunistic_tls_context()
         self.verify_context = verify_context or verifying_tls_context(None)
         self._limits = _Limits(max_connections, max_connections_per_domain)
@@ -257,6 +351,8 @@ class RemoteDelivery:
             return [RecipientResult(r, outcome, reply, host) for r in recipients]
 
         domain = domain.lower()
+        if self.relay is not None and self.relay.covers(domain):
+            return await self._deliver_relay(sender, recipients, data, mail_options or [])
         # The policy (maybe an HTTPS fetch) is looked up while DNS answers.
         policy_job = (asyncio.create_task(self._policy(domain), name=f"mta-sts-{domain}")
                       if self.policies is not None else None)
@@ -272,6 +368,12 @@ class RemoteDelivery:
         finally:
             if policy_job is not None and not policy_job.done():
                 policy_job.cancel()
+
+        hosts = self._of_our_families(hosts)
+        if not hosts:
+            return everyone(Outcome.TEMPORARY,
+                            f"451 4.4.4 {domain}: no MX host has an {self._families_text()} "
+                            "address (delivery.ip_families)")
 
         enforce = policy is not None and policy.mode == "enforce"
         testing = policy is not None and policy.mode == "testing"
@@ -294,8 +396,10 @@ class RemoteDelivery:
             for address in host.addresses:
                 try:
                     results, tls = await self._deliver_via(
-                        domain, host, address, sender, recipients, data,
-                        mail_options or [], enforce)
+                        domain, host.name, address, self.smtp_port, MX,
+                        (VERIFIED,) if enforce else (VERIFIED, UNVERIFIED, PLAIN),
+                        lambda h=host, a=address: self._open(domain, h, a, enforce),
+                        sender, recipients, data, mail_options or [])
                 except HostFailure as failure:
                     (log.warning if failure.sts else log.info)(
                         "delivery: %s [%s] for %s: %s", host.name, address, domain,
@@ -314,6 +418,85 @@ class RemoteDelivery:
                 return results
         return everyone(Outcome.TEMPORARY, last.reply)
 
+    async def _deliver_relay(self, sender: str, recipients: list[str], data: bytes,
+                             mail_options: list[str]) -> list[RecipientResult]:
+        """To the smarthost: its addresses in turn; every failure to reach it, to trust
+        its certificate or to log in is temporary, and names the relay."""
+        relay = self.relay
+        assert relay is not None
+
+        def everyone(reply: str) -> list[RecipientResult]:
+            return [RecipientResult(r, Outcome.TEMPORARY, reply, relay.host, NOT_CONNECTED,
+                                    relay=True) for r in recipients]
+
+        try:
+            addresses = [a for a in await relay.addresses(self.resolver)
+                         if self._family(a) in self.families]
+        except RelayFailure as failure:
+            return everyone(failure.reply)
+        if not addresses:
+            return everyone(f"451 4.4.4 relay {relay.host} has no {self._families_text()} "
+                            "address (delivery.ip_families)")
+        last = f"451 4.4.1 relay {relay.host} could not be reached"
+        for address in addresses:
+            try:
+                results, _ = await self._deliver_via(
+                    relay.slot, relay.host, address, relay.port, RELAY, (VERIFIED,),
+                    lambda a=address: self._open_relay(a), sender, recipients, data,
+                    mail_options)
+            except HostFailure as failure:
+                log.warning("delivery: %s: %s", relay.where(address), failure.reply)
+                if failure.permanent:  # e.g. 5xx to MAIL: as from an MX host, for good
+                    return [RecipientResult(r, Outcome.PERMANENT, failure.reply, relay.host,
+                                            VERIFIED, relay=True) for r in recipients]
+                last = failure.reply
+                continue
+            return results
+        return everyone(last)
+
+    async def _open_relay(self, address: str) -> _Connection:
+        """A new connection to the relay, in the slot _obtain took."""
+        assert self.relay is not None
+        relay = self.relay
+        try:
+            smtp = await relay.open(address, self._source_for(address))
+        except RelayFailure as failure:
+            self._limits.release(relay.slot)
+            raise HostFailure(failure.reply) from None
+        except BaseException:
+            self._limits.release(relay.slot)
+            raise
+        ssl_object = smtp.get_transport_info("ssl_object")
+        return _Connection(smtp, relay.host, address, relay.port, VERIFIED, relay.slot,
+                           ssl_object.version() if ssl_object is not None else None,
+                           via=RELAY)
+
+    # -- address families and source addresses ------------------------------------------
+
+    @staticmethod
+    def _family(address: str) -> int:
+        return 6 if ":" in address else 4
+
+    def _families_text(self) -> str:
+        return " or ".join(f"IPv{f}" for f in sorted(self.families))
+
+    def _of_our_families(self, hosts: list[MXHost]) -> list[MXHost]:
+        """The MX hosts with only the addresses of delivery.ip_families (hosts left with
+        none are dropped)."""
+        if self.families == {4, 6}:
+            return hosts
+        kept = []
+        for host in hosts:
+            addresses = tuple(a for a in host.addresses if self._family(a) in self.families)
+            if addresses:
+                kept.append(MXHost(host.name, host.preference, addresses))
+        return kept
+
+    def _source_for(self, address: str) -> tuple[str, int] | None:
+        """(delivery.source_ipv4 or _ipv6, any port) for a connection to ``address``."""
+        source = self.sources[self._family(address)]
+        return (source, 0) if source else None
+
     async def _policy(self, domain: str) -> STSPolicy | None:
         assert self.policies is not None
         try:
@@ -323,14 +506,16 @@ class RemoteDelivery:
             return None
 
     async def _deliver_via(
-        self, domain: str, host: MXHost, address: str, sender: str, recipients: list[str],
-        data: bytes, mail_options: list[str], enforce: bool,
+        self, slot: str, name: str, address: str, port: int, via: str,
+        states: tuple[str, ...], open_new: Callable[[], Awaitable[_Connection]],
+        sender: str, recipients: list[str], data: bytes, mail_options: list[str],
     ) -> tuple[list[RecipientResult], str]:
-        """One transaction with one address of ``host``, on a pooled or a new connection."""
-        where = f"{host.name} [{address}]"
-        states = (VERIFIED,) if enforce else (VERIFIED, UNVERIFIED, PLAIN)
-        while (conn := await self._obtain(domain, host.name, address, states)) is not None:
-            log.info("delivery: %s for %s: tls=%s (reused connection)", where, domain, conn.tls)
+        """One transaction with host ``name`` at ``address``, on a pooled connection of one
+        of ``states`` or a new one from ``open_new``; ``slot`` is the destination domain
+        (the relay's Relay.slot) whose connection limit it counts against."""
+        where = f"{name} [{address}]"
+        while (conn := await self._obtain(slot, name, address, port, via, states)) is not None:
+            log.info("delivery: %s for %s: tls=%s (reused connection)", where, slot, conn.tls)
             try:
                 results = await self._transaction(conn, sender, recipients, data,
                                                   mail_options, reused=True)
@@ -346,8 +531,8 @@ class RemoteDelivery:
             return results, conn.tls
 
         # No idle connection, and a slot for a new one is ours.
-        conn = await self._open(domain, host, address, enforce)
-        log.info("delivery: %s for %s: tls=%s (new connection)", where, domain, conn.tls)
+        conn = await open_new()
+        log.info("delivery: %s for %s: tls=%s (new connection)", where, slot, conn.tls)
         try:
             results = await self._transaction(conn, sender, recipients, data, mail_options,
                                               reused=False)
@@ -370,14 +555,41 @@ class RemoteDelivery:
                 await smtp.rset(timeout=min(self.command_timeout, self.connect_timeout))
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 raise _Stale(f"RSET: {exc}") from None
+        relayed = conn.via == RELAY
+
+        def result(rcpt: str, outcome: Outcome, reply: str) -> RecipientResult:
+            return RecipientResult(rcpt, outcome, reply, conn.host, conn.tls, conn.tls_version,
+                                   relay=relayed)
+
         try:
+            utf8_offered = smtp.supports_extension("smtputf8")
+            wire_sender, sender_utf8 = envelope_address(sender)
+            if sender_utf8 and not utf8_offered:
+                reply = _no_smtputf8(conn.host, sender)
+                return [result(r, Outcome.PERMANENT, reply) for r in recipients]
+            results: dict[str, RecipientResult] = {}
+            wire: dict[str, str] = {}
+            need_utf8 = sender_utf8
+            for rcpt in recipients:
+                wire[rcpt], rcpt_utf8 = envelope_address(rcpt)
+                if rcpt_utf8 and not utf8_offered:
+                    results[rcpt] = result(rcpt, Outcome.PERMANENT, _no_smtputf8(conn.host, rcpt))
+                need_utf8 = need_utf8 or rcpt_utf8
+            if len(results) == len(recipients):
+                return [results[r] for r in recipients]
+
             options = list(mail_options)
             if smtp.supports_extension("size"):
                 options.append(f"SIZE={len(data)}")
-            if smtp.supports_extension("8bitmime") and not data.isascii():
+            # As chasquid: BODY=8BITMIME whenever offered (a 7-bit body is valid 8BITMIME).
+            if smtp.supports_extension("8bitmime"):
                 options.append("BODY=8BITMIME")
+            # UTF-8 headers (RFC 6532) want SMTPUTF8 too, but only where it is offered: see
+            # the module's docstring.
+            if utf8_offered and (need_utf8 or not header_section(data).isascii()):
+                options.append("SMTPUTF8")
             try:
-                await smtp.mail(sender, options=options, encoding="utf-8")
+                await smtp.mail(wire_sender, options=options, encoding="utf-8")
             except aiosmtplib.SMTPSenderRefused as exc:
                 reply = _reply_text(exc.code, exc.message)
                 if reused:  # maybe the session, not the sender: ask a new one
@@ -388,17 +600,16 @@ class RemoteDelivery:
                     raise _Stale(f"MAIL: {exc}") from None
                 raise
 
-            results: dict[str, RecipientResult] = {}
             accepted: list[str] = []
             for rcpt in recipients:
+                if rcpt in results:  # refused above (SMTPUTF8)
+                    continue
                 try:
-                    await smtp.rcpt(rcpt, encoding="utf-8")
+                    await smtp.rcpt(wire[rcpt], encoding="utf-8")
                     accepted.append(rcpt)
                 except aiosmtplib.SMTPRecipientRefused as exc:
                     outcome = Outcome.PERMANENT if 500 <= exc.code < 600 else Outcome.TEMPORARY
-                    results[rcpt] = RecipientResult(rcpt, outcome,
-                                                    _reply_text(exc.code, exc.message),
-                                                    conn.host, conn.tls, conn.tls_version)
+                    results[rcpt] = result(rcpt, outcome, _reply_text(exc.code, exc.message))
             if accepted:
                 try:
                     response = await smtp.data(data)
@@ -407,8 +618,7 @@ class RemoteDelivery:
                     outcome = Outcome.PERMANENT if 500 <= exc.code < 600 else Outcome.TEMPORARY
                     reply = _reply_text(exc.code, exc.message)
                 for rcpt in accepted:
-                    results[rcpt] = RecipientResult(rcpt, outcome, reply, conn.host, conn.tls,
-                                                    conn.tls_version)
+                    results[rcpt] = result(rcpt, outcome, reply)
             return [results[r] for r in recipients]
         except aiosmtplib.SMTPResponseException as exc:
             raise HostFailure(_reply_text(exc.code, exc.message)) from None
@@ -493,6 +703,7 @@ class RemoteDelivery:
         smtp = aiosmtplib.SMTP(
             hostname=address, port=self.smtp_port, local_hostname=self.hostname,
             timeout=self.command_timeout, start_tls=False, use_tls=False,
+            source_address=self._source_for(address),
         )
         try:
             await smtp.connect(timeout=self.connect_timeout)
@@ -530,11 +741,11 @@ class RemoteDelivery:
 
     # -- limits and the pool of idle connections ---------------------------------------
 
-    async def _obtain(self, domain: str, host: str, address: str,
+    async def _obtain(self, domain: str, host: str, address: str, port: int, via: str,
                       states: tuple[str, ...]) -> _Connection | None:
         """An idle connection to reuse, or None once a slot for a new one is taken."""
         while True:
-            conn = self._checkout(domain, host, address, states)
+            conn = self._checkout(domain, host, address, port, via, states)
             if conn is not None:
                 return conn
             total, for_domain = self._limits.room(domain)
@@ -559,13 +770,13 @@ class RemoteDelivery:
         self._unpool(victim)
         return victim
 
-    def _checkout(self, domain: str, host: str, address: str,
+    def _checkout(self, domain: str, host: str, address: str, port: int, via: str,
                   states: tuple[str, ...]) -> _Connection | None:
         """An idle connection to ``host`` at ``address`` with one of ``states`` (best first)."""
         if self._closed:
             return None
         for state in states:
-            stack = self._idle.get((host, address, self.smtp_port, state), [])
+            stack = self._idle.get((host, address, port, state, via), [])
             # Most recently used first (likeliest still open); ours before other domains'.
             candidates = sorted(reversed(stack), key=lambda c: c.domain != domain)
             for conn in candidates:

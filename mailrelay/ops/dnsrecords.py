@@ -4,6 +4,12 @@
 PTR of the server's addresses, and the optional HELO SPF, MTA-STS and TLS-RPT records);
 ``check_records`` asks the configured nameservers and compares, record by record.
 
+Both know what delivery uses: the PTR (forward-confirmed reverse DNS) matters for each
+address direct delivery sends from (``delivery.source_ipv4``/``source_ipv6`` or the
+server's addresses, of the families in ``delivery.ip_families``), not for the others;
+and with ``delivery.relay`` the SPF record must also name the relay's servers, by the
+``include:`` of its provider (``--relay-spf``, or the table in ``RELAY_SPF_INCLUDES``).
+
 All lookups go through ``authcheck.DNSLookup`` (the configured nameservers, a bounded
 time per lookup), and SPF is evaluated by pyspf through the same resolver, exactly as
 inbound mail is checked. DNS trouble becomes an ``error`` result for that record only.
@@ -38,6 +44,18 @@ _PROBE_IP = "192.0.2.1"
 _MTA_STS_MAX_AGE = 604800  # one week, the RFC 8461 example; long enough to be useful
 # Each lookup may take dns.timeout; a record check (SPF with includes) gets this many.
 _LOOKUPS_PER_CHECK = 12
+
+# The SPF include of common relay services, by the relay's host name (README, "When your
+# provider blocks port 25"): (host suffix, the term the domain's SPF record needs).
+RELAY_SPF_INCLUDES = (
+    ("amazonaws.com", "include:amazonses.com"),  # email-smtp.<region>.amazonaws.com (SES)
+    ("mailgun.org", "include:mailgun.org"),  # smtp.mailgun.org, smtp.eu.mailgun.org
+    ("brevo.com", "include:spf.brevo.com"),  # smtp-relay.brevo.com
+    ("sendinblue.com", "include:spf.brevo.com"),  # Brevo's former name
+    ("gmail.com", "include:_spf.google.com"),  # smtp-relay.gmail.com, smtp.gmail.com
+)
+IPV6_PTR_ADVICE = ("Gmail refuses this: set the PTR or use `ip_families: [ipv4]` "
+                   "(delivery.ip_families in mailrelay.yaml)")
 
 
 @dataclass(frozen=True)
@@ -127,9 +145,36 @@ def reverse_name(ip: IPAddress) -> str:
 
 # -- what to publish ----------------------------------------------------------------
 
-def spf_value(strict: bool = False) -> str:
-    # "mx": mail leaves from the host mail arrives at, so the record follows the MX.
-    return f"v=spf1 mx {'-all' if strict else '~all'}"
+def spf_value(strict: bool = False, relay_include: str | None = None) -> str:
+    # "mx": mail leaves from the host mail arrives at, so the record follows the MX; and
+    # through the relay's servers when one is configured.
+    relay = f"{relay_include} " if relay_include else ""
+    return f"v=spf1 mx {relay}{'-all' if strict else '~all'}"
+
+
+def relay_spf_term(config: Config, given: str | None = None) -> str | None:
+    """The SPF term that authorises ``delivery.relay``'s servers: ``given`` (the
+    --relay-spf option: "include:x" or a bare domain), else the table's entry for the
+    relay's host; None without a relay, or for a relay the table does not know."""
+    relay = config.delivery.relay
+    if given:
+        term = given.strip()
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9:._/-]*", term):
+            raise MailrelayError(f"--relay-spf {given}: not an SPF term "
+                                 "(e.g. include:amazonses.com)")
+        return term if ":" in term else f"include:{term}"
+    if relay is None:
+        return None
+    for suffix, term in RELAY_SPF_INCLUDES:
+        if relay.host == suffix or relay.host.endswith("." + suffix):
+            return term
+    return None
+
+
+def relays_everything(config: Config) -> bool:
+    """All remote mail goes through delivery.relay: no direct delivery from this host."""
+    relay = config.delivery.relay
+    return relay is not None and not relay.domains
 
 
 def dmarc_value(domain: str) -> str:
@@ -143,23 +188,30 @@ def mta_sts_policy(hostname: str) -> str:
 
 def plan_records(config: Config, domain: str, keys: Sequence[DKIMKey],
                  ips: Sequence[IPAddress], ip_source: str, *,
-                 strict_spf: bool = False) -> RecordPlan:
-    """Every record ``domain`` needs, with why; PTRs and A/AAAA for the ``ips`` given."""
+                 strict_spf: bool = False, relay_spf: str | None = None) -> RecordPlan:
+    """Every record ``domain`` needs, with why; PTRs and A/AAAA for the ``ips`` given
+    (and for delivery's source addresses); ``relay_spf`` as for relay_spf_term."""
     host = config.hostname
+    relay = config.delivery.relay
+    relay_term = relay_spf_term(config, relay_spf)
     records: list[Record] = [
         Record("MX", domain, "MX", f"10 {host}.",
                f"mail for {domain} is delivered to this server ({host})"),
     ]
     records += address_records(host, ips)
-    records += ptr_records(host, ips)
+    records += ptr_records(host, [*ips, *(ip for ip in source_addresses(config)
+                                          if ip not in ips)])
+    relay_why = (f"and the servers of the relay {relay.host} (delivery.relay), by "
+                 f"{relay_term}; " if relay is not None and relay_term else "")
     spf_why = ("authorises the MX host (this server) to send as @" + domain + "; "
+               + relay_why
                + ("-all: everybody else fails outright"
                   if strict_spf else
                   "~all, not -all: DMARC below already tells receivers to quarantine "
                   "mail that fails, and some receivers reject an SPF -all failure before "
                   "looking at DKIM, which loses mail forwarded by your recipients "
                   "(use --strict-spf for -all)"))
-    records.append(Record("SPF", domain, "TXT", spf_value(strict_spf), spf_why))
+    records.append(Record("SPF", domain, "TXT", spf_value(strict_spf, relay_term), spf_why))
     for key in keys:
         name, value = dns_record(key)
         records.append(Record("DKIM", name, "TXT", value,
@@ -186,6 +238,14 @@ def plan_records(config: Config, domain: str, keys: Sequence[DKIMKey],
     if not ips:
         notes.append(f"the addresses of {host} are unknown (it does not resolve): "
                      "run this again with --ip ADDRESS for each public address of the server")
+    if relay is not None and not relay_term:
+        notes.append(f"the SPF record must also authorise the servers of the relay "
+                     f"{relay.host}: ask the provider for its SPF include and run this again "
+                     "with --relay-spf include:THEIR-DOMAIN")
+    if relays_everything(config):
+        notes.append(f"all remote mail leaves through the relay {relay.host}, so receivers "
+                     "see its addresses, not this server's: the PTR records above only matter "
+                     "if you deliver directly again")
     return RecordPlan(domain, host, [str(ip) for ip in ips], ip_source, records,
                       mta_sts_policy(host), notes)
 
@@ -205,6 +265,29 @@ def tls_rpt_record(domain: str, host: str) -> Record:
     return Record(
         "TLS-RPT", f"_smtp._tls.{domain}", "TXT", f"v=TLSRPTv1; rua=mailto:postmaster@{domain}",
         f"optional: senders report trouble with TLS to {host} (RFC 8460)", required=False)
+
+
+def source_addresses(config: Config) -> list[IPAddress]:
+    """delivery.source_ipv4 and source_ipv6, where set."""
+    found = [config.delivery.source_ipv4, config.delivery.source_ipv6]
+    return [ipaddress.ip_address(ip) for ip in found if ip]
+
+
+def delivery_role(config: Config, ip: IPAddress) -> tuple[bool, str]:
+    """(whether direct delivery sends from ``ip``, in words what it is to delivery)."""
+    family = f"ipv{ip.version}"
+    relay = config.delivery.relay
+    if relays_everything(config):
+        assert relay is not None
+        return False, f"not used for sending: all remote mail goes through the relay {relay.host}"
+    if family not in config.delivery.ip_families:
+        return False, (f"not used for sending: delivery.ip_families is "
+                       f"[{', '.join(config.delivery.ip_families)}]")
+    source = getattr(config.delivery, f"source_{family}")
+    if source and ipaddress.ip_address(source) != ip:
+        return False, f"not used for sending: delivery.source_{family} is {source}"
+    what = "delivery's IPv%d source address" if source else "delivery sends from it (IPv%d)"
+    return True, what % ip.version
 
 
 def address_records(host: str, ips: Sequence[IPAddress]) -> list[Record]:
@@ -255,11 +338,13 @@ def _trouble(exc: Exception) -> str:
 
 
 def check_records(config: Config, domain: str, keys: Sequence[DKIMKey],
-                  ips: Sequence[IPAddress], *, strict_spf: bool = False) -> list[CheckResult]:
+                  ips: Sequence[IPAddress], *, strict_spf: bool = False,
+                  relay_spf: str | None = None) -> list[CheckResult]:
     """Each record of ``plan_records`` looked up through the configured resolver.
 
     Without ``ips`` the server's addresses are the hostname's A/AAAA records."""
     host = config.hostname
+    relay_term = relay_spf_term(config, relay_spf)
     results = [_guarded(config, "MX", domain, True, partial(_check_mx, domain=domain, host=host))]
 
     published: list[IPAddress] = []
@@ -271,11 +356,12 @@ def check_records(config: Config, domain: str, keys: Sequence[DKIMKey],
     results.append(_guarded(config, "A", host, True, addresses))
     # The server's addresses: the ones given, else the ones published (when we got them).
     server_ips = list(ips) or published
-    results += [_guarded(config, "PTR", reverse_name(ip), True,
-                         partial(_check_ptr, ip=ip, host=host)) for ip in server_ips]
+    results += _check_delivery_ptrs(config, server_ips)
     results.append(_guarded(config, "SPF", domain, True,
                             partial(_check_spf, domain=domain, host=host, ips=server_ips,
-                                    strict=strict_spf)))
+                                    strict=strict_spf, relay=config.delivery.relay,
+                                    relay_term=relay_term,
+                                    direct=not relays_everything(config))))
     if not keys:
         results.append(CheckResult(
             "DKIM", f"*._domainkey.{domain}", MISSING, f"{domain} has no DKIM key on disk",
@@ -292,6 +378,25 @@ def check_records(config: Config, domain: str, keys: Sequence[DKIMKey],
         results.append(_guarded(config, record.kind, record.name, False,
                                 partial(_check_tagged, record=record, version=version,
                                         needed=(needed,))))
+    return results
+
+
+def _check_delivery_ptrs(config: Config, server_ips: Sequence[IPAddress]) -> list[CheckResult]:
+    """Forward-confirmed reverse DNS of each address direct delivery sends from (required)
+    and of the server's other addresses (optional), each saying what delivery does with
+    it; IPv6 without a matching PTR gets the warning Gmail's refusals call for."""
+    host = config.hostname
+    results = []
+    for ip in [*server_ips, *(ip for ip in source_addresses(config) if ip not in server_ips)]:
+        used, role = delivery_role(config, ip)
+        result = _guarded(config, "PTR", reverse_name(ip), used,
+                          partial(_check_ptr, ip=ip, host=host))
+        result.required = used
+        if result.status != ERROR:
+            result.detail = f"{result.detail} ({role})"
+        if used and ip.version == 6 and result.status != OK:
+            result.fix = [*result.fix, IPV6_PTR_ADVICE]
+        results.append(result)
     return results
 
 
@@ -373,9 +478,12 @@ def _spf_fix(existing: str, failing: Sequence[IPAddress]) -> str:
 
 
 def _check_spf(lookup: DNSLookup, domain: str, host: str, ips: Sequence[IPAddress],
-               strict: bool) -> CheckResult:
+               strict: bool, relay=None, relay_term: str | None = None,
+               direct: bool = True) -> CheckResult:
+    """SPF passes for the server's addresses (when it delivers directly) and names the
+    relay's include (when there is a relay)."""
     records = _spf_records(lookup, domain)
-    want = format_txt(domain, spf_value(strict))
+    want = format_txt(domain, spf_value(strict, relay_term))
     if not records:
         return CheckResult("SPF", domain, MISSING, "no SPF record (TXT v=spf1 ...)", [want])
     if len(records) > 1:
@@ -383,6 +491,23 @@ def _check_spf(lookup: DNSLookup, domain: str, host: str, ips: Sequence[IPAddres
                            f"{len(records)} SPF records (receivers treat that as an error)",
                            [f"keep only one: {want}"])
     record = records[0]
+    if relay is not None:
+        terms = [t.lower() for t in record.split()]
+        if relay_term is None:
+            return CheckResult("SPF", domain, WRONG,
+                               f'"{record}": cannot tell whether it authorises the relay '
+                               f"{relay.host} (not in mailrelay's table of relay services)",
+                               ["ask the relay's provider for its SPF include and run this "
+                                "with --relay-spf include:THEIR-DOMAIN"])
+        if relay_term.lower() not in terms:
+            fixed = " ".join([*record.split()[:1], relay_term, *record.split()[1:]])
+            return CheckResult("SPF", domain, WRONG,
+                               f'"{record}" does not name the relay {relay.host} '
+                               f"({relay_term})", [format_txt(domain, fixed)])
+        if not direct:
+            # All remote mail leaves through the relay: this server's addresses need not pass.
+            return CheckResult("SPF", domain, OK, f'"{record}" names the relay {relay.host} '
+                               f"({relay_term})")
     if not ips:
         return CheckResult("SPF", domain, ERROR,
                            f'"{record}" found, but the server\'s addresses are unknown',

@@ -265,19 +265,21 @@ class Events:
     def delivery_attempt(self, item: QueueItem, result: RecipientResult, final: bool) -> None:
         """One recipient's attempt; ``final``: no retry follows (sent, or failed for good)."""
         host = result.remote_host
-        via = host if host in ("local", "pipe") else "remote"
+        via = host if host in ("local", "pipe") else "relay" if result.relay else "remote"
         sent = result.outcome.value == "sent"
         self._child(self.deliveries, "delivered" if sent else "bounced" if final else "deferred",
                                via).inc()
         if sent:
             self.latency.observe(max(0.0, time.time() - item.created))
-        connected = via == "remote" and host is not None  # else there was no TLS state
+        # Else there was no TLS state ("-": a host named but never talked to).
+        connected = via in ("remote", "relay") and host is not None and result.tls != "-"
         if connected:
             self._child(self.tls_out, result.tls, result.tls_version or "none").inc()
         self._write("delivery", [("id", item.id), ("to", angle(result.address)),
                                  ("result", result.outcome.value),
                                  ("final", "yes" if final else "no"),
                                  ("host", host or "-"),
+                                 ("via", "relay" if result.relay else None),
                                  ("tls", result.tls if connected else "-"),
                                  ("attempt", item.attempts), ("reply", result.reply)])
 

@@ -9,6 +9,7 @@ root's alone.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import shutil
@@ -24,6 +25,8 @@ import trustme
 from mailrelay.message.dkim.keys import generate_key, write_key
 from mailrelay.policy import users as users_mod
 from mailrelay.policy.users import UserDB
+from tests.delivery.test_relay import RELAY_PASSWORD, configure_relay, start_relay
+from tests.support.relay import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = (4242, 4242)
@@ -566,3 +569,52 @@ def test_domain_without_dkim_key_is_a_warning(confdir):
     assert any(w.startswith(f"{domain_dir}: no DKIM key: mail from example.org leaves "
                             "unsigned") for w in warnings), warnings
     assert "domain example.org: 0 user(s), 1 alias(es), no DKIM keys" in result.stdout
+
+
+# -- delivery.relay: probed, a warning when it cannot be reached ------------------------------
+
+def checkable(env) -> None:
+    """The test network's configuration, as check wants it apart from the relay."""
+    (env.config_dir / "certs" / "mail.example.com" / "privkey.pem").chmod(0o600)
+    (env.config_dir / "domains" / "example.com" / "aliases").write_text("postmaster: me\n")
+
+
+async def test_check_logs_in_to_the_relay(env):
+    checkable(env)
+    relay = start_relay(env)
+    configure_relay(env, port=relay.relay_port)
+    result = await asyncio.to_thread(check, env.config_dir)
+    assert result.returncode == 0, result.stderr
+    [line] = [x for x in result.stdout.splitlines() if "relay smtp.relay.test" in x]
+    assert line.startswith(f"relay smtp.relay.test:{relay.relay_port} (starttls) for all "
+                           "remote mail: ok")
+    assert "TLS verified" in line and "logged in as AKIAEXAMPLERELAYUSER" in line
+    assert relay.logins == [("AKIAEXAMPLERELAYUSER", True, True)]
+    assert RELAY_PASSWORD not in result.stdout + result.stderr
+
+
+async def test_check_warns_about_a_relay_it_cannot_use(env):
+    checkable(env)
+    configure_relay(env, port=free_port())  # nothing listens
+    result = await asyncio.to_thread(check, env.config_dir)
+    assert result.returncode == 0, result.stderr  # a network condition: only a warning
+    assert "warning: relay smtp.relay.test" in result.stderr
+    assert "451 4.4.1 connection to relay" in result.stderr
+
+    relay = start_relay(env)
+    configure_relay(env, port=relay.relay_port, password="not-the-password")
+    result = await asyncio.to_thread(check, env.config_dir)
+    assert result.returncode == 0
+    assert "warning: relay" in result.stderr and "535 5.7.8" in result.stderr
+    output = result.stdout + result.stderr
+    assert "not-the-password" not in output and RELAY_PASSWORD not in output
+
+
+async def test_check_refuses_a_password_file_others_can_read(env):
+    configure_relay(env, port=587)
+    (env.config_dir / "relay.password").chmod(0o644)
+    line = one_line_error(await asyncio.to_thread(check, env.config_dir))
+    assert "relay.password is open to group or others (mode 0644)" in line
+    (env.config_dir / "relay.password").unlink()
+    line = one_line_error(await asyncio.to_thread(check, env.config_dir))
+    assert "relay.password does not exist" in line

@@ -435,3 +435,115 @@ def test_real_command(confdir, dns_server):
     dns_server.add(f"_dmarc.{DOMAIN}", "TXT", f"v=DMARC1; p=reject; rua=mailto:a@{DOMAIN}")
     checked = run("-c", str(confdir), "dns", "check", DOMAIN, "--ip", IP4)
     assert checked.returncode == 0, checked.stdout
+
+
+# -- what delivery uses: source addresses, families, a relay ---------------------------------
+
+def set_delivery(confdir: Path, dns_server: TestDNSServer, delivery: str) -> None:
+    """Rewrite mailrelay.yaml with this ``delivery:`` section (YAML, indented two spaces)."""
+    write_config(confdir, dns_server)
+    with (confdir / "mailrelay.yaml").open("a") as handle:
+        handle.write("delivery:\n" + delivery)
+
+
+def test_check_fcrdns_per_family_of_the_source_addresses(capsys, confdir, dns_server):
+    """Delivery sends from 127.0.0.5 and ::1; only the IPv4 one has its PTR: the IPv6 one
+    is wrong, required, and carries the warning about Gmail."""
+    set_delivery(confdir, dns_server, f"  source_ipv4: {IP4}\n  source_ipv6: '{IP6}'\n")
+    good_zone(capsys, confdir, dns_server)
+    dns_server.remove(PTR6, "PTR")
+    code, results, text = check(capsys, confdir, "--ip", IP4, "--ip", IP6)
+    assert code == 1
+    ipv4 = results[f"PTR {PTR4}"]
+    assert ipv4["status"] == "ok" and ipv4["required"]
+    assert f"{IP4} -> {HOST} -> {IP4}" in ipv4["detail"]
+    assert "delivery's IPv4 source address" in ipv4["detail"]
+    ipv6 = bad(results, f"PTR {PTR6}", "missing")
+    assert "delivery's IPv6 source address" in ipv6["detail"]
+    assert any("Gmail refuses this: set the PTR or use `ip_families: [ipv4]`" in fix
+               for fix in ipv6["fix"])
+    assert "Gmail refuses this" in text
+
+
+def test_check_ipv6_left_out_by_ip_families_is_not_required(capsys, confdir, dns_server):
+    set_delivery(confdir, dns_server, "  ip_families: [ipv4]\n")
+    good_zone(capsys, confdir, dns_server)
+    dns_server.remove(PTR6, "PTR")
+    code, results, text = check(capsys, confdir, "--ip", IP4, "--ip", IP6)
+    assert code == 0, text
+    ipv6 = results[f"PTR {PTR6}"]
+    assert ipv6["status"] == "missing" and not ipv6["required"]
+    assert "not used for sending: delivery.ip_families is [ipv4]" in ipv6["detail"]
+    assert "Gmail refuses" not in " ".join(ipv6["fix"])
+
+
+def test_check_source_address_other_than_the_servers(capsys, confdir, dns_server):
+    """source_ipv4 is a second address: its PTR counts, the published one's does not."""
+    set_delivery(confdir, dns_server, "  source_ipv4: 127.0.0.6\n")
+    good_zone(capsys, confdir, dns_server)  # publishes a PTR for 127.0.0.6 too...
+    dns_server.remove("6.0.0.127.in-addr.arpa", "PTR")  # ...which the provider did not set
+    dns_server.add("6.0.0.127.in-addr.arpa", "PTR", "vps-6.provider.test")
+    code, results, _ = check(capsys, confdir, "--ip", IP4)
+    assert code == 1
+    source = bad(results, "PTR 6.0.0.127.in-addr.arpa", "wrong")
+    assert "vps-6.provider.test" in source["detail"]
+    assert not results[f"PTR {PTR4}"]["required"]
+    assert "delivery.source_ipv4 is 127.0.0.6" in results[f"PTR {PTR4}"]["detail"]
+    # records prints the PTR to set for the source address too.
+    data = plan(capsys, confdir, "--ip", IP4)
+    assert "6.0.0.127.in-addr.arpa" in [r["name"] for r in data["records"]]
+
+
+def relay_config(confdir: Path, dns_server: TestDNSServer, host: str,
+                 domains: str = "[]") -> None:
+    (confdir / "relay.password").write_text("secret\n")
+    (confdir / "relay.password").chmod(0o600)
+    set_delivery(confdir, dns_server,
+                 f"  relay:\n    host: {host}\n    username: u\n"
+                 f"    password_file: relay.password\n    domains: {domains}\n")
+
+
+def test_relay_spf_include_from_the_table(capsys, confdir, dns_server):
+    relay_config(confdir, dns_server, "email-smtp.eu-west-1.amazonaws.com")
+    data = plan(capsys, confdir, "--ip", IP4)
+    [spf] = [r for r in data["records"] if r["kind"] == "SPF"]
+    assert spf["value"] == "v=spf1 mx include:amazonses.com ~all"
+    assert "email-smtp.eu-west-1.amazonaws.com" in spf["why"]
+    assert any("leaves through the relay" in note for note in data["notes"])
+
+    # The old record, without the include: wrong, and the fix adds it.
+    publish(dns_server, data, skip=("SPF", "PTR"))
+    dns_server.add(DOMAIN, "TXT", "v=spf1 mx ~all")
+    code, results, _ = check(capsys, confdir, "--ip", IP4)
+    assert code == 1
+    spf_result = bad(results, "SPF", "wrong")
+    assert "include:amazonses.com" in spf_result["detail"]
+    assert spf_result["fix"] == [f'{DOMAIN}. IN TXT ( "v=spf1 include:amazonses.com mx ~all" )']
+    # All mail goes through the relay: this server's PTR does not count.
+    assert not results[f"PTR {PTR4}"]["required"]
+    assert "goes through the relay" in results[f"PTR {PTR4}"]["detail"]
+
+    dns_server.remove(DOMAIN, "TXT")
+    dns_server.add(DOMAIN, "TXT", "v=spf1 include:amazonses.com -all")
+    code, results, text = check(capsys, confdir, "--ip", IP4)
+    assert code == 0, text
+    assert results["SPF"]["status"] == "ok"
+
+
+def test_relay_spf_given_on_the_command_line(capsys, confdir, dns_server):
+    relay_config(confdir, dns_server, "smtp.unknown-provider.test", domains="[gmail.com]")
+    code, out, _ = mailrelay(capsys, "dns", "records", DOMAIN, "--ip", IP4, "-c",
+                             str(confdir))
+    assert code == 0 and "--relay-spf include:THEIR-DOMAIN" in out
+    data = plan(capsys, confdir, "--ip", IP4, "--relay-spf", "spf.provider.test")
+    [spf] = [r for r in data["records"] if r["kind"] == "SPF"]
+    assert spf["value"] == "v=spf1 mx include:spf.provider.test ~all"
+    publish(dns_server, data)
+    # Only gmail.com goes through the relay: the server's own address must pass too.
+    code, results, text = check(capsys, confdir, "--ip", IP4, "--relay-spf",
+                                "include:spf.provider.test")
+    assert code == 0, text
+    assert results[f"PTR {PTR4}"]["required"]
+    code, results, _ = check(capsys, confdir, "--ip", IP4)  # no table entry, no option
+    assert results["SPF"]["status"] == "wrong"
+    assert "--relay-spf" in results["SPF"]["fix"][0]

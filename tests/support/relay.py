@@ -92,15 +92,17 @@ class RelayEnv:
     # -- the remote side --------------------------------------------------------
 
     def add_sink(self, ip: str, tls: bool = True, hostname: str = "mx.remote.test",
-                 ca: trustme.CA | None = None) -> Sink:
+                 ca: trustme.CA | None = None, *, port: int | None = None,
+                 **options) -> Sink:
         """A sink on ``ip``; its certificate comes from the test CA, or from ``ca`` (e.g. a
-        CA the server does not trust)."""
+        CA the server does not trust). ``options`` go to Sink (users, implicit_tls,
+        smtputf8: a submission server standing in for a smarthost, an old MX)."""
         context = None
         if tls:
             cert = (ca or self.ca).issue_cert(hostname)
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             cert.configure_cert(context)
-        sink = Sink(ip, self.sink_port, context, hostname=hostname)
+        sink = Sink(ip, port or self.sink_port, context, hostname=hostname, **options)
         sink.start()
         self.sinks.append(sink)
         return sink
@@ -143,6 +145,21 @@ class RelayEnv:
         await smtp.sendmail(sender, recipients, data)
         await smtp.quit()
 
+    async def submit_utf8(self, recipients: list[str], data: bytes, sender: str = USER,
+                          password: str = PASSWORD) -> None:
+        """Submit like a client that speaks SMTPUTF8 (aiosmtplib's sendmail does not send
+        UTF-8 addresses)."""
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=self.ports["submission"],
+                               tls_context=self.client_tls(), start_tls=True)
+        await smtp.connect()
+        await smtp.ehlo()
+        await smtp.auth_plain(sender, password)
+        await smtp.mail(sender, options=["SMTPUTF8"], encoding="utf-8")
+        for rcpt in recipients:
+            await smtp.rcpt(rcpt, encoding="utf-8")
+        await smtp.data(data)
+        await smtp.quit()
+
     def mailbox(self, address: str = USER) -> list[bytes]:
         """Messages delivered to a local user's Maildir, oldest first."""
         local, domain = address.split("@")
@@ -171,3 +188,17 @@ class RelayEnv:
     def close(self) -> None:
         for sink in self.sinks:
             sink.stop()
+
+
+def delivery_lines(caplog) -> list[str]:
+    """The mail log's ``delivery`` lines captured so far (README, "Mail log")."""
+    return [r.getMessage() for r in caplog.records
+            if r.name == "mailrelay.mail" and r.getMessage().startswith("delivery ")]
+
+
+async def wait_for(check, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)

@@ -11,11 +11,13 @@ import asyncio
 import ssl
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as AioSMTP
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 
 @dataclass
@@ -25,6 +27,8 @@ class Received:
     data: bytes
     tls: bool
     peer: str
+    mail_options: list[str] = field(default_factory=list)
+    login: str | None = None  # the user that logged in (a submission sink)
 
 
 @dataclass
@@ -71,8 +75,10 @@ class _Handler:
             return self.sink.behaviour.data
         self.sink.record(Received(
             sender=envelope.mail_from, recipients=list(envelope.rcpt_tos),
-            data=envelope.original_content, tls=session.ssl is not None,
-            peer=session.peer[0],
+            data=envelope.original_content,
+            tls=session.ssl is not None or self.sink.implicit_tls,
+            peer=session.peer[0], mail_options=list(envelope.mail_options),
+            login=session.auth_data.decode() if isinstance(session.auth_data, bytes) else None,
         ))
         return "250 2.0.0 OK sink"
 
@@ -83,6 +89,9 @@ class SinkBehaviourHolder:
     messages: list[Received] = field(default_factory=list)
     lock: threading.Condition = field(default_factory=threading.Condition)
     connections: int = 0  # TCP connections accepted so far
+    # AUTH attempts of a submission sink: (user, whether the password was right, TLS up).
+    logins: list[tuple[str, bool, bool]] = field(default_factory=list)
+    implicit_tls: bool = False  # TLS from the first byte (aiosmtpd's session.ssl stays None)
     active: int = 0  # open right now
     max_active: int = 0  # the most open at once
 
@@ -136,21 +145,53 @@ class _SinkSMTP(AioSMTP):
 
 
 class Sink:
+    """``users`` makes it a submission server (a smarthost): AUTH required, offered only
+    under TLS, and STARTTLS required before MAIL; with ``implicit_tls`` TLS starts at
+    connect instead (port 465 style). ``smtputf8=False`` leaves SMTPUTF8 out of EHLO."""
+
     def __init__(self, host: str, port: int, tls_context: ssl.SSLContext | None = None,
-                 hostname: str = "mx.remote.test"):
+                 hostname: str = "mx.remote.test", *, smtputf8: bool = True,
+                 users: dict[str, str] | None = None, implicit_tls: bool = False,
+                 auth_require_tls: bool = True, exclude_auth: tuple[str, ...] = (),
+                 auth_failure: Callable[[LoginPassword], str] | None = None):
         self.host = host
         self.port = port
         self.state = SinkBehaviourHolder()
         handler = _Handler(self.state)
         tls = tls_context
         state = self.state
+        state.implicit_tls = implicit_tls
+        extra: dict = {}
+        if users is not None:
+            def authenticator(server, session, envelope, mechanism, auth_data):
+                ok = (isinstance(auth_data, LoginPassword)
+                      and users.get(auth_data.login.decode()) == auth_data.password.decode())
+                user = auth_data.login.decode() if isinstance(auth_data, LoginPassword) else "?"
+                with state.lock:
+                    state.logins.append((user, ok, session.ssl is not None or implicit_tls))
+                # ``auth_failure`` writes the refusal (e.g. a hostile echo of what we sent).
+                message = auth_failure(auth_data) if auth_failure and not ok else None
+                return AuthResult(success=ok, handled=False, message=message,
+                                  auth_data=auth_data.login if ok else None)
+
+            # aiosmtpd counts only STARTTLS as TLS for AUTH: on implicit TLS it is there.
+            extra = {"authenticator": authenticator, "auth_required": True,
+                     "auth_require_tls": auth_require_tls and not implicit_tls,
+                     "require_starttls": bool(tls) and not implicit_tls,
+                     "auth_exclude_mechanism": exclude_auth}
 
         class _Controller(Controller):
             def factory(self):
-                return _SinkSMTP(self.handler, state, hostname=hostname, tls_context=tls,
-                                 data_size_limit=None, enable_SMTPUTF8=True)
+                # AUTH without aiosmtpd's TLS requirement is on purpose here (implicit TLS,
+                # or a relay that must not get our password in the clear): no warning.
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS")
+                    return _SinkSMTP(self.handler, state, hostname=hostname,
+                                     tls_context=None if implicit_tls else tls,
+                                     data_size_limit=None, enable_SMTPUTF8=smtputf8, **extra)
 
-        self.controller = _Controller(handler, hostname=host, port=port)
+        self.controller = _Controller(handler, hostname=host, port=port,
+                                      ssl_context=tls if implicit_tls else None)
 
     @property
     def messages(self) -> list[Received]:
@@ -163,6 +204,10 @@ class Sink:
     @behaviour.setter
     def behaviour(self, value: SinkBehaviour) -> None:
         self.state.behaviour = value
+
+    @property
+    def logins(self) -> list[tuple[str, bool, bool]]:
+        return self.state.logins
 
     @property
     def connections(self) -> int:
