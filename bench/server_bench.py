@@ -389,24 +389,6 @@ def reset_hwm(pid: int) -> bool:
         return False
 
 
-def worker_pids(pid: int, marker: str = "mailrelay.worker") -> list[int]:
-    """The live children of ``pid`` whose command line contains ``marker``: the server's
-    SMTP workers, not the MDAs it runs. Found by ppid, as /proc/<pid>/task/*/children needs
-    a kernel option."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-            if ppid == pid and marker.encode() in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except (OSError, ValueError):
-            continue  # gone meanwhile
-    return sorted(found)
-
-
 def process_table() -> dict[int, tuple[int, bytes]]:
     """pid -> (ppid, command line) of every process now."""
     table = {}
@@ -514,12 +496,21 @@ def serve_dns(where: str) -> int:
     return 0
 
 
+def write_aliases(config: Path) -> None:
+    """postmaster@ for each domain (RFC 5321 4.5.1; `mailrelay check` requires it), in the
+    aliases syntax both servers read, so their configurations stay alike."""
+    for address in (USER, PLAIN_USER):
+        local, domain = address.split("@")
+        (config / "domains" / domain / "aliases").write_text(f"postmaster: {local}\n")
+
+
 def write_cert(directory: Path, ca: Any) -> None:
     """certs/<hostname>/fullchain.pem + privkey.pem (both servers read this layout)."""
     cert_dir = directory / HOSTNAME
     cert_dir.mkdir(parents=True, exist_ok=True)
     cert = ca.issue_cert(HOSTNAME, "127.0.0.1")
     cert.private_key_pem.write_to_path(str(cert_dir / "privkey.pem"))
+    (cert_dir / "privkey.pem").chmod(0o600)  # as a real one: `mailrelay check` insists
     (cert_dir / "fullchain.pem").write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
 
 
@@ -737,6 +728,7 @@ class Mailrelay(Server):
         }
         for domain in (DOMAIN, PLAIN_DOMAIN):  # a directory makes a local domain
             (config / "domains" / domain).mkdir(parents=True)
+        write_aliases(config)
         self.write_settings()
         write_cert(config / "certs", self.ca)
         self.add_users()
@@ -767,30 +759,37 @@ class Mailrelay(Server):
                                 address, "--password-stdin"], input=PASSWORD + "\n",
                                text=True, capture_output=True, check=True)
 
-    def check(self) -> str | None:
-        """``mailrelay check`` of the configuration as it is: None when valid, else its
-        last line of error output."""
+    def _check(self) -> tuple[str | None, list[str]]:
+        """``mailrelay check`` of the configuration as it is: (None when valid, else its
+        first error line; every line it printed)."""
         done = subprocess.run([*self._cli(), "-c", str(self.config_dir), "check"],
                               capture_output=True, text=True)
+        lines = (done.stdout + "\n" + done.stderr).strip().splitlines()
         if done.returncode == 0:
-            return None
-        lines = (done.stderr or done.stdout).strip().splitlines()
-        return lines[-1] if lines else f"exit status {done.returncode}"
+            return None, lines
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+        return (errors or lines or [f"exit status {done.returncode}"])[0], lines
+
+    def check(self) -> str | None:
+        return self._check()[0]
 
     def try_setting(self, key: str, value: Any) -> str | None:
-        """Add ``key: value`` to mailrelay.yaml when this mailrelay accepts it (probed with
-        ``mailrelay check`` without and with it: `workers` is going away); None when
-        written, else why not (the configuration is left without it)."""
-        broken = self.check()
+        """Add ``key: value`` to mailrelay.yaml when this mailrelay takes it (probed with
+        ``mailrelay check`` without and with it: `workers` went away, and is a warning);
+        None when written, else why not (the configuration is left without it)."""
+        broken, before = self._check()
         if broken:
             return f"mailrelay check fails without {key}: {broken}"
         self.settings[key] = value
         self.write_settings()
-        refused = self.check()
-        if refused:
+        refused, after = self._check()
+        # A new line naming the key (a warning that it is no longer used) is a refusal too.
+        warned = [line for line in after if f"{key}:" in line and line not in before]
+        if refused or warned:
             del self.settings[key]
             self.write_settings()
-            return f"not accepted by this mailrelay ({refused})"
+            why = refused or warned[0]
+            return f"{'not accepted' if refused else 'ignored'} by this mailrelay ({why})"
         return None
 
     def command(self) -> list[str]:
@@ -817,6 +816,7 @@ class Chasquid(Server):
         config = self.config_dir
         for domain in (DOMAIN, PLAIN_DOMAIN):
             (config / "domains" / domain).mkdir(parents=True)
+        write_aliases(config)
         write_cert(config / "certs", self.ca)
         lines = [
             f'hostname: "{HOSTNAME}"',
