@@ -1,21 +1,26 @@
 """All the benchmarks, one command, one results directory.
 
     .venv/bin/python -m bench.run_all [--results DIR] [--repeat R] [--quick] [--no-chasquid]
+                                      [--idle S] [--no-venv] [--workers N]
 
 Runs, in this order, the DKIM signing bench (bench.sign_bench), the durable-queue bench
-(bench.queue_bench) and the whole-server bench against chasquid (bench.server_bench), and
-writes into DIR (default bench/results/<UTC timestamp>/, which git ignores):
+(bench.queue_bench), the footprint bench (bench.footprint_bench: memory, start-up,
+command start, install size) and the whole-server bench against chasquid
+(bench.server_bench), and writes into DIR (default bench/results/<UTC timestamp>/, which
+git ignores):
 
-    summary.md                    the three tables, with the command and the version
+    summary.md                    issue 17's targets (PASS/MISS), then the four tables,
+                                  with the command and the version
     sign.md, sign.json            DKIM signing rate next to `openssl speed`
     queue.md, queue.json          enqueue rate next to a raw fsync loop
+    footprint.md, footprint.json  memory, start-up, command start, venv size, and chasquid's
     server.md, server.json        mailrelay and chasquid per scenario, and the ratio
     server.png                    throughput against concurrency, both servers
 
-Bounded in count and time: every measurement has a fixed length or message count, and
-the server bench starts no new round once the whole run has used --budget seconds minus
-a reserve for the round in progress; by default the run takes about 2.5 minutes on a
-2-core machine and stays under 10. --quick is a one-round look in under a minute.
+Bounded in count and time: every measurement has a fixed length or message count; the
+footprint bench starts no new round after FOOTPRINT_SHARE of --budget, and the server
+bench none once the whole run has used --budget seconds minus a reserve for the round in
+progress. --quick is a one-round look with shorter measurements and no lean venv.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench import queue_bench, server_bench, sign_bench
+from bench import footprint_bench, queue_bench, server_bench, sign_bench, targets
 
 ROUND_RESERVE = 120.0  # seconds: what one server-bench round may take on a busy machine
+FOOTPRINT_SHARE = 0.4  # of --budget: the footprint bench starts no round after that
 
 
 def save(results: Path, stem: str, report: dict[str, Any], text: str) -> None:
@@ -53,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-chasquid", action="store_true", help="server bench: mailrelay only")
     parser.add_argument("--install-chasquid", action="store_true",
                         help="server bench: apt-get install chasquid if missing (root only)")
+    parser.add_argument("--idle", type=float, metavar="SECONDS",
+                        help="footprint: idle time after the submissions (default 20, "
+                             "--quick 5)")
+    parser.add_argument("--no-venv", action="store_true",
+                        help="footprint: do not make the lean server venv")
+    parser.add_argument("--workers", metavar="N",
+                        help="write `workers: N` into mailrelay's configuration, if this "
+                             "mailrelay still takes the key (default: not written)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
     if args.repeat < 1:
@@ -85,6 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     queue_text = queue_bench.table(queue)
     save(results, "queue", queue, queue_text)
 
+    progress("footprint bench")
+    settings = dict(footprint_bench.QUICK if args.quick else footprint_bench.DEFAULTS)
+    settings["repeat"] = repeat
+    if args.idle is not None:
+        settings["idle"] = args.idle
+    workers = server_bench.workers_value(args.workers)
+    with tempfile.TemporaryDirectory(prefix="mailrelay-footprint-bench-") as work:
+        footprint = footprint_bench.run_bench(
+            Path(work), **settings, with_venv=not (args.quick or args.no_venv),
+            with_chasquid=not args.no_chasquid, install_chasquid=args.install_chasquid,
+            workers=workers, time_budget=args.budget * FOOTPRINT_SHARE, log=progress)
+    footprint_text = footprint_bench.write_results(footprint, results, show=False)
+
     progress("server bench")
     budget = max(30.0, args.budget - (time.monotonic() - start) - ROUND_RESERVE)
     scenarios = [replace(s, per_connection=max(1, round(s.per_connection * scale)))
@@ -94,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(work), repeat=repeat, with_chasquid=not args.no_chasquid,
             install_chasquid=args.install_chasquid, scenarios=scenarios,
             sweep_messages=max(1, round(server_bench.SWEEP_MESSAGES * scale)),
-            time_budget=budget, log=progress)
+            time_budget=budget, workers=workers, log=progress)
     server_text = server_bench.write_results(server, results, show=False)
 
     elapsed = time.monotonic() - start
@@ -102,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = "\n".join([
         f"# mailrelay benchmarks, {server_bench.git_version()}", "",
         f"`{command}`, {elapsed:.0f} s.", "",
+        "## Targets of issue 17", "",
+        targets.table(targets.all_targets(sign, queue, server, footprint)), "",
         "## DKIM signing (bench.sign_bench)", "", "```", sign_text, "```", "",
         "## Durable enqueue (bench.queue_bench)", "", "```", queue_text, "```", "",
+        footprint_text, "",
         server_text, "", "![throughput against concurrency](server.png)", ""])
     (results / "summary.md").write_text(summary)
     print(summary)

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.server_bench [--repeat R] [--results DIR] [--no-chasquid]
                                            [--install-chasquid] [--scale F] [--time-budget S]
+                                           [--workers N]
 
 Writes DIR/server.md (the table), server.json and server.png (throughput against
 concurrency); DIR defaults to bench/results/<UTC timestamp>/. ``python -m bench.run_all``
@@ -14,9 +15,16 @@ is observed the same way for both. A load generator in this process (asyncio, ra
 no pipelining, 127.0.0.1 only) runs the scenarios:
 
   a  mx-1KiB        port 25, 1 KiB messages, 10 connections x 20 messages
-  b  submit-1KiB    submission: STARTTLS + AUTH PLAIN, 1 KiB, 8 connections x 20
-                    (mailrelay DKIM-signs with an RSA-2048 key; chasquid 1.11 signs only
-                    through a post-data hook, and runs without one here)
+  b  submit-unsigned-1KiB  submission: STARTTLS + AUTH PLAIN, 1 KiB, 8 connections x 20,
+                    from plain@plain.test: a domain without a DKIM key, so neither server
+                    signs (chasquid without its post-data hook)
+  b-signed  submit-signed-1KiB  the same, 8 x 5 messages (the hook is slow), from
+                    bench@bench.test, whose domain has an RSA-2048 key: mailrelay
+                    signs itself; chasquid 1.11 signs the way its users do,
+                    through Debian's stock post-data hook (/etc/chasquid/hooks/post-data)
+                    calling dkimpy's dkimsign (python3-dkim), which reads
+                    domains/bench.test/dkim_selector and certs/bench.test/dkim_privkey.pem.
+                    Reported against chasquid signing and against chasquid unsigned (b).
   c  mx-conn-per-msg  port 25, 1 KiB, one connection per message, 200 messages, 10 at a time
   d  mx-100KiB      port 25, 100 KiB messages, 10 connections x 20
   sweep             scenario a at 1, 4, 10 (= a) and 32 connections, about 200 messages each
@@ -28,13 +36,15 @@ starts. Per scenario and server:
 - end-to-end msg/s: the same, until the discard MDA has counted every accepted message;
 - DATA->250 latency p50/p99: from sending DATA to the 250 after the final dot (the 354
   round trip and the body included); MAIL->250 p50: the whole transaction;
-- server CPU ms/msg: utime+stime of the server process (all its threads) and of its SMTP
-  worker processes (mailrelay's long-lived children running mailrelay.worker), from the
-  moment the clock starts (the sessions' TLS and AUTH left out) until every message was
-  delivered, so delivery work is included; the MDA processes it ran (reaped children,
-  cutime+cstime) are shown apart ("MDA CPU");
-- peak RSS: VmHWM of the server process plus that of each SMTP worker, each reset before
-  each measurement (clear_refs);
+- server CPU ms/msg: utime+stime of all the server's processes (all their threads): the
+  server process and every long-lived descendant (mailrelay's SMTP workers, while it has
+  them), that is every descendant but the MDAs and hooks it runs, from the moment the
+  clock starts (the sessions' TLS and AUTH left out) until every message was delivered,
+  so delivery work is included; the MDA processes it ran (reaped children,
+  cutime+cstime) are shown apart ("MDA CPU"), and so is chasquid's post-data hook in
+  b-signed (sh + dkimsign, also reaped children);
+- peak RSS: VmHWM of each of the server's processes, summed, each reset before each
+  measurement (clear_refs);
 - client CPU ms/msg: the load generator's own CPU, to see when it is the bottleneck;
 - machine busy %: how busy all the machine's CPUs were over the same span (/proc/stat).
   Near 100 %, the rate is set by the CPU every part spends per message (server, MDA,
@@ -50,7 +60,10 @@ server of the bench on 127.0.0.1. chasquid resolves with Go's resolver, which re
 it is therefore started in a private mount namespace (unshare -m, needs root) whose
 /etc/resolv.conf names a second bench DNS server on 127.0.0.153:53. Senders on port 25
 are under sender.invalid, which both DNS servers answer NXDOMAIN at once. Without root
-chasquid is not run. The queries each server made are listed in the report.
+chasquid is not run. The queries each server made are listed in the report. chasquid's
+PATH holds only the commands its stock hook needs (a private directory of links: cat,
+mktemp, rm, cut, grep, diff, dkimsign), so the hook's optional filters (spamc, rspamc,
+clamdscan, greylist), when another package installed them here, stay out of the numbers.
 """
 
 from __future__ import annotations
@@ -59,6 +72,8 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
+import importlib
 import ipaddress
 import json
 import math
@@ -86,8 +101,11 @@ from bench.report import emit
 REPO = Path(__file__).resolve().parents[1]
 HOSTNAME = "mail.bench.test"
 DOMAIN = "bench.test"
-USER = f"bench@{DOMAIN}"
+USER = f"bench@{DOMAIN}"  # the recipient of every message, and the signing sender of b-signed
+PLAIN_DOMAIN = "plain.test"  # a local domain without a DKIM key
+PLAIN_USER = f"plain@{PLAIN_DOMAIN}"  # the sender of b (unsigned)
 PASSWORD = "bench-password-1"
+SELECTOR = "bench"
 SENDER = "alice@sender.invalid"  # port 25: a domain both DNS servers answer NXDOMAIN
 CLIENT_HELO = "client.bench.test"
 CHASQUID_DNS = ("127.0.0.153", 53)  # resolv.conf takes no port: 53 on a spare loopback IP
@@ -103,6 +121,14 @@ class Scenario:
     connections: int  # at once
     per_connection: int  # messages per connection (per worker with reconnect)
     reconnect: bool = False  # one connection per message
+    # Submission from the domain with a DKIM key (mailrelay signs; chasquid gets its
+    # post-data hook); otherwise from PLAIN_DOMAIN, which neither server signs for.
+    signed: bool = False
+
+    @property
+    def user(self) -> str:
+        """Who authenticates and sends (submission only)."""
+        return USER if self.signed else PLAIN_USER
 
     @property
     def messages(self) -> int:
@@ -110,6 +136,9 @@ class Scenario:
 
     def describe(self) -> str:
         where = "submission, STARTTLS + AUTH PLAIN" if self.port == "submission" else "port 25"
+        if self.port == "submission":
+            where += (", DKIM-signed (chasquid: stock post-data hook + dkimsign)" if self.signed
+                      else ", unsigned (a domain without a key; chasquid: no hook)")
         size = f"{self.size // KIB} KiB" if self.size % KIB == 0 else f"{self.size} B"
         if self.reconnect:
             shape = (f"one connection per message, {self.messages} messages, "
@@ -121,7 +150,10 @@ class Scenario:
 
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario("mx-1KiB", "a", "smtp", KIB, 10, 20),
-    Scenario("submit-1KiB", "b", "submission", KIB, 8, 20),
+    Scenario("submit-unsigned-1KiB", "b", "submission", KIB, 8, 20),
+    # Fewer messages: chasquid's stock hook costs about a second of CPU per message here
+    # (two dkimsign starts), so 8 x 20 would take minutes per round.
+    Scenario("submit-signed-1KiB", "b-signed", "submission", KIB, 8, 5, signed=True),
     Scenario("mx-conn-per-msg", "c", "smtp", KIB, 10, 20, reconnect=True),
     Scenario("mx-100KiB", "d", "smtp", 100 * KIB, 10, 20),
 )
@@ -213,13 +245,13 @@ class Client:
         self.writer.write(line + b"\r\n")
         return await self.expect(code)
 
-    async def hello(self, tls: ssl.SSLContext | None = None) -> None:
+    async def hello(self, tls: ssl.SSLContext | None = None, user: str = USER) -> None:
         await self.command(b"EHLO " + CLIENT_HELO.encode(), 250)
         if tls is not None:
             await self.command(b"STARTTLS", 220)
             await self.writer.start_tls(tls, server_hostname=HOSTNAME)
             await self.command(b"EHLO " + CLIENT_HELO.encode(), 250)
-            token = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+            token = base64.b64encode(f"\0{user}\0{PASSWORD}".encode())
             await self.command(b"AUTH PLAIN " + token, 235)
 
     async def close(self) -> None:
@@ -261,7 +293,7 @@ class Load:
 
     async def open(self) -> Client:
         client = await Client.connect(self.host, self.port)
-        await client.hello(self.tls)
+        await client.hello(self.tls, self.sender)  # submission: the sender authenticates
         return client
 
     async def transaction(self, client: Client, number: int) -> None:
@@ -357,21 +389,34 @@ def reset_hwm(pid: int) -> bool:
         return False
 
 
-def worker_pids(pid: int, marker: str = "mailrelay.worker") -> list[int]:
-    """The live children of ``pid`` whose command line contains ``marker``: the server's
-    SMTP workers, not the MDAs it runs. Found by ppid, as /proc/<pid>/task/*/children needs
-    a kernel option."""
-    found = []
+def process_table() -> dict[int, tuple[int, bytes]]:
+    """pid -> (ppid, command line) of every process now."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-            if ppid == pid and marker.encode() in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
+            table[int(entry.name)] = (int(stat[stat.rindex(")") + 2:].split()[1]),
+                                      (entry / "cmdline").read_bytes())
         except (OSError, ValueError):
             continue  # gone meanwhile
+    return table
+
+
+def server_pids(root: int, exclude: Sequence[str] = ()) -> list[int]:
+    """``root`` and its descendants, leaving out every process whose command line contains
+    one of ``exclude`` (the MDA, the hooks) and everything under it: the server's own
+    processes, however many it runs."""
+    table = process_table()
+    markers = [marker.encode() for marker in exclude]
+    found, todo = [root], [root]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, cmdline) in table.items():
+            if ppid == parent and not any(m in cmdline for m in markers):
+                found.append(pid)
+                todo.append(pid)
     return sorted(found)
 
 
@@ -389,9 +434,13 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 DISCARD_MDA = """#!/bin/sh
 # The bench's discard MDA, shared by both servers: read the message to EOF, then count it
 # with one byte appended to the counter file named by $1 (O_APPEND: one atomic write).
-cat >/dev/null || exit 75
+# While "$1.keep" exists the message is kept in "$1.last" (the bench checks signatures).
+if [ -e "$1.keep" ]; then cat >"$1.last" || exit 75; else cat >/dev/null || exit 75; fi
 printf x >>"$1"
 """
+# The commands chasquid's stock post-data hook runs when only dkimsign is there to run.
+HOOK_COMMANDS = ("cat", "mktemp", "rm", "cut", "grep", "diff", "dkimsign")
+STOCK_HOOK = Path("/etc/chasquid/hooks/post-data")  # Debian's chasquid package
 
 
 class DNSServer:
@@ -447,12 +496,21 @@ def serve_dns(where: str) -> int:
     return 0
 
 
+def write_aliases(config: Path) -> None:
+    """postmaster@ for each domain (RFC 5321 4.5.1; `mailrelay check` requires it), in the
+    aliases syntax both servers read, so their configurations stay alike."""
+    for address in (USER, PLAIN_USER):
+        local, domain = address.split("@")
+        (config / "domains" / domain / "aliases").write_text(f"postmaster: {local}\n")
+
+
 def write_cert(directory: Path, ca: Any) -> None:
     """certs/<hostname>/fullchain.pem + privkey.pem (both servers read this layout)."""
     cert_dir = directory / HOSTNAME
     cert_dir.mkdir(parents=True, exist_ok=True)
     cert = ca.issue_cert(HOSTNAME, "127.0.0.1")
     cert.private_key_pem.write_to_path(str(cert_dir / "privkey.pem"))
+    (cert_dir / "privkey.pem").chmod(0o600)  # as a real one: `mailrelay check` insists
     (cert_dir / "fullchain.pem").write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
 
 
@@ -473,6 +531,70 @@ def wait_listening(host: str, port: int, process: subprocess.Popen[bytes], log: 
             pass
         time.sleep(0.1)
     raise RuntimeError(f"server not answering on {host}:{port} after {timeout:.0f}s")
+
+
+@functools.cache
+def bench_dkim_key() -> Any:
+    """The RSA-2048 DKIM key of DOMAIN, one per run, given to both servers."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def dkim_txt(key: Any) -> str:
+    """The DNS TXT value publishing ``key`` (RFC 6376 3.6.1)."""
+    from cryptography.hazmat.primitives import serialization
+
+    der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+
+
+def write_private_key(path: Path, key: Any, pkcs8: bool) -> None:
+    """PEM, mode 0600: PKCS#8 for mailrelay, PKCS#1 ("RSA PRIVATE KEY") for dkimpy's
+    dkimsign, which every dkimpy release reads."""
+    from cryptography.hazmat.primitives import serialization
+
+    layout = (serialization.PrivateFormat.PKCS8 if pkcs8
+              else serialization.PrivateFormat.TraditionalOpenSSL)
+    pem = key.private_bytes(serialization.Encoding.PEM, layout, serialization.NoEncryption())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(pem)
+
+
+def signature_check(message: bytes | None) -> str:
+    """What a delivered message says about DKIM: "unsigned", "signed d=… s=…, verified"
+    (dkimpy, against the bench key's record) or why not."""
+    if message is None:
+        return "no message kept"
+    head = message.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
+    unfolded = head.replace(b"\n ", b" ").replace(b"\n\t", b" ")  # RFC 5322 folding
+    found = [line for line in unfolded.split(b"\n")
+             if line.lower().startswith(b"dkim-signature:")]
+    if not found:
+        return "unsigned"
+    try:
+        import dkim
+    except ImportError:
+        return "signed (not verified: dkimpy is not installed)"
+    record = dkim_txt(bench_dkim_key()).encode()
+    wanted = f"{SELECTOR}._domainkey.{DOMAIN}".encode()
+
+    def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
+        name = name.encode() if isinstance(name, str) else name
+        return record if name.rstrip(b".").lower() == wanted else None
+
+    try:
+        ok = dkim.verify(message, dnsfunc=dnsfunc)
+    except Exception as exc:  # dkimpy raises its own and ValueError alike
+        return f"signed, not verifiable: {exc}"
+    fields = dict(part.strip().split("=", 1) for part in
+                  found[0].decode(errors="replace").split(":", 1)[1].split(";")
+                  if "=" in part)
+    where = f"d={fields.get('d', '?')} s={fields.get('s', '?')}"
+    return f"signed {where}, verified" if ok else f"signed {where}, verification FAILED"
 
 
 class Server:
@@ -502,20 +624,54 @@ class Server:
     def delivered(self) -> int:
         return self.counter.stat().st_size
 
+    def keep_messages(self, keep: bool) -> None:
+        """While on, the discard MDA keeps the message it got last (last_message)."""
+        flag = self.counter.with_name(self.counter.name + ".keep")
+        if keep:
+            flag.touch()
+        else:
+            flag.unlink(missing_ok=True)
+
+    def last_message(self) -> bytes | None:
+        with contextlib.suppress(OSError):
+            return self.counter.with_name(self.counter.name + ".last").read_bytes()
+        return None
+
     def command(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self) -> None:
+    def launch(self, env: dict[str, str] | None = None) -> float:
+        """Start the server's process without waiting for it; the perf_counter of the
+        moment just before."""
         with self.log.open("ab") as log:
+            started = time.perf_counter()
             self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
-                                            stdout=log, stderr=log, start_new_session=True)
+                                            stdout=log, stderr=log, start_new_session=True,
+                                            env=None if env is None else {**os.environ, **env})
+        return started
+
+    def start(self) -> None:
+        self.launch()
+        assert self.process is not None
         wait_listening("127.0.0.1", self.ports["smtp"], self.process, self.log)
         wait_listening("127.0.0.1", self.ports["submission"], self.process, self.log)
         self.comm = Path(f"/proc/{self.pid}/comm").read_text().strip()
 
     def processes(self) -> list[int]:
-        """The pids whose CPU and peak RSS are the server's: its own process alone."""
-        return [self.pid]
+        """The pids whose CPU and memory are the server's: its process and all its
+        descendants but the MDAs and hooks it runs (counted apart, as reaped children)."""
+        return server_pids(self.pid, self.helpers())
+
+    def helpers(self) -> list[str]:
+        """Markers of the short-lived programs the server runs for each message."""
+        return [str(self.mda)]
+
+    def supports(self, scenario: Scenario) -> str | None:
+        """None when this server can run ``scenario``, else why not."""
+        return None
+
+    def prepare(self, scenario: Scenario) -> None:
+        """Set up what ``scenario`` needs before it is measured."""
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -528,23 +684,40 @@ class Server:
             self.process.wait(5)
 
 
+def _mailrelay_user_db() -> Any:
+    """mailrelay's UserDB class where this checkout has it (before and after the package's
+    restructure), or None: then the CLI adds the users."""
+    for module in ("mailrelay.policy.users", "mailrelay.users"):
+        with contextlib.suppress(ImportError):
+            found = getattr(importlib.import_module(module), "UserDB", None)
+            if found is not None:
+                return found
+    return None
+
+
 class Mailrelay(Server):
     name = "mailrelay"
 
-    def processes(self) -> list[int]:
-        """The main process and its SMTP worker processes, if it runs any."""
-        return [self.pid, *worker_pids(self.pid)]
+    def __init__(self, work: Path, mda: Path, ca: Any, dns: DNSServer,
+                 cli: Sequence[str] | None = None):
+        super().__init__(work, mda, ca, dns)
+        self.cli = list(cli) if cli else None  # the `mailrelay` command to run
+        self.settings: dict[str, Any] = {}  # mailrelay.yaml, as configure() writes it
 
     def _cli(self) -> list[str]:
+        if self.cli:
+            return self.cli
         script = Path(sys.executable).with_name("mailrelay")
         return [str(script)] if script.exists() else [sys.executable, "-m",
                                                       "mailrelay.cli.main"]
 
-    def configure(self) -> None:
-        import yaml
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "config"
 
-        config = self.root / "config"
-        settings = {
+    def configure(self) -> None:
+        config = self.config_dir
+        self.settings = {
             "hostname": HOSTNAME,
             "listen": {name: [f"127.0.0.1:{port}"] for name, port in self.ports.items()},
             "data_dir": "var",
@@ -553,30 +726,97 @@ class Mailrelay(Server):
             "delivery": {"local_mda": f"{self.mda} {self.counter} {{address}}"},
             "limits": {"max_connections_per_ip": 200, "auth_failure_delay": "0s"},
         }
-        (config / "domains" / DOMAIN).mkdir(parents=True)  # a directory makes a local domain
-        (config / "mailrelay.yaml").write_text(yaml.safe_dump(settings))
+        for domain in (DOMAIN, PLAIN_DOMAIN):  # a directory makes a local domain
+            (config / "domains" / domain).mkdir(parents=True)
+        write_aliases(config)
+        self.write_settings()
         write_cert(config / "certs", self.ca)
-        # The user and the DKIM key as `mailrelay user add` and `mailrelay dkim keygen`
-        # make them, in-process: two CLI starts would cost seconds per bench run.
-        from mailrelay.message.dkim.keys import generate_key, write_key
-        from mailrelay.policy.users import UserDB
-
-        users = UserDB.load(config / "domains" / DOMAIN / "users", DOMAIN)
-        users.set_password(USER.split("@")[0], PASSWORD)
-        users.save()
-        write_key(config / "domains" / DOMAIN, "bench", generate_key("rsa2048"))
+        self.add_users()
+        # The key as `mailrelay dkim keygen` writes it (README: Files); PLAIN_DOMAIN has none.
+        write_private_key(config / "domains" / DOMAIN / f"dkim:{SELECTOR}.pem",
+                          bench_dkim_key(), pkcs8=True)
         self.version = git_version()
 
+    def write_settings(self) -> None:
+        import yaml
+
+        (self.config_dir / "mailrelay.yaml").write_text(yaml.safe_dump(self.settings))
+
+    def add_users(self) -> None:
+        # In-process, as `mailrelay user add` does it: CLI starts would cost seconds per
+        # bench run; the CLI only when this checkout's UserDB is not where we look.
+        user_db = _mailrelay_user_db()
+        for address in (USER, PLAIN_USER):
+            local, domain = address.split("@")
+            try:
+                if user_db is None:
+                    raise AttributeError("no UserDB")
+                users = user_db.load(self.config_dir / "domains" / domain / "users", domain)
+                users.set_password(local, PASSWORD)
+                users.save()
+            except (AttributeError, TypeError):
+                subprocess.run([*self._cli(), "-c", str(self.config_dir), "user", "add",
+                                address, "--password-stdin"], input=PASSWORD + "\n",
+                               text=True, capture_output=True, check=True)
+
+    def _check(self) -> tuple[str | None, list[str]]:
+        """``mailrelay check`` of the configuration as it is: (None when valid, else its
+        first error line; every line it printed)."""
+        done = subprocess.run([*self._cli(), "-c", str(self.config_dir), "check"],
+                              capture_output=True, text=True)
+        lines = (done.stdout + "\n" + done.stderr).strip().splitlines()
+        if done.returncode == 0:
+            return None, lines
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+        return (errors or lines or [f"exit status {done.returncode}"])[0], lines
+
+    def check(self) -> str | None:
+        return self._check()[0]
+
+    def try_setting(self, key: str, value: Any) -> str | None:
+        """Add ``key: value`` to mailrelay.yaml when this mailrelay takes it (probed with
+        ``mailrelay check`` without and with it: `workers` went away, and is a warning);
+        None when written, else why not (the configuration is left without it)."""
+        broken, before = self._check()
+        if broken:
+            return f"mailrelay check fails without {key}: {broken}"
+        self.settings[key] = value
+        self.write_settings()
+        refused, after = self._check()
+        # A new line naming the key (a warning that it is no longer used) is a refusal too.
+        warned = [line for line in after if f"{key}:" in line and line not in before]
+        if refused or warned:
+            del self.settings[key]
+            self.write_settings()
+            why = refused or warned[0]
+            return f"{'not accepted' if refused else 'ignored'} by this mailrelay ({why})"
+        return None
+
     def command(self) -> list[str]:
-        return [*self._cli(), "serve", "-c", str(self.root / "config")]
+        return [*self._cli(), "serve", "-c", str(self.config_dir)]
 
 
 class Chasquid(Server):
     name = "chasquid"
 
+    def __init__(self, work: Path, mda: Path, ca: Any, dns: DNSServer):
+        super().__init__(work, mda, ca, dns)
+        self.hook_problem: str | None = "not configured"
+        self.binary = shutil.which("chasquid") or "chasquid"
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "config"
+
+    @property
+    def hook(self) -> Path:
+        return self.config_dir / "hooks" / "post-data"
+
     def configure(self) -> None:
-        config = self.root / "config"
-        (config / "domains" / DOMAIN).mkdir(parents=True)
+        config = self.config_dir
+        for domain in (DOMAIN, PLAIN_DOMAIN):
+            (config / "domains" / domain).mkdir(parents=True)
+        write_aliases(config)
         write_cert(config / "certs", self.ca)
         lines = [
             f'hostname: "{HOSTNAME}"',
@@ -590,26 +830,77 @@ class Chasquid(Server):
             f'mail_log_path: "{self.root / "mail.log"}"',
         ]
         (config / "chasquid.conf").write_text("\n".join(lines) + "\n")
-        subprocess.run(["chasquid-util", f"--configdir={config}", "user-add", USER,
-                        f"--password={PASSWORD}"], check=True, capture_output=True)
+        for address in (USER, PLAIN_USER):
+            subprocess.run(["chasquid-util", f"--configdir={config}", "user-add", address,
+                            f"--password={PASSWORD}"], check=True, capture_output=True)
+        # What the stock hook looks for (relative to the configuration directory, where
+        # chasquid runs): domains/$DOMAIN/dkim_selector and certs/$DOMAIN/dkim_privkey.pem.
+        (config / "domains" / DOMAIN / "dkim_selector").write_text(SELECTOR + "\n")
+        write_private_key(config / "certs" / DOMAIN / "dkim_privkey.pem", bench_dkim_key(),
+                          pkcs8=False)
+        (config / "hooks").mkdir()
+        self.hook_problem = self._hook_bin()
         # Go's resolver reads /etc/resolv.conf: chasquid gets its own, naming our server.
         (self.root / "resolv.conf").write_text(
             f"nameserver {self.dns.host}\noptions timeout:1 attempts:1\n")
-        done = subprocess.run(["chasquid", "-version"], capture_output=True, text=True)
+        done = subprocess.run([self.binary, "-version"], capture_output=True, text=True)
         self.version = (done.stdout + done.stderr).strip().splitlines()[0]
+
+    def _hook_bin(self) -> str | None:
+        """Links to the commands the stock hook runs, in the directory that is chasquid's
+        PATH; None when the hook can sign here, else why not."""
+        bin_dir = self.root / "bin"
+        bin_dir.mkdir()
+        missing = []
+        for name in HOOK_COMMANDS:
+            found = shutil.which(name)
+            if found is None:
+                missing.append(name)
+            else:
+                (bin_dir / name).symlink_to(found)
+        if not STOCK_HOOK.is_file():
+            return f"chasquid's stock hook {STOCK_HOOK} is missing"
+        if "dkimsign" in missing:
+            return "dkimsign is not installed (apt-get install python3-dkim)"
+        if missing:
+            return f"the stock hook needs {', '.join(missing)}"
+        done = subprocess.run([str(bin_dir / "dkimsign"), "--help"], capture_output=True,
+                              text=True)
+        if "--identity" not in done.stdout + done.stderr:  # the hook's own test
+            return "dkimsign is not dkimpy's (python3-dkim)"
+        return None
+
+    def helpers(self) -> list[str]:
+        return [str(self.mda), str(self.hook)]
+
+    def supports(self, scenario: Scenario) -> str | None:
+        return self.hook_problem if scenario.signed else None
+
+    def prepare(self, scenario: Scenario) -> None:
+        # chasquid looks for the hook at every message: present only where it signs.
+        if scenario.signed and self.hook_problem is None:
+            if not self.hook.exists():
+                shutil.copyfile(STOCK_HOOK, self.hook)
+                self.hook.chmod(0o755)
+        else:
+            self.hook.unlink(missing_ok=True)
 
     def command(self) -> list[str]:
         # unshare execs sh, sh execs chasquid: the pid we hold is chasquid's.
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                'mount --bind "$1" /etc/resolv.conf && exec chasquid -config_dir "$2"',
-                "sh", str(self.root / "resolv.conf"), str(self.root / "config")]
+                'mount --bind "$1" /etc/resolv.conf && PATH="$3" && export PATH && '
+                'exec "$4" -config_dir "$2"',
+                "sh", str(self.root / "resolv.conf"), str(self.config_dir),
+                str(self.root / "bin"), self.binary]
 
 
 def chasquid_status(install: bool, log: Callable[[str], None]) -> str | None:
-    """None when chasquid can run here, else why not."""
-    if shutil.which("chasquid") is None and install:
-        if os.geteuid() != 0:
-            return "chasquid is not installed and --install-chasquid needs root"
+    """None when chasquid can run here, else why not. With ``install`` (root), apt-get
+    installs chasquid, and python3-dkim for its stock hook's dkimsign, when missing."""
+    if install and shutil.which("chasquid") is None and os.geteuid() != 0:
+        return "chasquid is not installed and --install-chasquid needs root"
+    if install and os.geteuid() == 0 and (shutil.which("chasquid") is None
+                                          or shutil.which("dkimsign") is None):
         install_chasquid(log)
     if shutil.which("chasquid") is None or shutil.which("chasquid-util") is None:
         return "chasquid is not installed (apt-get install chasquid, or --install-chasquid)"
@@ -621,11 +912,12 @@ def chasquid_status(install: bool, log: Callable[[str], None]) -> str | None:
 
 def install_chasquid(log: Callable[[str], None]) -> None:
     before = set(pids_named("chasquid"))
-    log("installing chasquid with apt-get")
+    log("installing chasquid and python3-dkim with apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update"], check=True, capture_output=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "chasquid"], check=True, capture_output=True,
-                   env=env)
+    wait = ["-o", "DPkg::Lock::Timeout=300"]  # a shared machine: another apt-get may run
+    subprocess.run(["apt-get", *wait, "update"], check=True, capture_output=True, env=env)
+    subprocess.run(["apt-get", *wait, "install", "-y", "chasquid", "python3-dkim"],
+                   check=True, capture_output=True, env=env)
     # The package may start its own daemon (systemd): stop exactly that one.
     for pid in set(pids_named("chasquid")) - before:
         log(f"stopping the chasquid daemon the package started (pid {pid})")
@@ -666,6 +958,7 @@ async def wait_delivered(server: Server, target: int, timeout: float) -> float |
 async def measure(server: Server, scenario: Scenario, tls: ssl.SSLContext) -> dict[str, Any]:
     port = server.ports[scenario.port]
     submission = scenario.port == "submission"
+    server.prepare(scenario)
     base = server.delivered()
     # The server's processes as they are now; one that is gone at the end is left out.
     pids = server.processes()
@@ -676,21 +969,23 @@ async def measure(server: Server, scenario: Scenario, tls: ssl.SSLContext) -> di
     def clock_started() -> None:
         # CPU is counted from here: connection set-up before the clock (TLS handshakes,
         # AUTH's scrypt) is left out, as it is of the rates.
-        before.update(cpu=own_cpu(pids), children=proc_cpu(server.pid)[1],
+        before.update(cpu=own_cpu(pids), children=own_cpu(pids, reaped=True),
                       client=time.process_time(), machine=machine_ticks())
 
-    load = Load("127.0.0.1", port, scenario, USER if submission else SENDER,
+    load = Load("127.0.0.1", port, scenario, scenario.user if submission else SENDER,
                 tls if submission else None, on_start=clock_started)
     result = await asyncio.wait_for(load.run(), 120 + scenario.messages)
     client_cpu = time.process_time() - before["client"]
     done = await wait_delivered(server, base + result.accepted, 60 + scenario.messages * 0.5)
     await asyncio.sleep(0.05)  # let the last MDA be reaped, so children's CPU is counted
     machine_after = machine_ticks()
-    children_after = proc_cpu(server.pid)[1]
+    children_after = own_cpu(pids, reaped=True)
     cpu_before, children_before = before["cpu"], before["children"]
     cpu_after = own_cpu(pids)
     alive = [pid for pid in pids if pid in cpu_before and pid in cpu_after]
     cpu = sum(cpu_after[pid] - cpu_before[pid] for pid in alive)
+    # The MDAs (and chasquid's hooks) each of the server's processes ran and reaped.
+    reaped = sum(children_after[pid] - children_before[pid] for pid in alive)
     count = max(result.accepted, 1)
     start = result.first_mail
     accept_seconds = result.last_ok - start if result.accepted else math.nan
@@ -710,7 +1005,7 @@ async def measure(server: Server, scenario: Scenario, tls: ssl.SSLContext) -> di
         # MAIL .. 250: also counts what a server does at MAIL and RCPT (chasquid's SPF).
         "transaction_p50_ms": percentile(result.transactions, 0.50) * 1000,
         "server_cpu_ms_per_msg": cpu * 1000 / count,
-        "mda_cpu_ms_per_msg": (children_after - children_before) * 1000 / count,
+        "mda_cpu_ms_per_msg": reaped * 1000 / count,
         "client_cpu_ms_per_msg": client_cpu * 1000 / count,
         "machine_busy_pct": busy_percent(before["machine"], machine_after),
         "rss_before_kib": rss_before,
@@ -734,12 +1029,13 @@ def busy_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
     return 100.0 * (after[0] - before[0]) / total if total > 0 else math.nan
 
 
-def own_cpu(pids: Sequence[int]) -> dict[int, float]:
-    """utime+stime of each of ``pids``, in seconds, leaving out the ones gone."""
+def own_cpu(pids: Sequence[int], reaped: bool = False) -> dict[int, float]:
+    """utime+stime of each of ``pids`` (with ``reaped``: cutime+cstime, its children
+    waited for), in seconds, leaving out the ones gone."""
     seconds = {}
     for pid in pids:
         with contextlib.suppress(OSError):
-            seconds[pid] = proc_cpu(pid)[0]
+            seconds[pid] = proc_cpu(pid)[1 if reaped else 0]
     return seconds
 
 
@@ -784,14 +1080,29 @@ def client_context(ca: Any) -> ssl.SSLContext:
 
 
 async def run_rounds(servers: list[Server], measurements: list[Scenario], repeat: int,
-                     tls: ssl.SSLContext, deadline: float,
-                     log: Callable[[str], None]) -> tuple[dict[str, dict[str, list]], int]:
+                     tls: ssl.SSLContext, deadline: float, log: Callable[[str], None],
+                     ) -> tuple[dict[str, dict[str, list]], int, dict[str, dict[str, str]]]:
+    """The alternated rounds: (runs per server and scenario, rounds done, and per
+    submission scenario what DKIM signature each server's delivered message carried)."""
     runs: dict[str, dict[str, list]] = {s.name: {m.name: [] for m in measurements}
                                         for s in servers}
-    # Warm up (first TLS handshake, lazy imports, Go's first GC) outside the numbers.
+    # Warm up (first TLS handshake, lazy imports, the hook's first dkimsign, Go's first GC)
+    # outside the numbers. The submission warm-ups also show that the work is equal: the
+    # message each server delivered is checked for a DKIM signature (b: none; b-signed: one
+    # that verifies).
+    signatures: dict[str, dict[str, str]] = {}
     for server in servers:
-        for scenario in measurements[:2]:
+        for scenario in [m for m in measurements if m.label != "sweep"]:
+            if server.supports(scenario):
+                continue
+            keep = scenario.port == "submission"
+            server.keep_messages(keep)
             await measure(server, replace(scenario, connections=1, per_connection=2), tls)
+            server.keep_messages(False)
+            if keep:
+                found = signature_check(server.last_message())
+                signatures.setdefault(scenario.name, {})[server.name] = found
+                log(f"warm-up {scenario.name} {server.name}: {found}")
     rounds = 0
     for round_ in range(repeat):
         if round_ and time.monotonic() > deadline:
@@ -800,25 +1111,28 @@ async def run_rounds(servers: list[Server], measurements: list[Scenario], repeat
         for index, scenario in enumerate(measurements):
             order = servers if (round_ + index) % 2 == 0 else servers[::-1]
             for server in order:
+                if server.supports(scenario):
+                    continue  # said once, in the report's notes
                 run = await measure(server, scenario, tls)
                 run["order"] = order.index(server)
                 runs[server.name][scenario.name].append(run)
-                log(f"round {round_ + 1} {scenario.name:16} {server.name:9} "
+                log(f"round {round_ + 1} {scenario.name:18} {server.name:9} "
                     f"accepted {run['accepted_per_s']:7.1f}/s  e2e {run['e2e_per_s']:7.1f}/s  "
                     f"p50 {run['latency_p50_ms']:6.1f} ms  cpu "
                     f"{run['server_cpu_ms_per_msg']:5.2f} ms/msg"
                     + (f"  errors {run['errors']}" if run["errors"] else ""))
                 await asyncio.sleep(0.2)  # let the other server's queue settle
         rounds += 1
-    return runs, rounds
+    return runs, rounds, signatures
 
 
 def run_bench(work: Path, *, repeat: int = 3, with_chasquid: bool = True,
               install_chasquid: bool = False, scenarios: Sequence[Scenario] = SCENARIOS,
               sweep: Sequence[int] = SWEEP, sweep_messages: int = SWEEP_MESSAGES,
-              time_budget: float = 420.0,
+              time_budget: float = 420.0, workers: Any = None,
               log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Start the servers in ``work`` (an empty directory), measure, stop them."""
+    """Start the servers in ``work`` (an empty directory), measure, stop them. ``workers``
+    goes into mailrelay's configuration only if this mailrelay accepts the key."""
     import trustme
 
     started = time.monotonic()
@@ -834,10 +1148,13 @@ def run_bench(work: Path, *, repeat: int = 3, with_chasquid: bool = True,
         dns_servers["chasquid"] = DNSServer(*CHASQUID_DNS)
     servers: list[Server] = []
     queries: dict[str, dict[str, int]] = {}
+    settings: dict[str, Any] = {}
     try:
         dns_servers["mailrelay"].start()
         mailrelay = Mailrelay(work, mda, ca, dns_servers["mailrelay"])
         mailrelay.configure()
+        if workers is not None:
+            settings = workers_setting(mailrelay, workers, log)
         mailrelay.start()
         servers.append(mailrelay)
         if not absent:
@@ -858,7 +1175,12 @@ def run_bench(work: Path, *, repeat: int = 3, with_chasquid: bool = True,
         scenarios = list(scenarios)
         points = sweep_scenarios(sweep, scenarios[0], sweep_messages) if sweep else []
         measurements = scenarios + [p for p in points if p not in scenarios]
-        runs, rounds = asyncio.run(run_rounds(
+        skipped = {m.name: {s.name: why for s in servers if (why := s.supports(m))}
+                   for m in measurements}
+        skipped = {name: why for name, why in skipped.items() if why}
+        for name, why in skipped.items():
+            log(f"{name}: not measured for {', '.join(f'{s} ({w})' for s, w in why.items())}")
+        runs, rounds, signatures = asyncio.run(run_rounds(
             servers, measurements, repeat, client_context(ca),
             started + time_budget, log))
     finally:
@@ -882,12 +1204,25 @@ def run_bench(work: Path, *, repeat: int = 3, with_chasquid: bool = True,
         "servers": {s.name: {"version": s.version, "ports": s.ports, "process": s.comm}
                     for s in servers},
         "chasquid_absent": absent,
+        "mailrelay_settings": settings,
+        "skipped": skipped,
+        "signatures": signatures,
         "machine": machine(work),
         "results": results,
         "sweep": sweep_report,
         "dns_queries": queries,
-        "notes": notes(absent),
+        "notes": notes(absent, skipped),
     })
+
+
+def workers_setting(mailrelay: Mailrelay, workers: Any,
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    """Write ``workers`` into mailrelay's configuration if it takes the key (it is going
+    away); what was asked and done, for the report."""
+    why_not = mailrelay.try_setting("workers", workers)
+    if why_not:
+        log(f"workers: {workers} not written: {why_not}")
+    return {"workers": {"asked": workers, "written": why_not is None, "why_not": why_not}}
 
 
 def summarise_report(report: dict[str, Any]) -> dict[str, Any]:
@@ -897,12 +1232,17 @@ def summarise_report(report: dict[str, Any]) -> dict[str, Any]:
         for name in names:
             entry[name]["median"] = summarise(entry[name]["runs"])
         if len(names) == 2:
-            ours, theirs = entry["mailrelay"]["median"], entry["chasquid"]["median"]
-            entry["ratio_mailrelay_to_chasquid"] = {
-                m: ours[m] / theirs[m] if theirs[m] else None
-                for m in (*METRICS, "peak_rss_kib")
-                if m != "machine_busy_pct" and ours[m] is not None
-                and theirs[m] is not None}
+            entry["ratio_mailrelay_to_chasquid"] = ratios(entry["mailrelay"]["median"],
+                                                          entry["chasquid"]["median"])
+    if len(names) == 2:
+        # b-signed is also held against chasquid unsigned (b), as issue 17 decided.
+        for entry in report["results"].values():
+            twin = unsigned_twin(report["results"], entry)
+            if twin is not None:
+                entry["unsigned_reference"] = twin
+                entry["ratio_mailrelay_to_chasquid_unsigned"] = ratios(
+                    entry["mailrelay"]["median"],
+                    report["results"][twin]["chasquid"]["median"])
     sweep = report["sweep"]
     for name in names:
         sweep[name] = {m: [report["results"][p][name]["median"][m] for p in sweep["scenarios"]]
@@ -910,20 +1250,44 @@ def summarise_report(report: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
-def notes(absent: str | None) -> list[str]:
+def ratios(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float | None]:
+    """mailrelay's medians over chasquid's, per metric both have."""
+    return {m: ours[m] / theirs[m] if theirs[m] else None
+            for m in (*METRICS, "peak_rss_kib")
+            if m != "machine_busy_pct" and ours.get(m) is not None
+            and theirs.get(m) is not None}
+
+
+def unsigned_twin(results: dict[str, Any], entry: dict[str, Any]) -> str | None:
+    """The name of the unsigned scenario of the same shape as ``entry``'s signed one (the
+    same port, size and connections; b-signed sends fewer messages per connection)."""
+    scenario = entry["scenario"]
+    if not scenario.get("signed"):
+        return None
+    keys = ("port", "size", "connections", "reconnect")
+    for name, other in results.items():
+        theirs = other["scenario"]
+        if (not theirs.get("signed") and theirs.get("label") != "sweep"
+                and all(theirs.get(k) == scenario.get(k) for k in keys)):
+            return name
+    return None
+
+
+def notes(absent: str | None, skipped: dict[str, dict[str, str]] | None = None) -> list[str]:
     found = [
         "Connections of a, b, d and the sweep are set up (EHLO, STARTTLS, AUTH) before the "
         "clock starts; c pays connection setup for every message.",
         "DATA→250: from sending DATA to the 250 after the final dot; MAIL→250: the whole "
         "transaction, from sending MAIL FROM (chasquid checks SPF there, mailrelay after the "
         "data). Ratios above 1 are better for mailrelay only in the msg/s columns.",
-        "server CPU: utime+stime of the server process (all threads) plus that of its SMTP "
-        "worker processes (mailrelay's long-lived children, when it runs any), from the "
+        "server CPU: utime+stime of all the server's processes (all threads): the server "
+        "process and every descendant but the MDAs and hooks it runs (mailrelay's SMTP "
+        "worker processes, while it has them), from the "
         "moment the clock starts (sessions, TLS and AUTH already set up) until the MDA "
         "counted the last one; the MDA processes (reaped "
         "children, cutime+cstime: sh + cat, the same script for both) are the 'MDA CPU' "
         "column, not included in server CPU.",
-        "peak RSS: the sum of VmHWM over the server process and its SMTP worker processes, "
+        "peak RSS: the sum of VmHWM over the server's processes (as for CPU), "
         "each reset to its current RSS before each measurement; the median of the rounds. "
         "Each server runs through all scenarios, so memory kept from an earlier one "
         "(scrypt's 16 MiB buffers after AUTH: mailrelay keeps them, chasquid's Go runtime "
@@ -932,13 +1296,24 @@ def notes(absent: str | None) -> list[str]:
         "chasquid 1.11 writes each queue file and renames it into place without any fsync "
         "(seen with strace); mailrelay fsyncs the file and its directory before the 250. "
         "Both data directories are on the same filesystem (machine line).",
-        "chasquid 1.11 signs DKIM only through its post-data hook; the bench gives it no "
-        "hook, so in b only mailrelay signs (RSA-2048).",
+        "b: both unsigned (the sender's domain has no DKIM key; chasquid has no hook). "
+        "b-signed: mailrelay signs (RSA-2048, the domain's key); chasquid 1.11 runs Debian's "
+        "stock post-data hook, which calls dkimpy's dkimsign twice per message (--help, to "
+        "tell dkimpy from driusan/dkim, then the signing) with the same key. The hook runs "
+        "before the 250, so it is in the rates; its CPU (bash, dkimsign: reaped children) is "
+        "in the 'MDA CPU' column, not in 'server CPU'. b-signed is also given over "
+        "chasquid's b (unsigned): the 'mailrelay/chasquid unsigned' row.",
+        "chasquid runs with a PATH of links to the commands its stock hook needs (cat, "
+        "mktemp, rm, cut, grep, diff, dkimsign): the hook's optional filters (spamc, rspamc, "
+        "clamdscan, greylist), if present on the machine, do not run.",
         "On port 25 mailrelay checks SPF, DKIM and DMARC after the data; chasquid 1.11 checks "
         "SPF at MAIL FROM. Both resolve through the bench's loopback DNS (NXDOMAIN).",
     ]
     if absent:
         found.append(f"chasquid not measured: {absent}.")
+    for scenario, why in (skipped or {}).items():
+        for server, reason in why.items():
+            found.append(f"{scenario}: {server} not measured: {reason}.")
     return found
 
 
@@ -976,6 +1351,8 @@ def table(report: dict[str, Any]) -> str:
     ]
     for name, entry in report["results"].items():
         for server in names:
+            if not entry[server]["runs"]:
+                continue  # not measured: the notes say why
             m = entry[server]["median"]
             rss = m["peak_rss_kib"] / 1024 if m["peak_rss_kib"] is not None else None
             rows.append(
@@ -986,15 +1363,19 @@ def table(report: dict[str, Any]) -> str:
                 f"| {_fmt(rss)} | {_fmt(m['client_cpu_ms_per_msg'], 2)} "
                 f"| {_fmt(m.get('machine_busy_pct'), 0)} "
                 f"| {m['accepted']}/{m['messages']} ({m['errors']}) |")
-        ratio = entry.get("ratio_mailrelay_to_chasquid")
-        if ratio:
-            rows.append(
-                f"| {name} | **mailrelay/chasquid** | {_fmt(ratio.get('accepted_per_s'), 2)}x "
-                f"| {_fmt(ratio.get('e2e_per_s'), 2)}x | {_fmt(ratio.get('latency_p50_ms'), 2)}x "
-                f"| {_fmt(ratio.get('latency_p99_ms'), 2)}x "
-                f"| {_fmt(ratio.get('transaction_p50_ms'), 2)}x "
-                f"| {_fmt(ratio.get('server_cpu_ms_per_msg'), 2)}x | "
-                f"| {_fmt(ratio.get('peak_rss_kib'), 2)}x | | | |")
+        for key, label in (("ratio_mailrelay_to_chasquid", "mailrelay/chasquid"),
+                           ("ratio_mailrelay_to_chasquid_unsigned",
+                            "mailrelay/chasquid unsigned")):
+            ratio = entry.get(key)
+            if ratio:
+                rows.append(
+                    f"| {name} | **{label}** | {_fmt(ratio.get('accepted_per_s'), 2)}x "
+                    f"| {_fmt(ratio.get('e2e_per_s'), 2)}x "
+                    f"| {_fmt(ratio.get('latency_p50_ms'), 2)}x "
+                    f"| {_fmt(ratio.get('latency_p99_ms'), 2)}x "
+                    f"| {_fmt(ratio.get('transaction_p50_ms'), 2)}x "
+                    f"| {_fmt(ratio.get('server_cpu_ms_per_msg'), 2)}x | "
+                    f"| {_fmt(ratio.get('peak_rss_kib'), 2)}x | | | |")
     lines = ["## Whole server: mailrelay vs chasquid (loopback)", "", *rows, ""]
     for name, entry in report["results"].items():
         lines.append(f"- **{name}**: {entry['title']}")
@@ -1008,6 +1389,12 @@ def table(report: dict[str, Any]) -> str:
                  f"{', '.join(map(str, info['loadavg_at_end']))}; {report['seconds']:.0f} s.")
     lines.append("")
     lines.extend(f"- {note}" for note in report["notes"])
+    for scenario, found in report.get("signatures", {}).items():
+        lines.append(f"- DKIM in the message delivered in {scenario}'s warm-up: "
+                     + "; ".join(f"{server}: {what}" for server, what in found.items()))
+    for key, done in report.get("mailrelay_settings", {}).items():
+        lines.append(f"- mailrelay `{key}: {done['asked']}`: "
+                     + ("written" if done["written"] else f"not written, {done['why_not']}"))
     for server, counts in report["dns_queries"].items():
         top = ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:6])
         lines.append(f"- DNS queries made by {server}: {top or 'none'}")
@@ -1069,6 +1456,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, metavar="DIR",
                         help="put the servers' configuration and data in a temporary "
                              "directory inside DIR (default: the system's temporary directory)")
+    parser.add_argument("--workers", metavar="N",
+                        help="write `workers: N` into mailrelay's configuration, if this "
+                             "mailrelay still takes the key (default: not written)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="measure nothing: redo the medians, table and plot of a "
@@ -1079,7 +1469,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve_dns(args.serve_dns)
     if args.render:
         report = summarise_report(json.loads(args.render.read_text()))
-        report["notes"] = notes(report["chasquid_absent"])
+        report["notes"] = notes(report["chasquid_absent"], report.get("skipped"))
         write_results(report, args.results or args.render.parent)
         return 0
     if args.repeat < 1 or args.scale <= 0:
@@ -1099,10 +1489,18 @@ def main(argv: list[str] | None = None) -> int:
                            install_chasquid=args.install_chasquid, scenarios=scenarios,
                            sweep=SWEEP,
                            sweep_messages=max(1, round(SWEEP_MESSAGES * args.scale)),
-                           time_budget=args.time_budget, log=progress)
+                           time_budget=args.time_budget, workers=workers_value(args.workers),
+                           log=progress)
     write_results(report, results_dir)
     progress(f"results in {results_dir}")
     return 0
+
+
+def workers_value(text: str | None) -> Any:
+    """--workers as mailrelay.yaml would have it: auto or a number."""
+    if text is None:
+        return None
+    return int(text) if text.isdigit() else text
 
 
 def json_safe(value: Any) -> Any:
