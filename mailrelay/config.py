@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -213,6 +214,26 @@ class SenderSettings:
 
 
 @dataclass(frozen=True)
+class RspamdSettings:
+    """rspamd checks the message after DATA (see mailrelay.message.filters.rspamd)."""
+
+    url: str | None = None  # e.g. http://127.0.0.1:11333 (its normal worker); None: off
+    timeout: float = 10.0
+    on_error: str = "accept"  # accept | tempfail: when rspamd is down, slow or answers garbage
+    submission: bool = False  # also check mail from authenticated users (587/465)
+
+
+@dataclass(frozen=True)
+class FilterSettings:
+    """chasquid's hooks (hooks/post-data, hooks/alias-resolve) and rspamd."""
+
+    hooks_dir: Path | None = None  # None: <config dir>/hooks, as chasquid
+    hook_timeout: float = 60.0  # post-data; chasquid's fixed 1 minute
+    alias_resolve_timeout: float = 5.0  # chasquid's fixed 5 seconds
+    rspamd: RspamdSettings = field(default_factory=RspamdSettings)
+
+
+@dataclass(frozen=True)
 class Config:
     config_dir: Path
     hostname: str
@@ -227,6 +248,7 @@ class Config:
     aliases: AliasSettings = field(default_factory=AliasSettings)
     inbound: InboundSettings = field(default_factory=InboundSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    filters: FilterSettings = field(default_factory=FilterSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     proxy_protocol: ProxyProtocolSettings = field(default_factory=ProxyProtocolSettings)
     # What is loaded but deserves the owner's attention (``check`` prints it, ``serve``
@@ -390,6 +412,7 @@ def load_config(config_dir: Path | str) -> Config:
         "listen": None, "data_dir": _scalar_of(_as_str), "tls": None, "dns": None,
         "delivery": None, "limits": None, "senders": None, "aliases": None, "inbound": None,
         "metrics": None, "workers": None, "auth": None, "proxy_protocol": None,
+        "filters": None,
     }
     top = reader.mapping(root, "top level")
     for key, (key_node, _) in top.items():
@@ -509,11 +532,27 @@ def load_config(config_dir: Path | str) -> Config:
         warnings.append(f"{path}:{line}: workers: no longer used, mailrelay runs as one "
                         "process; delete this line")
 
+    filter_values = _section(reader, sub("filters"), "filters", {
+        "hooks_dir": base_path,
+        "hook_timeout": _scalar_of(_as_timeout),
+        "alias_resolve_timeout": _scalar_of(_as_timeout),
+        "rspamd": lambda reader, node, name: RspamdSettings(**_section(reader, node, name, {
+            "url": _scalar_of(_as_rspamd_url),
+            "timeout": _scalar_of(_as_timeout),
+            "on_error": _scalar_of(_one_of("accept", "tempfail")),
+            "submission": _scalar_of(_as_bool),
+        })),
+    })
+    if filter_values.get("hooks_dir") is None:
+        filter_values["hooks_dir"] = config_dir / "hooks"
+    filters = FilterSettings(**filter_values)
+
     return Config(
         config_dir=config_dir, hostname=hostname, listen=listen, data_dir=data_dir, tls=tls,
         dns=dns, delivery=delivery, limits=limits, domains=discover_domains(config_dir),
         senders=senders, aliases=aliases, inbound=inbound, metrics=metrics,
         auth=auth, proxy_protocol=proxy_protocol, warnings=tuple(warnings),
+        filters=filters,
     )
 
 
@@ -536,6 +575,32 @@ def setting_line(config_dir: Path | str, dotted: str) -> int | None:
             return None
         line, node = found[0].start_mark.line + 1, found[1]
     return line
+
+
+def _as_timeout(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("a timeout must be longer than 0s")
+    return seconds
+
+
+def _as_rspamd_url(value: Any) -> str | None:
+    """``http://host:port[/prefix]``: rspamd's HTTP protocol, plain (it serves no TLS)."""
+    if value is None:
+        return None
+    text = _as_str(value).strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a URL ({exc})") from None
+    if parts.scheme != "http":
+        raise ValueError(f"{text!r}: expected http://host:port (rspamd serves plain HTTP)")
+    if not parts.hostname or parts.username is not None or parts.query or parts.fragment:
+        raise ValueError(f"{text!r}: expected http://host:port with nothing else but a path")
+    if not port:
+        raise ValueError(f"{text!r} needs a port (rspamd's normal worker listens on 11333)")
+    return text
 
 
 def _allow_patterns(reader: _Reader, node: yaml.Node, name: str) -> dict[str, tuple[str, ...]]:
