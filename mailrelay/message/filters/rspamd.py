@@ -416,8 +416,9 @@ class RspamdClient:
         except TimeoutError:
             return self._failed(where, "timeout", f"no answer within {self.timeout:g}s")
         except OSError as exc:
-            label = "connect" if isinstance(exc, ConnectionRefusedError) else "io"
-            return self._failed(where, label, exc.strerror or type(exc).__name__)
+            return self._failed(where, "io", exc.strerror or type(exc).__name__)
+        except Exception as exc:  # a bug here must not cost the message or a traceback
+            return self._failed(where, "internal", f"{type(exc).__name__}: {exc}"[:200])
         action = result.get("action")
         score = f"score {result.get('score')}/{result.get('required_score')}"
         if verdict.action != "accept":
@@ -437,8 +438,11 @@ class RspamdClient:
 
     async def _exchange(self, inp: FilterInput, message: bytes) -> tuple[int, bytes]:
         endpoint = self.endpoint
-        reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port,
-                                                       limit=MAX_LINE)
+        try:
+            reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port,
+                                                           limit=MAX_LINE)
+        except OSError as exc:
+            raise RspamdError("connect", f"cannot connect: {exc.strerror or exc}") from None
         try:
             writer.write(build_request(endpoint, inp, len(message)))
             view = memoryview(message)
