@@ -13,6 +13,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -242,6 +243,26 @@ class SenderSettings:
 
 
 @dataclass(frozen=True)
+class RspamdSettings:
+    """rspamd checks the message after DATA (see mailrelay.message.filters.rspamd)."""
+
+    url: str | None = None  # e.g. http://127.0.0.1:11333 (its normal worker); None: off
+    timeout: float = 10.0
+    on_error: str = "accept"  # accept | tempfail: when rspamd is down, slow or answers garbage
+    submission: bool = False  # also check mail from authenticated users (587/465)
+
+
+@dataclass(frozen=True)
+class FilterSettings:
+    """chasquid's hooks (hooks/post-data, hooks/alias-resolve) and rspamd."""
+
+    hooks_dir: Path | None = None  # None: <config dir>/hooks, as chasquid
+    hook_timeout: float = 60.0  # post-data; chasquid's fixed 1 minute
+    alias_resolve_timeout: float = 5.0  # chasquid's fixed 5 seconds
+    rspamd: RspamdSettings = field(default_factory=RspamdSettings)
+
+
+@dataclass(frozen=True)
 class Config:
     config_dir: Path
     hostname: str
@@ -256,6 +277,7 @@ class Config:
     aliases: AliasSettings = field(default_factory=AliasSettings)
     inbound: InboundSettings = field(default_factory=InboundSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    filters: FilterSettings = field(default_factory=FilterSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     proxy_protocol: ProxyProtocolSettings = field(default_factory=ProxyProtocolSettings)
     # What is loaded but deserves the owner's attention (``check`` prints it, ``serve``
@@ -419,6 +441,7 @@ def load_config(config_dir: Path | str) -> Config:
         "listen": None, "data_dir": _scalar_of(_as_str), "tls": None, "dns": None,
         "delivery": None, "limits": None, "senders": None, "aliases": None, "inbound": None,
         "metrics": None, "workers": None, "auth": None, "proxy_protocol": None,
+        "filters": None,
     }
     top = reader.mapping(root, "top level")
     for key, (key_node, _) in top.items():
@@ -552,12 +575,27 @@ def load_config(config_dir: Path | str) -> Config:
             raise reader.error(f"delivery.relay.domains: {', '.join(ours)} is a local domain "
                                "(its mail is delivered here, never to the relay)",
                                sub("delivery"))
+    filter_values = _section(reader, sub("filters"), "filters", {
+        "hooks_dir": base_path,
+        "hook_timeout": _scalar_of(_as_timeout),
+        "alias_resolve_timeout": _scalar_of(_as_timeout),
+        "rspamd": lambda reader, node, name: RspamdSettings(**_section(reader, node, name, {
+            "url": _scalar_of(_as_rspamd_url),
+            "timeout": _scalar_of(_as_timeout),
+            "on_error": _scalar_of(_one_of("accept", "tempfail")),
+            "submission": _scalar_of(_as_bool),
+        })),
+    })
+    if filter_values.get("hooks_dir") is None:
+        filter_values["hooks_dir"] = config_dir / "hooks"
+    filters = FilterSettings(**filter_values)
 
     return Config(
         config_dir=config_dir, hostname=hostname, listen=listen, data_dir=data_dir, tls=tls,
         dns=dns, delivery=delivery, limits=limits, domains=domains,
         senders=senders, aliases=aliases, inbound=inbound, metrics=metrics,
         auth=auth, proxy_protocol=proxy_protocol, warnings=tuple(warnings),
+        filters=filters,
     )
 
 
@@ -660,6 +698,32 @@ def check_secret_file(path: Path, setting: str, config_path: Path | None = None)
     if mode & 0o077:
         raise ConfigError(f"{setting}: {path} is open to group or others (mode {mode:04o}); "
                           f"chmod 600 {path}", config_path)
+
+
+def _as_timeout(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("a timeout must be longer than 0s")
+    return seconds
+
+
+def _as_rspamd_url(value: Any) -> str | None:
+    """``http://host:port[/prefix]``: rspamd's HTTP protocol, plain (it serves no TLS)."""
+    if value is None:
+        return None
+    text = _as_str(value).strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a URL ({exc})") from None
+    if parts.scheme != "http":
+        raise ValueError(f"{text!r}: expected http://host:port (rspamd serves plain HTTP)")
+    if not parts.hostname or parts.username is not None or parts.query or parts.fragment:
+        raise ValueError(f"{text!r}: expected http://host:port with nothing else but a path")
+    if not port:
+        raise ValueError(f"{text!r} needs a port (rspamd's normal worker listens on 11333)")
+    return text
 
 
 def _allow_patterns(reader: _Reader, node: yaml.Node, name: str) -> dict[str, tuple[str, ...]]:

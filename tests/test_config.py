@@ -534,3 +534,57 @@ def test_the_removed_workers_key_is_a_warning_naming_its_line(tmp_path):
     assert warning.startswith(f"{path.resolve()}:2: workers:") and "one process" in warning
     write_config(tmp_path, "hostname: h.test\n")
     assert load_config(tmp_path).warnings == ()
+
+
+# --- filters (chasquid's hooks, rspamd) ------------------------------------------------------
+
+
+def test_filters_defaults(tmp_path):
+    write_config(tmp_path, "hostname: h.test\n")
+    filters = load_config(tmp_path).filters
+    assert filters.hooks_dir == tmp_path.resolve() / "hooks"  # chasquid's place
+    assert filters.hook_timeout == 60.0  # chasquid's fixed minute
+    assert filters.alias_resolve_timeout == 5.0
+    assert filters.rspamd.url is None
+    assert filters.rspamd.timeout == 10.0
+    assert filters.rspamd.on_error == "accept"
+    assert filters.rspamd.submission is False
+
+
+def test_filters_section(tmp_path):
+    write_config(tmp_path, """
+        hostname: h.test
+        filters:
+          hooks_dir: my-hooks
+          hook_timeout: 30s
+          alias_resolve_timeout: 2s
+          rspamd:
+            url: http://127.0.0.1:11333
+            timeout: 4s
+            on_error: tempfail
+            submission: true
+    """)
+    filters = load_config(tmp_path).filters
+    assert filters.hooks_dir == tmp_path.resolve() / "my-hooks"
+    assert (filters.hook_timeout, filters.alias_resolve_timeout) == (30.0, 2.0)
+    assert filters.rspamd.url == "http://127.0.0.1:11333"
+    assert (filters.rspamd.timeout, filters.rspamd.on_error) == (4.0, "tempfail")
+    assert filters.rspamd.submission is True
+
+
+@pytest.mark.parametrize(("lines", "line", "words"), [
+    ("  rspamd:\n    url: https://127.0.0.1:11333\n", 4, "filters.rspamd.url"),
+    ("  rspamd:\n    url: http://127.0.0.1\n", 4, "needs a port"),
+    ("  rspamd:\n    url: http://user:pw@127.0.0.1:11333\n", 4, "filters.rspamd.url"),
+    ("  rspamd:\n    url: 127.0.0.1:11333\n", 4, "filters.rspamd.url"),
+    ("  rspamd:\n    on_error: reject\n", 4, "filters.rspamd.on_error"),
+    ("  rspamd:\n    timeout: 0s\n", 4, "filters.rspamd.timeout"),
+    ("  rspamd:\n    urll: http://127.0.0.1:11333\n", 4, "filters.rspamd.urll"),
+    ("  hook_timeout: soon\n", 3, "filters.hook_timeout"),
+    ("  post_data: hooks/post-data\n", 3, "filters.post_data"),
+])
+def test_bad_filters_settings(tmp_path, lines, line, words):
+    path = write_config(tmp_path, "hostname: h.test\nfilters:\n" + lines)
+    error = config_error(tmp_path)
+    assert_located(error, path.resolve(), line)
+    assert words in error.message
