@@ -3,7 +3,7 @@ to chasquid, on loopback.
 
     .venv/bin/python -m bench.footprint_bench [--repeat R] [--starts N] [--idle S]
         [--submissions N] [--cli-runs N] [--no-venv] [--venv-cache DIR] [--no-chasquid]
-        [--install-chasquid] [--workers N] [--quick] [--results DIR]
+        [--install-chasquid] [--quick] [--results DIR]
 
 Writes DIR/footprint.md (the tables) and footprint.json; ``python -m bench.run_all``
 runs it with the other benches. The servers are configured as in bench.server_bench
@@ -15,7 +15,7 @@ mount namespace with its own resolv.conf), and take turns, the order flipping ea
   Type=notify), and to the moment all its ports accept a connection; chasquid (no
   sd_notify) until all its ports accept. Then, after --settle seconds, the idle RSS (and
   PSS) of the fresh server, summed over all its processes (the process and every
-  descendant: mailrelay's SMTP workers while it has them).
+  descendant but the MDAs).
 - after submissions, --repeat rounds: a fresh server takes --submissions messages on 587
   (STARTTLS + AUTH PLAIN, 1 KiB, 8 connections x 20 messages a batch, as the server
   bench's b; mailrelay DKIM-signs them, chasquid runs without its post-data hook, whose
@@ -496,7 +496,7 @@ def run_bench(work: Path, *, repeat: int = 3, starts: int = 5, idle: float = 20.
               settle: float = 2.0, submissions: int = 1000, cli_runs: int = 5,
               with_venv: bool = True, venv_cache: Path = DEFAULT_VENV_CACHE,
               with_chasquid: bool = True, install_chasquid: bool = False,
-              workers: Any = None, time_budget: float = 600.0,
+              time_budget: float = 600.0,
               log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Configure both servers in ``work`` (an empty directory) and measure."""
     import trustme
@@ -530,13 +530,10 @@ def run_bench(work: Path, *, repeat: int = 3, starts: int = 5, idle: float = 20.
     if not absent:
         dns_servers["chasquid"] = DNSServer(*CHASQUID_DNS)
     servers: list[Server] = []
-    settings: dict[str, Any] = {}
     try:
         dns_servers["mailrelay"].start()
         mailrelay = Mailrelay(work, mda, ca, dns_servers["mailrelay"], cli=cli)
         mailrelay.configure()
-        if workers is not None:
-            settings = server_bench.workers_setting(mailrelay, workers, log)
         servers.append(mailrelay)
         if not absent:
             chasquid = Chasquid(work, mda, ca, dns_servers["chasquid"])
@@ -576,7 +573,6 @@ def run_bench(work: Path, *, repeat: int = 3, starts: int = 5, idle: float = 20.
         "submissions": submissions, "seconds": time.monotonic() - began,
         "servers": {s.name: {"version": s.version} for s in servers},
         "chasquid_absent": absent,
-        "mailrelay_settings": settings,
         "serve_from": "lean venv" if lean else "the bench's venv",
         "startup": {n: {"runs": start_runs[n]} for n in names},
         "after": {n: {"runs": after_runs[n]} for n in names},
@@ -590,7 +586,7 @@ def run_bench(work: Path, *, repeat: int = 3, starts: int = 5, idle: float = 20.
 def notes(absent: str | None) -> list[str]:
     found = [
         "RSS and PSS are summed over all the server's processes: the process and every "
-        "descendant but the MDAs (mailrelay's SMTP workers, while it has them). Pages "
+        "descendant but the MDAs. Pages "
         "shared between processes count once per process in RSS, once in all in PSS.",
         "mailrelay is ready at READY=1 on the bench's NOTIFY_SOCKET; chasquid 1.11 has no "
         "sd_notify and is ready when all three ports accept. chasquid starts through "
@@ -709,9 +705,6 @@ def table(report: dict[str, Any]) -> str:
               f"{info['cpu']}, {info['cpus']} cpus, Python {info['python']}; "
               f"{report['seconds']:.0f} s.", ""]
     lines += [f"- {note}" for note in report["notes"]]
-    for key, done in report.get("mailrelay_settings", {}).items():
-        lines.append(f"- mailrelay `{key}: {done['asked']}`: "
-                     + ("written" if done["written"] else f"not written, {done['why_not']}"))
     return "\n".join(lines)
 
 
@@ -746,9 +739,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-chasquid", action="store_true", help="measure mailrelay alone")
     parser.add_argument("--install-chasquid", action="store_true",
                         help="apt-get install chasquid if it is missing (root only)")
-    parser.add_argument("--workers", metavar="N",
-                        help="write `workers: N` into mailrelay's configuration, if this "
-                             "mailrelay still takes the key (default: not written)")
     parser.add_argument("--results", type=Path, metavar="DIR",
                         help="write footprint.md and footprint.json here "
                              "(default bench/results/<UTC timestamp>/)")
@@ -770,8 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mailrelay-footprint-bench-") as work:
         report = run_bench(Path(work), **settings, with_venv=not (args.no_venv or args.quick),
                            venv_cache=args.venv_cache, with_chasquid=not args.no_chasquid,
-                           install_chasquid=args.install_chasquid,
-                           workers=server_bench.workers_value(args.workers), log=progress)
+                           install_chasquid=args.install_chasquid, log=progress)
     write_results(report, results_dir)
     progress(f"results in {results_dir}")
     return 0

@@ -1,7 +1,7 @@
 """All the benchmarks, one command, one results directory.
 
     .venv/bin/python -m bench.run_all [--results DIR] [--repeat R] [--quick] [--no-chasquid]
-                                      [--idle S] [--no-venv] [--workers N]
+                                      [--idle S] [--no-venv]
 
 Runs, in this order, the DKIM signing bench (bench.sign_bench), the durable-queue bench
 (bench.queue_bench), the footprint bench (bench.footprint_bench: memory, start-up,
@@ -64,9 +64,6 @@ def main(argv: list[str] | None = None) -> int:
                              "--quick 5)")
     parser.add_argument("--no-venv", action="store_true",
                         help="footprint: do not make the lean server venv")
-    parser.add_argument("--workers", metavar="N",
-                        help="write `workers: N` into mailrelay's configuration, if this "
-                             "mailrelay still takes the key (default: not written)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
     if args.repeat < 1:
@@ -104,12 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     settings["repeat"] = repeat
     if args.idle is not None:
         settings["idle"] = args.idle
-    workers = server_bench.workers_value(args.workers)
     with tempfile.TemporaryDirectory(prefix="mailrelay-footprint-bench-") as work:
         footprint = footprint_bench.run_bench(
             Path(work), **settings, with_venv=not (args.quick or args.no_venv),
             with_chasquid=not args.no_chasquid, install_chasquid=args.install_chasquid,
-            workers=workers, time_budget=args.budget * FOOTPRINT_SHARE, log=progress)
+            time_budget=args.budget * FOOTPRINT_SHARE, log=progress)
     footprint_text = footprint_bench.write_results(footprint, results, show=False)
 
     progress("server bench")
@@ -121,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(work), repeat=repeat, with_chasquid=not args.no_chasquid,
             install_chasquid=args.install_chasquid, scenarios=scenarios,
             sweep_messages=max(1, round(server_bench.SWEEP_MESSAGES * scale)),
-            time_budget=budget, workers=workers, log=progress)
+            time_budget=budget, log=progress)
     server_text = server_bench.write_results(server, results, show=False)
 
     elapsed = time.monotonic() - start

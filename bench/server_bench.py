@@ -2,7 +2,6 @@
 
     .venv/bin/python -m bench.server_bench [--repeat R] [--results DIR] [--no-chasquid]
                                            [--install-chasquid] [--scale F] [--time-budget S]
-                                           [--workers N]
 
 Writes DIR/server.md (the table), server.json and server.png (throughput against
 concurrency); DIR defaults to bench/results/<UTC timestamp>/. ``python -m bench.run_all``
@@ -37,8 +36,8 @@ starts. Per scenario and server:
 - DATA->250 latency p50/p99: from sending DATA to the 250 after the final dot (the 354
   round trip and the body included); MAIL->250 p50: the whole transaction;
 - server CPU ms/msg: utime+stime of all the server's processes (all their threads): the
-  server process and every long-lived descendant (mailrelay's SMTP workers, while it has
-  them), that is every descendant but the MDAs and hooks it runs, from the moment the
+  server process and every long-lived descendant, that is every descendant but the MDAs
+  and hooks it runs, from the moment the
   clock starts (the sessions' TLS and AUTH left out) until every message was delivered,
   so delivery work is included; the MDA processes it ran (reaped children,
   cutime+cstime) are shown apart ("MDA CPU"), and so is chasquid's post-data hook in
@@ -773,25 +772,6 @@ class Mailrelay(Server):
     def check(self) -> str | None:
         return self._check()[0]
 
-    def try_setting(self, key: str, value: Any) -> str | None:
-        """Add ``key: value`` to mailrelay.yaml when this mailrelay takes it (probed with
-        ``mailrelay check`` without and with it: `workers` went away, and is a warning);
-        None when written, else why not (the configuration is left without it)."""
-        broken, before = self._check()
-        if broken:
-            return f"mailrelay check fails without {key}: {broken}"
-        self.settings[key] = value
-        self.write_settings()
-        refused, after = self._check()
-        # A new line naming the key (a warning that it is no longer used) is a refusal too.
-        warned = [line for line in after if f"{key}:" in line and line not in before]
-        if refused or warned:
-            del self.settings[key]
-            self.write_settings()
-            why = refused or warned[0]
-            return f"{'not accepted' if refused else 'ignored'} by this mailrelay ({why})"
-        return None
-
     def command(self) -> list[str]:
         return [*self._cli(), "serve", "-c", str(self.config_dir)]
 
@@ -1129,10 +1109,9 @@ async def run_rounds(servers: list[Server], measurements: list[Scenario], repeat
 def run_bench(work: Path, *, repeat: int = 3, with_chasquid: bool = True,
               install_chasquid: bool = False, scenarios: Sequence[Scenario] = SCENARIOS,
               sweep: Sequence[int] = SWEEP, sweep_messages: int = SWEEP_MESSAGES,
-              time_budget: float = 420.0, workers: Any = None,
+              time_budget: float = 420.0,
               log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Start the servers in ``work`` (an empty directory), measure, stop them. ``workers``
-    goes into mailrelay's configuration only if this mailrelay accepts the key."""
+    """Start the servers in ``work`` (an empty directory), measure, stop them."""
     import trustme
 
     started = time.monotonic()
@@ -1148,13 +1127,10 @@ def run_bench(work: Path, *, repeat: int = 3, with_chasquid: bool = True,
         dns_servers["chasquid"] = DNSServer(*CHASQUID_DNS)
     servers: list[Server] = []
     queries: dict[str, dict[str, int]] = {}
-    settings: dict[str, Any] = {}
     try:
         dns_servers["mailrelay"].start()
         mailrelay = Mailrelay(work, mda, ca, dns_servers["mailrelay"])
         mailrelay.configure()
-        if workers is not None:
-            settings = workers_setting(mailrelay, workers, log)
         mailrelay.start()
         servers.append(mailrelay)
         if not absent:
@@ -1204,7 +1180,6 @@ def run_bench(work: Path, *, repeat: int = 3, with_chasquid: bool = True,
         "servers": {s.name: {"version": s.version, "ports": s.ports, "process": s.comm}
                     for s in servers},
         "chasquid_absent": absent,
-        "mailrelay_settings": settings,
         "skipped": skipped,
         "signatures": signatures,
         "machine": machine(work),
@@ -1213,16 +1188,6 @@ def run_bench(work: Path, *, repeat: int = 3, with_chasquid: bool = True,
         "dns_queries": queries,
         "notes": notes(absent, skipped),
     })
-
-
-def workers_setting(mailrelay: Mailrelay, workers: Any,
-                    log: Callable[[str], None]) -> dict[str, Any]:
-    """Write ``workers`` into mailrelay's configuration if it takes the key (it is going
-    away); what was asked and done, for the report."""
-    why_not = mailrelay.try_setting("workers", workers)
-    if why_not:
-        log(f"workers: {workers} not written: {why_not}")
-    return {"workers": {"asked": workers, "written": why_not is None, "why_not": why_not}}
 
 
 def summarise_report(report: dict[str, Any]) -> dict[str, Any]:
@@ -1392,9 +1357,6 @@ def table(report: dict[str, Any]) -> str:
     for scenario, found in report.get("signatures", {}).items():
         lines.append(f"- DKIM in the message delivered in {scenario}'s warm-up: "
                      + "; ".join(f"{server}: {what}" for server, what in found.items()))
-    for key, done in report.get("mailrelay_settings", {}).items():
-        lines.append(f"- mailrelay `{key}: {done['asked']}`: "
-                     + ("written" if done["written"] else f"not written, {done['why_not']}"))
     for server, counts in report["dns_queries"].items():
         top = ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:6])
         lines.append(f"- DNS queries made by {server}: {top or 'none'}")
@@ -1456,9 +1418,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, metavar="DIR",
                         help="put the servers' configuration and data in a temporary "
                              "directory inside DIR (default: the system's temporary directory)")
-    parser.add_argument("--workers", metavar="N",
-                        help="write `workers: N` into mailrelay's configuration, if this "
-                             "mailrelay still takes the key (default: not written)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="measure nothing: redo the medians, table and plot of a "
@@ -1489,18 +1448,11 @@ def main(argv: list[str] | None = None) -> int:
                            install_chasquid=args.install_chasquid, scenarios=scenarios,
                            sweep=SWEEP,
                            sweep_messages=max(1, round(SWEEP_MESSAGES * args.scale)),
-                           time_budget=args.time_budget, workers=workers_value(args.workers),
+                           time_budget=args.time_budget,
                            log=progress)
     write_results(report, results_dir)
     progress(f"results in {results_dir}")
     return 0
-
-
-def workers_value(text: str | None) -> Any:
-    """--workers as mailrelay.yaml would have it: auto or a number."""
-    if text is None:
-        return None
-    return int(text) if text.isdigit() else text
 
 
 def json_safe(value: Any) -> Any:

@@ -64,11 +64,10 @@ def test_run_all_writes_every_result(tmp_path, monkeypatch, capsys):
     assert summary.index("Targets of issue 17") < summary.index("sign table")
     assert summary in capsys.readouterr().out
     assert calls["sign"]["repeat"] == calls["queue"]["repeat"] == calls["server"]["repeat"] == 1
-    # --quick: the footprint's short settings, no lean venv; `workers` left out unless asked.
+    # --quick: the footprint's short settings, no lean venv.
     footprint = calls["footprint"]
     assert footprint["repeat"] == 1 and footprint["idle"] == footprint_bench.QUICK["idle"]
-    assert footprint["with_venv"] is False and footprint["workers"] is None
-    assert calls["server"]["workers"] is None
+    assert footprint["with_venv"] is False
     # A fifth of the messages, and a budget that leaves room for the round in progress.
     assert calls["server"]["scenarios"][0].per_connection == 4
     assert 30 <= calls["server"]["time_budget"] <= 540 - run_all.ROUND_RESERVE
