@@ -77,6 +77,9 @@ class Server:
         self.control: ControlServer | None = None
         self._bound: list[ListeningSocket] = []
         self._last_domain_stamp: tuple = ()
+        # The mailrelay.yaml last read: a setting that needs a restart is reported once
+        # when it changes, not again at every later reload (the file watcher's included).
+        self._last_read = config
 
     async def start(self) -> None:
         """Load everything, resume the queue, then bind the listeners."""
@@ -220,6 +223,9 @@ class Server:
         """Re-read mailrelay.yaml (domains apply, other changes are reported), users, DKIM
         keys, aliases and certificates; a broken file keeps the last good state."""
         ok = self._reload_config()
+        # What this reload reads is what the file watcher has seen: after a SIGHUP (as
+        # `aliases edit` sends) it must not reload the same change a second time.
+        self._last_domain_stamp = self._domain_files_stamp()
         try:
             self.users = Users.load(self.config)
         except ConfigError as exc:
@@ -242,9 +248,10 @@ class Server:
             log.error("reload: %s (keeping the running configuration)", exc)
             return False
         changed = changed_settings(self.config, fresh)
-        if changed:
+        if set(changed) & set(changed_settings(self._last_read, fresh)):
             log.warning("reload: changed settings need a restart to take effect: %s",
                         ", ".join(changed))
+        self._last_read = fresh
         if fresh.domains != self.config.domains:
             added = sorted(set(fresh.domains) - set(self.config.domains))
             removed = sorted(set(self.config.domains) - set(fresh.domains))
