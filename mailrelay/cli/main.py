@@ -6,7 +6,9 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from functools import partial
 
+from .. import __version__
 from ..config import DEFAULT_CONFIG_DIR
 from ..errors import MailrelayError
 
@@ -27,7 +29,30 @@ def common_options(default: object = argparse.SUPPRESS) -> argparse.ArgumentPars
         "-c", "--config", default=default, metavar="DIR",
         help=f"configuration directory (default {DEFAULT_CONFIG_DIR})",
     )
+    parent.add_argument("--version", action="version", version=version_text(),
+                        help="print mailrelay's version and exit")
     return parent
+
+
+def version_text() -> str:
+    return f"mailrelay {__version__} (Python {sys.version.split()[0]})"
+
+
+def _help_when_alone(parser: argparse.ArgumentParser) -> None:
+    """A command group without its command (``mailrelay``, ``mailrelay queue``) prints its
+    help, the list of what it can do, on stdout and exits 0, as ``--help`` does: asking
+    what there is is not a mistake (git prints the same list, but exits 1)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            action.required = False
+            parser.set_defaults(func=partial(_print_help, parser))
+            for sub in dict.fromkeys(action.choices.values()):
+                _help_when_alone(sub)
+
+
+def _print_help(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    parser.print_help()
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         module = importlib.import_module(f".{name}", __package__)
         module.register(subparsers, common)
+    _help_when_alone(parser)
     return parser
 
 
