@@ -235,6 +235,14 @@ class ProxyProtocolSettings:
 
 
 @dataclass(frozen=True)
+class UserSettings:
+    """What ``mailrelay user add/passwd`` and ``init`` accept as a new password."""
+
+    # NIST SP 800-63B's minimum for a password the user chose; logins are not affected.
+    min_password_length: int = 8
+
+
+@dataclass(frozen=True)
 class SenderSettings:
     # Authenticated users may send (MAIL FROM and From:) only as their own addresses...
     restrict: bool = True
@@ -280,6 +288,7 @@ class Config:
     filters: FilterSettings = field(default_factory=FilterSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     proxy_protocol: ProxyProtocolSettings = field(default_factory=ProxyProtocolSettings)
+    users: UserSettings = field(default_factory=UserSettings)
     # What is loaded but deserves the owner's attention (``check`` prints it, ``serve``
     # logs it): e.g. a setting that no longer has an effect.
     warnings: tuple[str, ...] = ()
@@ -441,7 +450,7 @@ def load_config(config_dir: Path | str) -> Config:
         "listen": None, "data_dir": _scalar_of(_as_str), "tls": None, "dns": None,
         "delivery": None, "limits": None, "senders": None, "aliases": None, "inbound": None,
         "metrics": None, "workers": None, "auth": None, "proxy_protocol": None,
-        "filters": None,
+        "filters": None, "users": None,
     }
     top = reader.mapping(root, "top level")
     for key, (key_node, _) in top.items():
@@ -559,6 +568,10 @@ def load_config(config_dir: Path | str) -> Config:
             "timeout": _scalar_of(parse_duration),
         }))
 
+    users = UserSettings(**_section(reader, sub("users"), "users", {
+        "min_password_length": _scalar_of(_as_positive_int),
+    }))
+
     warnings = []
     if "workers" in top:
         # Removed: SMTP worker processes doubled the memory and split the per-IP limits
@@ -595,7 +608,7 @@ def load_config(config_dir: Path | str) -> Config:
         dns=dns, delivery=delivery, limits=limits, domains=domains,
         senders=senders, aliases=aliases, inbound=inbound, metrics=metrics,
         auth=auth, proxy_protocol=proxy_protocol, warnings=tuple(warnings),
-        filters=filters,
+        filters=filters, users=users,
     )
 
 

@@ -334,7 +334,8 @@ class Server:
             await self.mta_sts.stop()
 
 
-_LIVE_SETTINGS = frozenset({"config_dir", "domains", "warnings"})
+# users: the CLI's rules for new passwords, nothing the server holds.
+_LIVE_SETTINGS = frozenset({"config_dir", "domains", "warnings", "users"})
 
 
 def changed_settings(running: Config, fresh: Config) -> list[str]:

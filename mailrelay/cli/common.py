@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import getpass
+import sys
+import warnings
+
 from ..address import AddressError, normalize_domain
 from ..config import Config
 from ..errors import MailrelayError
@@ -18,3 +22,51 @@ def local_domain(config: Config, domain: str) -> str:
         raise MailrelayError(f"{domain} is not a local domain (known: {known}; "
                              f"create {config.domain_dir(domain)}/ to add it)")
     return domain
+
+
+def read_password(from_stdin: bool, prompt: str = "Password: ") -> str:
+    """A password from the first line of standard input (``--password-stdin``), else asked
+    on the terminal; a one-line error when there is neither.
+
+    getpass asks on /dev/tty; without one it would read standard input after a warning and
+    fail on its end with a traceback. And a password piped in without --password-stdin
+    was meant for us, not to be ignored while a prompt waits on the terminal.
+    """
+    if from_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            raise MailrelayError("no password on standard input")
+        # Only the line ending goes: spaces may be part of the password.
+        return line.removesuffix("\n").removesuffix("\r")
+    if not sys.stdin.isatty():
+        try:
+            open("/dev/tty", "rb").close()  # where getpass asks
+        except OSError:
+            raise MailrelayError("no terminal to ask for the password on: give it on "
+                                 "standard input with --password-stdin") from None
+        raise MailrelayError("standard input is not a terminal: to give the password on "
+                             "it, add --password-stdin")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", getpass.GetPassWarning)
+            return getpass.getpass(prompt)
+    except getpass.GetPassWarning:
+        raise MailrelayError("no terminal to ask for the password on: use "
+                             "--password-stdin") from None
+    except EOFError:  # ctrl-D at the prompt
+        print(file=sys.stderr)
+        raise MailrelayError("no password given") from None
+
+
+def read_new_password(from_stdin: bool, min_length: int) -> str:
+    """A new password: asked twice on a terminal, at least ``min_length`` characters."""
+    password = read_password(from_stdin)
+    if not password:
+        raise MailrelayError("password must not be empty")
+    if len(password) < min_length:
+        raise MailrelayError(f"the password is too short: {len(password)} character"
+                             f"{'s' if len(password) != 1 else ''}, at least {min_length} "
+                             "(users.min_password_length in mailrelay.yaml)")
+    if not from_stdin and read_password(False, "Repeat password: ") != password:
+        raise MailrelayError("passwords do not match")
+    return password

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..address import AddressError, normalize_domain, split
-from ..config import CONFIG_FILE, load_config
+from ..config import CONFIG_FILE, UserSettings, load_config
 from ..errors import ConfigError, MailrelayError
 from ..fsutil import atomic_write, make_dirs
 from ..message.dkim.keys import PrivateKey, generate_key, load_domain_keys, write_key
@@ -37,8 +37,8 @@ from ..ops.dnsrecords import parse_ips
 from ..policy.aliases import CATCH_ALL, EMAIL, Target, default_text, parse_text
 from ..policy.users import USERS_FILE, UserDB, check_localpart
 from .aliases import NEW_FILE_MODE as ALIASES_MODE
+from .common import read_new_password
 from .dns import print_records
-from .user import _read_password
 
 DEFAULT_DATA_DIR = Path("/var/lib/mailrelay")
 DEFAULT_SERVICE_USER = "mailrelay"
@@ -436,6 +436,14 @@ def _plan_files(plan: Plan, args: argparse.Namespace) -> None:
           CONFIG_MODE, "ports 25, 587 and 465")
 
 
+def _min_password_length(plan: Plan) -> int:
+    """users.min_password_length of the configuration init adds to, else the default."""
+    if (plan.config_dir / CONFIG_FILE).exists():
+        with contextlib.suppress(ConfigError):
+            return load_config(plan.config_dir).users.min_password_length
+    return UserSettings().min_password_length
+
+
 def _plan_user(plan: Plan, path: Path, args: argparse.Namespace) -> None:
     address = f"{plan.local}@{plan.domain}"
     try:
@@ -447,16 +455,9 @@ def _plan_user(plan: Plan, path: Path, args: argparse.Namespace) -> None:
         return
     existed = path.exists()
     if not args.dry_run:
-        if not args.password_stdin:
-            try:  # where getpass asks; without it, it would read stdin after a warning
-                open("/dev/tty", "rb").close()
-            except OSError:
-                raise _fail("no terminal to ask for the password on: give it on standard "
-                            "input with --password-stdin") from None
         try:
-            db.set_password(plan.local, _read_password(args.password_stdin, confirm=True))
-        except EOFError:
-            raise _fail("no password given") from None
+            db.set_password(plan.local, read_new_password(args.password_stdin,
+                                                          _min_password_length(plan)))
         except MailrelayError as exc:
             raise _fail(str(exc)) from None
     previous = path.read_bytes() if existed else None

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import getpass
-import sys
 
 from ..address import AddressError, normalize_local, split
 from ..config import Config, load_config
 from ..errors import MailrelayError
 from ..policy.users import USERS_FILE, UserDB
-from .common import local_domain
+from .common import local_domain, read_new_password, read_password
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -65,19 +63,6 @@ def _user_db(config: Config, address: str) -> tuple[str, UserDB]:
     return normalize_local(local), _domain_db(config, domain)
 
 
-def _read_password(from_stdin: bool, confirm: bool) -> str:
-    if from_stdin:
-        line = sys.stdin.readline()
-        if not line:
-            raise MailrelayError("no password on standard input")
-        # Only the line ending goes: spaces may be part of the password.
-        return line.removesuffix("\n").removesuffix("\r")
-    password = getpass.getpass("Password: ")
-    if confirm and getpass.getpass("Repeat password: ") != password:
-        raise MailrelayError("passwords do not match")
-    return password
-
-
 def cmd_add(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     local, db = _user_db(config, args.address)
@@ -87,7 +72,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     if args.receive_only:
         db.add_receive_only(local)
     else:
-        db.set_password(local, _read_password(args.password_stdin, confirm=True))
+        db.set_password(local, read_new_password(args.password_stdin,
+                                                 config.users.min_password_length))
     db.save()
     note = " (receive-only)" if args.receive_only else ""
     print(f"added {local}@{db.domain}{note}")
@@ -99,7 +85,8 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     local, db = _user_db(config, args.address)
     if local not in db:
         raise MailrelayError(f"no such user: {local}@{db.domain}")
-    db.set_password(local, _read_password(args.password_stdin, confirm=True))
+    db.set_password(local, read_new_password(args.password_stdin,
+                                             config.users.min_password_length))
     db.save()
     print(f"password changed for {local}@{db.domain}")
     return 0
@@ -129,7 +116,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_authenticate(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     local, db = _user_db(config, args.address)
-    password = _read_password(args.password_stdin, confirm=False)
+    password = read_password(args.password_stdin)
     if db.check_password(local, password):
         print("ok")
         return 0

@@ -328,8 +328,8 @@ def test_dry_run_writes_nothing(workdir):
     ({"user": "me"}, "--user 'me' is not an address"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(workdir, change, expected):
-    result = mailrelay(*init_args(workdir, "--password-stdin", **change), stdin="pw\n",
-                       prefix=as_unprivileged())
+    result = mailrelay(*init_args(workdir, "--password-stdin", **change),
+                       stdin="a good password\n", prefix=as_unprivileged())
     line = one_line_error(result)
     assert expected in line, line
     assert line.endswith("(nothing was written)")
@@ -338,7 +338,7 @@ def test_bad_input_is_one_line_and_writes_nothing(workdir, change, expected):
 
 def test_an_existing_different_configuration_is_refused(workdir):
     prefix = as_unprivileged()
-    assert mailrelay(*init_args(workdir, "--password-stdin"), stdin="pw-one\n",
+    assert mailrelay(*init_args(workdir, "--password-stdin"), stdin="password-one\n",
                      prefix=prefix).returncode == 0
     before = tree(workdir)
     line = one_line_error(mailrelay(*init_args(workdir, "--password-stdin",
@@ -348,7 +348,7 @@ def test_an_existing_different_configuration_is_refused(workdir):
            "mx.example.com" in line
     # A second domain into the same configuration is fine; the first one is untouched.
     result = mailrelay(*init_args(workdir, "--password-stdin", domain="example.org",
-                                  user="me@example.org"), stdin="pw-two\n", prefix=prefix)
+                                  user="me@example.org"), stdin="password-two\n", prefix=prefix)
     assert result.returncode == 0, result.stderr
     after = tree(workdir)
     assert {k: v for k, v in after.items() if k in before} == before
@@ -366,6 +366,9 @@ def test_passwords(workdir):
     line = one_line_error(mailrelay(*init_args(workdir, "--password-stdin"), stdin="\n",
                                     prefix=prefix))
     assert "password must not be empty" in line
+    line = one_line_error(mailrelay(*init_args(workdir, "--password-stdin"), stdin="a\n",
+                                    prefix=prefix))
+    assert "the password is too short: 1 character, at least 8" in line
     # No terminal and no --password-stdin: said at once, not a getpass traceback.
     line = one_line_error(mailrelay(*init_args(workdir), prefix=prefix, new_session=True))
     assert "no terminal to ask for the password on" in line
@@ -406,7 +409,7 @@ def test_root_creates_the_service_user(workdir):
     name = f"mrtest{secrets.token_hex(3)}"
     try:
         result = mailrelay(*init_args(workdir, "--password-stdin", "--service-user", name),
-                           stdin="pw-root\n")
+                           stdin="password-root\n")
         assert result.returncode == 0, result.stderr
         assert re.search(rf"^created +user {name} \(useradd --system --user-group ", result.stdout,
                          re.M), result.stdout

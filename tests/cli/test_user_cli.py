@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mailrelay.cli import common
 from mailrelay.cli import user as user_cli
 from mailrelay.cli.main import common_options
 from mailrelay.errors import MailrelayError
@@ -61,8 +62,16 @@ def prompts(monkeypatch, *answers: str) -> list[str]:
         shown.append(prompt)
         return next(replies)
 
-    monkeypatch.setattr(user_cli.getpass, "getpass", fake)
+    monkeypatch.setattr(common.getpass, "getpass", fake)
+    monkeypatch.setattr(sys, "stdin", Terminal())
     return shown
+
+
+class Terminal(io.StringIO):
+    """Standard input on a terminal (getpass, patched, answers instead)."""
+
+    def isatty(self) -> bool:
+        return True
 
 
 def test_add_with_prompt_then_authenticate(confdir, monkeypatch, capsys):
@@ -85,7 +94,7 @@ def test_add_with_prompt_then_authenticate(confdir, monkeypatch, capsys):
 
 
 def test_password_mismatch(confdir, monkeypatch, capsys):
-    prompts(monkeypatch, "one", "two")
+    prompts(monkeypatch, "password one", "password two")
     assert run(confdir, "add", "alice@example.com") == 1
     assert capsys.readouterr().err == "mailrelay: passwords do not match\n"
     assert not users_file(confdir).exists()
@@ -142,11 +151,11 @@ def test_passwd_changes_password_and_needs_existing_user(confdir, monkeypatch, c
     assert "no such user: alice@example.com" in capsys.readouterr().err
 
     assert run(confdir, "add", "alice@example.com", "--receive-only") == 0
-    prompts(monkeypatch, "new pw", "new pw")
+    prompts(monkeypatch, "new password", "new password")
     assert run(confdir, "passwd", "alice@example.com") == 0
     assert capsys.readouterr().out.endswith("password changed for alice@example.com\n")
     db = UserDB.load(users_file(confdir), "example.com")
-    assert db.can_login("alice") and db.check_password("alice", "new pw")
+    assert db.can_login("alice") and db.check_password("alice", "new password")
 
 
 def test_remove(confdir, capsys):
@@ -160,7 +169,7 @@ def test_remove(confdir, capsys):
 
 def test_list(confdir, monkeypatch, capsys):
     run(confdir, "add", "zed@example.com", "--receive-only")
-    run(confdir, "add", "amy@example.com", "--password-stdin", stdin="pw\n",
+    run(confdir, "add", "amy@example.com", "--password-stdin", stdin="a password\n",
         monkeypatch=monkeypatch)
     run(confdir, "add", "info@example.org", "--receive-only")
     capsys.readouterr()
