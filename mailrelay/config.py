@@ -551,7 +551,7 @@ def load_config(config_dir: Path | str) -> Config:
     }))
 
     metrics = MetricsSettings(**_section(reader, sub("metrics"), "metrics", {
-        "listen": _scalar_of(lambda v: None if v is None else parse_hostport(v)),
+        "listen": _scalar_of(_as_metrics_listen),
     }))
 
     auth = AuthSettings(**_section(reader, sub("auth"), "auth", {
@@ -711,6 +711,23 @@ def check_secret_file(path: Path, setting: str, config_path: Path | None = None)
     if mode & 0o077:
         raise ConfigError(f"{setting}: {path} is open to group or others (mode {mode:04o}); "
                           f"chmod 600 {path}", config_path)
+
+
+def _as_metrics_listen(value: Any) -> tuple[str, int] | None:
+    """``host:port``; a port alone (``9125``, ``:9125``) is on loopback, where an HTTP
+    endpoint without authentication belongs."""
+    if value is None:
+        return None
+    text = _as_str(value).strip()
+    if re.fullmatch(r":?\d+", text):
+        return "127.0.0.1", _as_port(int(text.lstrip(":")))
+    try:
+        return parse_hostport(text)
+    except ValueError as exc:
+        if "needs a port" not in str(exc):
+            raise
+        raise ValueError(f"{text!r} has no port: give host:port, e.g. "
+                         "127.0.0.1:9125") from None
 
 
 def _as_timeout(value: Any) -> float:
