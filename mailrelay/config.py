@@ -507,7 +507,8 @@ def load_config(config_dir: Path | str) -> Config:
         "ca_file": base_path,
         "mta_sts": _scalar_of(_as_bool),
         "mta_sts_port": _scalar_of(_as_port),
-        "relay": lambda r, node, name: node,  # converted below, with its own keys
+        # Converted below, with its own keys; null is no relay, as leaving it out.
+        "relay": lambda r, node, name: None if node.tag.endswith(":null") else node,
         "source_ipv4": _scalar_of(_ip_of(4)),
         "source_ipv6": _scalar_of(_ip_of(6)),
         "ip_families": _families,
