@@ -44,6 +44,23 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     edit.add_argument("domain", metavar="DOMAIN", help="a local domain")
     edit.set_defaults(func=cmd_edit)
 
+    add = actions.add_parser("add", parents=[common],
+                             help="add one alias line to a domain's aliases (for scripts)")
+    add.add_argument("domain", metavar="DOMAIN", help="a local domain")
+    add.add_argument("line", metavar="LINE", nargs="+",
+                     help="the line, as in the file: 'NAME: TARGET, TARGET…' (quote it, "
+                          "or give its words as separate arguments)")
+    add.add_argument("--replace", action="store_true",
+                     help="replace the alias when NAME has one (default: refuse)")
+    add.set_defaults(func=cmd_add)
+
+    remove = actions.add_parser("remove", parents=[common],
+                                help="remove an alias (its line) from a domain's aliases")
+    remove.add_argument("domain", metavar="DOMAIN", help="a local domain")
+    remove.add_argument("name", metavar="NAME",
+                        help="the alias: NAME, NAME@DOMAIN, or * for the catch-all")
+    remove.set_defaults(func=cmd_remove)
+
     resolve = actions.add_parser("resolve", parents=[common],
                                  help="show where mail for an address goes")
     resolve.add_argument("address", metavar="ADDR", help="local@domain")
@@ -123,6 +140,126 @@ def cmd_edit(args: argparse.Namespace) -> int:
     atomic_write(path, edited, mode=mode)
     print(f"installed {path}")
     _notify_server(config)
+    return 0
+
+
+def _read_current(config: Config, domain: str) -> tuple[Path, bytes | None, int]:
+    """The aliases file of ``domain``: path, content (None: no file yet) and mode; a
+    broken file is refused (one line each), as the server would not load it either."""
+    path = aliases_path(config, domain)
+    try:
+        original: bytes | None = path.read_bytes()
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return path, None, NEW_FILE_MODE
+    _, errors = parse_text(original, domain, path, config.aliases)
+    if errors:
+        for error in errors[1:]:
+            print(f"mailrelay: {error}", file=sys.stderr)
+        raise MailrelayError(f"{errors[0]} (fix it first: mailrelay aliases edit {domain})")
+    return path, original, mode
+
+
+def _defined_by(raw_line: str, domain: str, config: Config) -> str | None:
+    """The normalised name a line of the file defines (None: a comment, blank or bad)."""
+    table, errors = parse_text(raw_line, domain, None, config.aliases)
+    return None if errors or not table else next(iter(table))
+
+
+def _install(config: Config, domain: str, path: Path, original: bytes | None, new: bytes,
+             mode: int, what: str) -> None:
+    """Validate and write ``new`` as ``aliases edit`` does, then make the server reload."""
+    table, errors = parse_text(new, domain, path, config.aliases)
+    if errors:  # cannot happen for a line that parsed on its own; never install it anyway
+        raise MailrelayError(f"{errors[0]}; {path} left unchanged")
+    before = _problems(config, domain, original)
+    try:
+        current = path.read_bytes()
+    except FileNotFoundError:
+        current = None
+    if current != original:
+        raise MailrelayError(f"{path} changed while this ran; {path} left unchanged, try again")
+    atomic_write(path, new, mode=mode)
+    print(f"{what} {path}")
+    for problem in _problems(config, domain, new, table):
+        if problem not in before:
+            print(f"warning: {problem}", file=sys.stderr)
+    _notify_server(config)
+
+
+def _problems(config: Config, domain: str, text: bytes | None,
+              table: dict[str, list[Target]] | None = None) -> list[str]:
+    """What ``aliases check`` would warn about in ``domain`` with ``text`` as its file."""
+    if table is None:
+        table = parse_text(text, domain, None, config.aliases)[0] if text else {}
+    aliases = Aliases.load(config)[0]
+    aliases.tables[domain] = table
+    users = Users.load(config)
+    problems = _dead_ends(aliases, domain, table, users, config)
+    postmaster = f"postmaster@{domain}"
+    if not aliases.resolve(postmaster, users.exists, config.is_local_domain):
+        problems.append(f"{postmaster} is refused: RFC 5321 4.5.1 requires it to deliver "
+                        "(`mailrelay check` says the same)")
+    return problems
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    domain = local_domain(config, args.domain)
+    line = " ".join(args.line).strip()
+    if "\n" in line or "\r" in line:
+        raise MailrelayError("one line only (to add several, run this once for each)")
+    table, errors = parse_text(line, domain, None, config.aliases)
+    if errors or not table:
+        why = errors[0].message if errors else "expected 'name: target, ...'"
+        raise MailrelayError(f"not an alias line: {line!r}: {why}")
+    (name,) = table
+    path, original, mode = _read_current(config, domain)
+    lines = (original if original is not None else default_text(domain).encode()
+             ).decode("utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline
+    defined = [i for i, raw in enumerate(lines) if _defined_by(raw, domain, config) == name]
+    shown = "the catch-all" if name == CATCH_ALL else name
+    if defined and not args.replace:
+        number = defined[-1]
+        raise MailrelayError(f"{shown} is already an alias of {domain} ({path}:{number + 1}: "
+                             f"{lines[number].strip()}); give --replace to replace it")
+    if defined:
+        lines[defined[0]] = line  # where it was; any later line for it goes
+        lines = [raw for i, raw in enumerate(lines) if i not in defined[1:]]
+        what = f"replaced {shown} in"
+    else:
+        lines.append(line)
+        what = f"added {shown} to"
+    _install(config, domain, path, original, ("\n".join(lines) + "\n").encode("utf-8"),
+             mode, what)
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    domain = local_domain(config, args.domain)
+    given = args.name.strip()
+    if "@" in given and given != CATCH_ALL:
+        local, _, other = given.rpartition("@")
+        if local_domain(config, other) != domain:
+            raise MailrelayError(f"{given} is not an address of {domain}")
+        given = local
+    probe, errors = parse_text(f"{given}: postmaster", domain, None, config.aliases)
+    if errors or not probe:
+        raise MailrelayError(f"not an alias name: {args.name!r}")
+    (name,) = probe
+    path, original, mode = _read_current(config, domain)
+    shown = "the catch-all" if name == CATCH_ALL else name
+    if original is None:
+        raise MailrelayError(f"{domain} has no aliases file ({path}), so no alias {shown}")
+    lines = original.decode("utf-8").split("\n")
+    kept = [raw for raw in lines if _defined_by(raw, domain, config) != name]
+    if len(kept) == len(lines):
+        raise MailrelayError(f"no alias {shown} in {path}")
+    _install(config, domain, path, original, "\n".join(kept).encode("utf-8"), mode,
+             f"removed {shown} from")
     return 0
 
 

@@ -38,7 +38,7 @@ def test_mailrelay_alone_lists_the_commands():
 @pytest.mark.parametrize("group, actions", [
     ("queue", ("list", "show", "flush", "remove")),
     ("user", ("add", "passwd", "remove", "list", "authenticate")),
-    ("aliases", ("edit", "resolve", "check")),
+    ("aliases", ("edit", "add", "remove", "resolve", "check")),
     ("dns", ("records", "check")),
 ])
 def test_a_group_alone_lists_its_actions(group, actions):
