@@ -8,7 +8,7 @@ import re
 import sys
 import textwrap
 
-from ..config import Config, load_config
+from ..config import Config, load_config, parse_duration
 from ..message.dkim.keys import load_domain_keys
 from ..message.dkim.signer import DKIMKey
 from ..ops.dnsrecords import (
@@ -17,11 +17,14 @@ from ..ops.dnsrecords import (
     CheckResult,
     IPAddress,
     RecordPlan,
-    check_records,
+    describe_resolver,
     hostname_addresses,
+    iter_check_records,
+    lookup_timeout,
     make_lookup,
     parse_ips,
     plan_records,
+    probe_resolvers,
 )
 from ..policy.authres import DNSTempError
 from .common import local_domain
@@ -46,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                               "include:amazonses.com (default: from mailrelay's table of "
                               "common relay services)")
     options.add_argument("--json", action="store_true", help="print JSON")
+    options.add_argument("--timeout", type=_duration, metavar="DURATION",
+                         help="per lookup (default: dns.timeout, at most 3s)")
 
     records = actions.add_parser("records", parents=[common, options],
                                  help="print the records to publish, as zone-file lines")
@@ -53,6 +58,16 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     check = actions.add_parser("check", parents=[common, options],
                                help="look the records up and say which are missing or wrong")
     check.set_defaults(func=cmd_check)
+
+
+def _duration(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("a timeout must be longer than 0s")
+    return seconds
 
 
 def _keys(config: Config, domain: str) -> tuple[list[DKIMKey], int]:
@@ -67,22 +82,23 @@ def cmd_records(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     domain = local_domain(config, args.domain)
     return print_records(config, domain, args.ip, strict_spf=args.strict_spf,
-                         relay_spf=args.relay_spf, as_json=args.json)
+                         relay_spf=args.relay_spf, as_json=args.json, timeout=args.timeout)
 
 
 def print_records(config: Config, domain: str, ip_args: list[str], *,
                   strict_spf: bool = False, relay_spf: str | None = None,
-                  as_json: bool = False) -> int:
+                  as_json: bool = False, timeout: float | None = None) -> int:
     """What ``dns records`` prints (also ``mailrelay init``); 1 if a key file is broken."""
     ips: list[IPAddress] = parse_ips(ip_args)
     source = "--ip"
     if not ips:
         source = "dns"
         try:
-            ips = hostname_addresses(make_lookup(config), config.hostname)
+            ips = hostname_addresses(make_lookup(config, timeout), config.hostname)
         except DNSTempError as exc:
-            print(f"mailrelay: cannot look up the addresses of {config.hostname}: {exc}",
-                  file=sys.stderr)
+            trouble = probe_resolvers(config, timeout) or str(exc)
+            print(f"mailrelay: cannot look up the addresses of {config.hostname} "
+                  f"through {describe_resolver(config)}: {trouble}", file=sys.stderr)
         if not ips:
             source = "none"
     keys, broken = _keys(config, domain)
@@ -137,36 +153,61 @@ def cmd_check(args: argparse.Namespace) -> int:
     domain = local_domain(config, args.domain)
     ips = parse_ips(args.ip)
     keys, broken = _keys(config, domain)
-    results = check_records(config, domain, keys, ips, strict_spf=args.strict_spf,
-                            relay_spf=args.relay_spf)
+    timeout = lookup_timeout(config, args.timeout)
+    resolver = describe_resolver(config)
+    if not args.json:
+        print(f"{domain}: asking {resolver}, {timeout:g}s per lookup", flush=True)
+    # A resolver that does not answer is said once, at once, rather than as a timeout
+    # per record (ten records, ten timeouts).
+    down = probe_resolvers(config, timeout)
+    if down is not None and not args.json:
+        print(f"error:  {down}", flush=True)
+    results = []
+    for result in iter_check_records(config, domain, keys, ips, strict_spf=args.strict_spf,
+                                     relay_spf=args.relay_spf, timeout=timeout,
+                                     resolver_down=down):
+        results.append(result)
+        if not args.json:
+            print(format_result(result), flush=True)  # as soon as it is known
     bad = [r for r in results if not r.good]
     if args.json:
         print(json.dumps({
             "domain": domain, "hostname": config.hostname, "ok": not bad and not broken,
+            "resolver": resolver, "resolver_error": down,
             "results": [vars(r) for r in results],
         }, indent=2))
     else:
-        print(format_results(domain, results))
+        print(format_summary(domain, results, down))
     return 1 if bad or broken else 0
 
 
+_KIND_WIDTH = len("SPF-HELO")  # the longest kind
+
+
+def format_result(result: CheckResult) -> str:
+    optional = "" if result.required else " (optional)"
+    lines = [f"{result.status:<7} {result.kind:<{_KIND_WIDTH}} "
+             f"{result.name}: {result.detail}{optional}"]
+    if result.status != OK:
+        for i, fix in enumerate(result.fix):
+            lines.append(f"{'':8}{'fix:' if i == 0 else '    '} {fix}")
+    return "\n".join(lines)
+
+
 def format_results(domain: str, results: list[CheckResult]) -> str:
-    kind_width = max(len(r.kind) for r in results)
+    return "\n".join([*map(format_result, results), format_summary(domain, results)])
+
+
+def format_summary(domain: str, results: list[CheckResult], down: str | None = None) -> str:
     lines = []
-    for result in results:
-        optional = "" if result.required else " (optional)"
-        lines.append(f"{result.status:<7} {result.kind:<{kind_width}} "
-                     f"{result.name}: {result.detail}{optional}")
-        if result.status != OK:
-            for i, fix in enumerate(result.fix):
-                lines.append(f"{'':8}{'fix:' if i == 0 else '    '} {fix}")
     to_fix = [r for r in results if not r.good and r.status != ERROR]
     unchecked = [r for r in results if not r.good and r.status == ERROR]
     if to_fix:
         lines.append(f"{domain}: {_count(to_fix)} to fix "
                      f"({', '.join(f'{r.kind} {r.status}' for r in to_fix)})")
     if unchecked:
-        lines.append(f"{domain}: {_count(unchecked)} not checked because of DNS trouble "
+        why = "the resolver does not answer" if down else "of DNS trouble"
+        lines.append(f"{domain}: {_count(unchecked)} not checked because {why} "
                      f"({', '.join(r.kind for r in unchecked)}); try again")
     if not to_fix and not unchecked:
         lines.append(f"{domain}: all required records are right")

@@ -12,19 +12,25 @@ and with ``delivery.relay`` the SPF record must also name the relay's servers, b
 
 All lookups go through ``authcheck.DNSLookup`` (the configured nameservers, a bounded
 time per lookup), and SPF is evaluated by pyspf through the same resolver, exactly as
-inbound mail is checked. DNS trouble becomes an ``error`` result for that record only.
+inbound mail is checked. DNS trouble becomes an ``error`` result for that record only,
+naming the resolver; a resolver that does not answer at all (``probe_resolvers``) ends
+the check at once instead of costing a timeout per record.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import re
-from collections.abc import Callable, Sequence
+import socket
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import dns.exception
+import dns.message
+import dns.resolver
 import dns.reversename
 
 from ..config import Config
@@ -44,6 +50,9 @@ _PROBE_IP = "192.0.2.1"
 _MTA_STS_MAX_AGE = 604800  # one week, the RFC 8461 example; long enough to be useful
 # Each lookup may take dns.timeout; a record check (SPF with includes) gets this many.
 _LOOKUPS_PER_CHECK = 12
+# Per lookup for `dns check` and `dns records` (at most dns.timeout): a person waits for
+# the answer, and a resolver that is up answers well within it.
+CHECK_TIMEOUT = 3.0
 
 # The SPF include of common relay services, by the relay's host name (README, "When your
 # provider blocks port 25"): (host suffix, the term the domain's SPF record needs).
@@ -126,8 +135,80 @@ def parse_ips(values: Sequence[str]) -> list[IPAddress]:
     return ips
 
 
-def make_lookup(config: Config) -> DNSLookup:
-    return DNSLookup(config.dns, budget=_LOOKUPS_PER_CHECK * config.dns.timeout)
+def lookup_timeout(config: Config, given: float | None = None) -> float:
+    """Seconds per lookup: ``given`` (--timeout), else dns.timeout but at most 3 s."""
+    return given if given is not None else min(config.dns.timeout, CHECK_TIMEOUT)
+
+
+def make_lookup(config: Config, timeout: float | None = None) -> DNSLookup:
+    settings = dataclasses.replace(config.dns, timeout=lookup_timeout(config, timeout))
+    return DNSLookup(settings, budget=_LOOKUPS_PER_CHECK * settings.timeout)
+
+
+def resolver_addresses(config: Config) -> list[tuple[str, int]]:
+    """The nameservers lookups go to: dns.nameservers, else the system's."""
+    if config.dns.nameservers:
+        return list(config.dns.nameservers)
+    try:
+        system = dns.resolver.Resolver(configure=True)
+    except dns.resolver.NoResolverConfiguration:
+        return [("127.0.0.1", 53)]  # what dnsresolver.make_resolver falls back to
+    return [(str(server), system.port) for server in system.nameservers]
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def describe_resolver(config: Config) -> str:
+    """The resolver in words, e.g. ``127.0.0.1:5353 (dns.nameservers in mailrelay.yaml)``."""
+    servers = ", ".join(_hostport(h, p) for h, p in resolver_addresses(config))
+    where = ("dns.nameservers in mailrelay.yaml" if config.dns.nameservers
+             else "the system's, from /etc/resolv.conf")
+    return f"{servers} ({where})"
+
+
+def probe_resolver(host: str, port: int, timeout: float) -> str | None:
+    """None when the nameserver answers DNS at all; else why not.
+
+    It is asked for the root's NS records, which a resolver has at hand. Any answer will
+    do (a REFUSED one too: each lookup then says so at once); what is looked for is no
+    answer at all, which costs each lookup its whole timeout. A connected UDP socket
+    hears the ICMP "port unreachable" of an address where nothing listens, which the
+    resolver's own lookups cannot tell from a lost packet."""
+    where = _hostport(host, port)
+    query = dns.message.make_query(".", "NS")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][0]
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect((host, port))
+            sock.send(query.to_wire())
+            data = sock.recv(65535)
+    except TimeoutError:
+        return f"no answer from {where} within {timeout:g}s"
+    except ConnectionRefusedError:
+        return f"{where} refused the connection (nothing listens there)"
+    except OSError as exc:
+        return f"cannot reach {where}: {exc.strerror or exc}"
+    try:
+        dns.message.from_wire(data)
+    except dns.exception.DNSException:
+        return f"{where} answered something that is not DNS"
+    return None
+
+
+def probe_resolvers(config: Config, timeout: float | None = None) -> str | None:
+    """None when a nameserver of ``resolver_addresses`` answers; else why none does."""
+    seconds = lookup_timeout(config, timeout)
+    reasons = []
+    for host, port in resolver_addresses(config):
+        reason = probe_resolver(host, port, seconds)
+        if reason is None:
+            return None
+        reasons.append(reason)
+    return (f"the resolver {describe_resolver(config)} does not answer: "
+            f"{'; '.join(reasons)}")
 
 
 def hostname_addresses(lookup: DNSLookup, hostname: str) -> list[IPAddress]:
@@ -311,27 +392,49 @@ def ptr_records(host: str, ips: Sequence[IPAddress]) -> list[Record]:
 
 # -- what DNS publishes -------------------------------------------------------------
 
-def _guarded(config: Config, kind: str, name: str, required: bool,
-             check: Callable[[DNSLookup], CheckResult]) -> CheckResult:
-    """Run one record's check with a fresh time budget; DNS trouble is that record's
-    result, not a traceback."""
-    try:
-        return check(make_lookup(config))
-    except (DNSTempError, dns.exception.DNSException) as exc:
-        return CheckResult(kind, name, ERROR, f"DNS lookup failed: {_trouble(exc)}",
-                           required=required)
+class _Checker:
+    """Runs each record's check with a fresh time budget; DNS trouble is that record's
+    result, not a traceback. Once the resolver is known not to answer, the remaining
+    records are not checked (each would only wait out its timeout)."""
+
+    def __init__(self, config: Config, timeout: float | None, down: str | None):
+        self.config = config
+        self.timeout = lookup_timeout(config, timeout)
+        self.down = down
+
+    def __call__(self, kind: str, name: str, required: bool,
+                 check: Callable[[DNSLookup], CheckResult]) -> CheckResult:
+        if self.down is not None:
+            return CheckResult(kind, name, ERROR, "not checked: the resolver does not answer",
+                               required=required)
+        try:
+            return check(make_lookup(self.config, self.timeout))
+        except (DNSTempError, dns.exception.DNSException) as exc:
+            timed_out = _timed_out(str(exc))
+            if timed_out:
+                self.down = probe_resolvers(self.config, self.timeout)
+            if timed_out and self.down is not None:
+                detail = self.down
+            else:
+                detail = _trouble(exc, describe_resolver(self.config), self.timeout)
+            return CheckResult(kind, name, ERROR, f"DNS lookup failed: {detail}",
+                               required=required)
 
 
-def _trouble(exc: Exception) -> str:
+def _timed_out(text: str) -> bool:
+    return "timed out" in text or "lifetime expired" in text or "Timeout" in text
+
+
+def _trouble(exc: Exception, resolver: str, timeout: float) -> str:
     """dnspython's long messages (every server, every attempt) in a few words."""
     text = str(exc)
     query, _, reason = text.partition(": ") if isinstance(exc, DNSTempError) else ("", "", text)
-    if "timed out" in reason or "lifetime expired" in reason or "Timeout" in reason:
-        reason = "no answer (timeout)"
+    if _timed_out(reason):
+        reason = f"no answer within {timeout:g}s from {resolver}"
     elif "SERVFAIL" in reason:
-        reason = "the nameservers answered SERVFAIL"
+        reason = f"SERVFAIL from {resolver}"
     elif "REFUSED" in reason:
-        reason = "the nameservers refused the query"
+        reason = f"{resolver} refused the query"
     elif len(reason) > 100:
         reason = reason[:97] + "..."
     return f"{query}: {reason}" if query else reason
@@ -339,13 +442,27 @@ def _trouble(exc: Exception) -> str:
 
 def check_records(config: Config, domain: str, keys: Sequence[DKIMKey],
                   ips: Sequence[IPAddress], *, strict_spf: bool = False,
-                  relay_spf: str | None = None) -> list[CheckResult]:
-    """Each record of ``plan_records`` looked up through the configured resolver.
+                  relay_spf: str | None = None, timeout: float | None = None,
+                  resolver_down: str | None = None) -> list[CheckResult]:
+    """Each record of ``plan_records`` looked up through the configured resolver."""
+    return list(iter_check_records(config, domain, keys, ips, strict_spf=strict_spf,
+                                   relay_spf=relay_spf, timeout=timeout,
+                                   resolver_down=resolver_down))
 
-    Without ``ips`` the server's addresses are the hostname's A/AAAA records."""
+
+def iter_check_records(config: Config, domain: str, keys: Sequence[DKIMKey],
+                       ips: Sequence[IPAddress], *, strict_spf: bool = False,
+                       relay_spf: str | None = None, timeout: float | None = None,
+                       resolver_down: str | None = None) -> Iterator[CheckResult]:
+    """The results of ``check_records`` one by one, each as soon as it is known.
+
+    Without ``ips`` the server's addresses are the hostname's A/AAAA records. ``timeout``
+    is per lookup (``lookup_timeout``); ``resolver_down`` (``probe_resolvers``) says the
+    resolver does not answer: nothing is looked up then."""
     host = config.hostname
     relay_term = relay_spf_term(config, relay_spf)
-    results = [_guarded(config, "MX", domain, True, partial(_check_mx, domain=domain, host=host))]
+    guarded = _Checker(config, timeout, resolver_down)
+    yield guarded("MX", domain, True, partial(_check_mx, domain=domain, host=host))
 
     published: list[IPAddress] = []
 
@@ -353,51 +470,46 @@ def check_records(config: Config, domain: str, keys: Sequence[DKIMKey],
         published.extend(hostname_addresses(lookup, host))
         return _check_addresses(host, ips, published)
 
-    results.append(_guarded(config, "A", host, True, addresses))
+    yield guarded("A", host, True, addresses)
     # The server's addresses: the ones given, else the ones published (when we got them).
     server_ips = list(ips) or published
-    results += _check_delivery_ptrs(config, server_ips)
-    results.append(_guarded(config, "SPF", domain, True,
-                            partial(_check_spf, domain=domain, host=host, ips=server_ips,
-                                    strict=strict_spf, relay=config.delivery.relay,
-                                    relay_term=relay_term,
-                                    direct=not relays_everything(config))))
+    yield from _check_delivery_ptrs(config, server_ips, guarded)
+    yield guarded("SPF", domain, True,
+                  partial(_check_spf, domain=domain, host=host, ips=server_ips,
+                          strict=strict_spf, relay=config.delivery.relay,
+                          relay_term=relay_term, direct=not relays_everything(config)))
     if not keys:
-        results.append(CheckResult(
+        yield CheckResult(
             "DKIM", f"*._domainkey.{domain}", MISSING, f"{domain} has no DKIM key on disk",
-            [f"mailrelay dkim keygen {domain}   (then publish the record it prints)"]))
-    results += [_guarded(config, "DKIM", dns_record(key)[0], True, partial(_check_dkim, key=key))
-                for key in keys]
-    results.append(_guarded(config, "DMARC", f"_dmarc.{domain}", True,
-                            partial(_check_dmarc, domain=domain)))
+            [f"mailrelay dkim keygen {domain}   (then publish the record it prints)"])
+    for key in keys:
+        yield guarded("DKIM", dns_record(key)[0], True, partial(_check_dkim, key=key))
+    yield guarded("DMARC", f"_dmarc.{domain}", True, partial(_check_dmarc, domain=domain))
     if host != domain:  # one name has one SPF record: the domain's, checked above
-        results.append(_guarded(config, "SPF-HELO", host, False,
-                                partial(_check_helo_spf, host=host, ips=server_ips)))
+        yield guarded("SPF-HELO", host, False,
+                      partial(_check_helo_spf, host=host, ips=server_ips))
     for record, version, needed in ((mta_sts_record(domain, host), "v=STSv1", "id"),
                                     (tls_rpt_record(domain, host), "v=TLSRPTv1", "rua")):
-        results.append(_guarded(config, record.kind, record.name, False,
-                                partial(_check_tagged, record=record, version=version,
-                                        needed=(needed,))))
-    return results
+        yield guarded(record.kind, record.name, False,
+                      partial(_check_tagged, record=record, version=version,
+                              needed=(needed,)))
 
 
-def _check_delivery_ptrs(config: Config, server_ips: Sequence[IPAddress]) -> list[CheckResult]:
+def _check_delivery_ptrs(config: Config, server_ips: Sequence[IPAddress],
+                         guarded: _Checker) -> Iterator[CheckResult]:
     """Forward-confirmed reverse DNS of each address direct delivery sends from (required)
     and of the server's other addresses (optional), each saying what delivery does with
     it; IPv6 without a matching PTR gets the warning Gmail's refusals call for."""
     host = config.hostname
-    results = []
     for ip in [*server_ips, *(ip for ip in source_addresses(config) if ip not in server_ips)]:
         used, role = delivery_role(config, ip)
-        result = _guarded(config, "PTR", reverse_name(ip), used,
-                          partial(_check_ptr, ip=ip, host=host))
+        result = guarded("PTR", reverse_name(ip), used, partial(_check_ptr, ip=ip, host=host))
         result.required = used
         if result.status != ERROR:
             result.detail = f"{result.detail} ({role})"
         if used and ip.version == 6 and result.status != OK:
             result.fix = [*result.fix, IPV6_PTR_ADVICE]
-        results.append(result)
-    return results
+        yield result
 
 
 def _norm(name: str) -> str:

@@ -399,8 +399,10 @@ def test_check_dns_trouble_is_per_record(capsys, confdir, dns_server):
     dns_server.set_servfail(f"_dmarc.{DOMAIN}")
     code, results, text = check(capsys, confdir, "--ip", IP4)
     assert code == 1
+    host, port = dns_server.address
     assert bad(results, "DMARC", "error")["detail"] == (
-        f"DNS lookup failed: _dmarc.{DOMAIN}/TXT: the nameservers answered SERVFAIL")
+        f"DNS lookup failed: _dmarc.{DOMAIN}/TXT: SERVFAIL from {host}:{port} "
+        "(dns.nameservers in mailrelay.yaml)")
     assert results["MX"]["status"] == "ok"
     assert text.splitlines()[-1] == (f"{DOMAIN}: 1 required record not checked because of "
                                      "DNS trouble (DMARC); try again")
@@ -412,11 +414,16 @@ def test_check_dns_down(capsys, confdir, dns_server):
     dns_server.set_down(True)
     code, out, _ = mailrelay(capsys, "dns", "check", DOMAIN, "-c", str(confdir), "--ip", IP4)
     assert code == 1 and "Traceback" not in out
-    *lines, summary = out.splitlines()
+    host, port = dns_server.address
+    asking, down, *lines, summary = out.splitlines()
+    assert asking == (f"{DOMAIN}: asking {host}:{port} (dns.nameservers in mailrelay.yaml), "
+                      "0.3s per lookup")
+    assert down == (f"error:  the resolver {host}:{port} (dns.nameservers in mailrelay.yaml) "
+                    f"does not answer: no answer from {host}:{port} within 0.3s")
     assert len(lines) >= 9 and all(line.startswith("error ") for line in lines), out
-    assert all(line.endswith("no answer (timeout)") or line.endswith("(timeout) (optional)")
-               for line in lines), out
-    assert "not checked because of DNS trouble" in summary
+    assert all(line.endswith("not checked: the resolver does not answer")
+               or line.endswith("does not answer (optional)") for line in lines), out
+    assert "not checked because the resolver does not answer" in summary
 
 
 def test_real_command(confdir, dns_server):

@@ -267,8 +267,9 @@ class TestDNSServer:
                 reply.header.rcode = RCODE.NXDOMAIN
             # Negative answers carry the zone's SOA (RFC 2308).
             zone = ".".join(key.split(".")[-2:]) or "."
+            suffix = "" if zone == "." else f".{zone}"  # the root: no "ns.." (it would raise)
             reply.add_auth(RR(zone, QTYPE.SOA, ttl=60, rdata=SOA(
-                f"ns.{zone}", f"hostmaster.{zone}", (1, 3600, 600, 86400, 60))))
+                f"ns{suffix}", f"hostmaster{suffix}", (1, 3600, 600, 86400, 60))))
             return
         reply.header.rcode = RCODE.SERVFAIL  # a CNAME loop
 
