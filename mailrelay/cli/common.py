@@ -38,14 +38,7 @@ def read_password(from_stdin: bool, prompt: str = "Password: ") -> str:
             raise MailrelayError("no password on standard input")
         # Only the line ending goes: spaces may be part of the password.
         return line.removesuffix("\n").removesuffix("\r")
-    if not sys.stdin.isatty():
-        try:
-            open("/dev/tty", "rb").close()  # where getpass asks
-        except OSError:
-            raise MailrelayError("no terminal to ask for the password on: give it on "
-                                 "standard input with --password-stdin") from None
-        raise MailrelayError("standard input is not a terminal: to give the password on "
-                             "it, add --password-stdin")
+    check_terminal()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", getpass.GetPassWarning)
@@ -56,6 +49,20 @@ def read_password(from_stdin: bool, prompt: str = "Password: ") -> str:
     except EOFError:  # ctrl-D at the prompt
         print(file=sys.stderr)
         raise MailrelayError("no password given") from None
+
+
+def check_terminal() -> None:
+    """A one-line error unless a password can be asked on the terminal (see
+    read_password); for commands that ask later, after other checks."""
+    if sys.stdin.isatty():
+        return
+    try:
+        open("/dev/tty", "rb").close()  # where getpass asks
+    except OSError:
+        raise MailrelayError("no terminal to ask for the password on: give it on "
+                             "standard input with --password-stdin") from None
+    raise MailrelayError("standard input is not a terminal: to give the password on "
+                         "it, add --password-stdin")
 
 
 def read_new_password(from_stdin: bool, min_length: int) -> str:

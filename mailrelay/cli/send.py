@@ -6,20 +6,21 @@ import argparse
 import asyncio
 import contextlib
 import email.utils
-import getpass
+import ipaddress
 import re
 import socket
 import ssl
-import sys
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 
 import aiosmtplib
+from cryptography import x509
 
 from ..address import AddressError, split
 from ..config import Config, load_config, parse_hostport
 from ..errors import MailrelayError
+from .common import check_terminal, read_password
 
 SUBJECT = "mailrelay test message"
 TLS_MODES = ("starttls", "implicit", "none")
@@ -46,6 +47,10 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                       help="do not log in (e.g. to test the MX port)")
     parser.add_argument("--password-stdin", action="store_true",
                         help="read the password from the first line of standard input")
+    parser.add_argument("--tls-name", metavar="NAME",
+                        help="the name the server's certificate must carry, sent as SNI "
+                             "too: for a --server given as an IP address (default: the "
+                             "host of --server, else the configuration's hostname)")
     parser.add_argument("--tls", choices=TLS_MODES,
                         help="starttls (default), implicit (default for port 465 and the "
                              "configuration's submission_tls ports) or none")
@@ -72,7 +77,7 @@ class Plan:
     sender: str
     recipient: str
     user: str | None
-    password: str | None
+    password: str | None  # None with a user: asked on the terminal, once TLS is verified
     subject: str
     context: ssl.SSLContext | None
     verify: bool
@@ -105,6 +110,16 @@ def _check_address(value: str, what: str) -> str:
 def _endpoint(args: argparse.Namespace, config: Config | None,
               config_error: MailrelayError | None) -> tuple[str, int, str, bool]:
     """Host, port, TLS name, and whether the port is an implicit-TLS one."""
+    host, port, tls_name, implicit = _address(args, config, config_error)
+    if args.tls_name:
+        tls_name = args.tls_name.strip().rstrip(".").lower()
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?|[0-9a-f:.]+", tls_name):
+            raise MailrelayError(f"--tls-name {args.tls_name!r} is not a host name")
+    return host, port, tls_name, implicit
+
+
+def _address(args: argparse.Namespace, config: Config | None,
+             config_error: MailrelayError | None) -> tuple[str, int, str, bool]:
     implicit_ports = {port for _, port in config.listen.submission_tls} if config else set()
     if args.server:
         try:
@@ -136,17 +151,6 @@ def _tls_context(args: argparse.Namespace) -> ssl.SSLContext:
                              f"{getattr(exc, 'strerror', None) or exc}") from None
 
 
-def _read_password(from_stdin: bool, user: str) -> str:
-    if from_stdin:
-        line = sys.stdin.readline()
-        if not line:
-            raise MailrelayError("no password on standard input")
-        return line.removesuffix("\n").removesuffix("\r")
-    if not sys.stdin.isatty():
-        raise MailrelayError("no password: use --password-stdin, or run on a terminal")
-    return getpass.getpass(f"Password for {user}: ")
-
-
 def make_plan(args: argparse.Namespace) -> Plan:
     config, config_error = _try_config(args.config)
     host, port, tls_name, implicit = _endpoint(args, config, config_error)
@@ -163,7 +167,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise MailrelayError("refusing to send a password without TLS: AUTH only over TLS "
                              "(use --tls starttls or implicit, or --no-auth)")
     context = None if tls == "none" else _tls_context(args)
-    password = _read_password(args.password_stdin, user) if user is not None else None
+    password = None
+    if user is not None and args.password_stdin:
+        password = read_password(True)
+    elif user is not None:
+        check_terminal()  # now, not after connecting; the prompt comes once TLS is verified
     return Plan(host=host, port=port, tls_name=tls_name, tls=tls, sender=sender,
                 recipient=recipient, user=user, password=password, subject=args.subject,
                 context=context, verify=not args.insecure, cafile=args.cafile,
@@ -213,14 +221,36 @@ def _ehlo_summary(response: aiosmtplib.SMTPResponse) -> str:
                                                              if extensions else "")
 
 
-_HOSTNAME_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH
+# X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+_NAME_MISMATCH = (62, 64)
 
 
-def _tls_error(plan: Plan, exc: BaseException) -> SendFailed:
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _mismatch_hint(plan: Plan, names: list[str] | None) -> str:
+    """What to do when the certificate does not name plan.tls_name: --tls-name with a
+    name it carries; --server stays, being only where to connect."""
+    keep = f" (--server {_where(plan)} stays: it is only where to connect)"
+    if names:
+        shown = ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
+        usable = [n for n in names if not n.startswith("*.")] or [names[0]]
+        return (f"it is for {shown}, not {plan.tls_name}: give --tls-name {usable[0]}"
+                + (keep if _is_ip(plan.tls_name) else "") + " (or --insecure)")
+    return ("give --tls-name with the name on the certificate (the server's hostname)"
+            + keep + " (or --insecure)")
+
+
+def _tls_error(plan: Plan, exc: BaseException, names: list[str] | None = None) -> SendFailed:
     if isinstance(exc, ssl.SSLCertVerificationError):
         reason = (exc.verify_message or str(exc)).rstrip(".")
-        if exc.verify_code == _HOSTNAME_MISMATCH:
-            hint = "give --server the name the certificate carries (or use --insecure)"
+        if exc.verify_code in _NAME_MISMATCH:
+            hint = _mismatch_hint(plan, names)
         elif plan.cafile:
             hint = f"is it signed by a CA in {plan.cafile}? (--insecure skips the check)"
         else:
@@ -240,6 +270,51 @@ def _find_cause(exc: BaseException, kind: type[BaseException]) -> BaseException 
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _is_mismatch(exc: BaseException) -> bool:
+    return (isinstance(exc, ssl.SSLCertVerificationError)
+            and exc.verify_code in _NAME_MISMATCH)
+
+
+def certificate_names(der: bytes) -> list[str]:
+    """The DNS names and IP addresses a certificate is for (subjectAltName), else its CN."""
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [str(a.value) for a in cert.subject.get_attributes_for_oid(
+            x509.NameOID.COMMON_NAME)]
+    return [*san.get_values_for_type(x509.DNSName),
+            *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))]
+
+
+async def _peer_names(plan: Plan) -> list[str] | None:
+    """The names on the server's certificate, read over a second connection that checks
+    nothing (only for the hint after a name mismatch; nothing is sent but EHLO and
+    STARTTLS); None when that fails too."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        sock = await _connect_socket(plan)
+    except SendFailed:
+        return None
+    smtp = aiosmtplib.SMTP(sock=sock, hostname=plan.tls_name, use_tls=plan.tls == "implicit",
+                           start_tls=False, tls_context=context, timeout=plan.timeout,
+                           local_hostname=socket.gethostname() or "localhost")
+    try:
+        await smtp.connect()
+        if plan.tls == "starttls":
+            await smtp.ehlo()
+            await smtp.starttls(server_hostname=plan.tls_name, tls_context=context)
+        ssl_object = smtp.get_transport_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        return certificate_names(der) if der else None
+    except (aiosmtplib.SMTPException, OSError, ValueError, ssl.SSLError):
+        return None
+    finally:
+        smtp.close()
 
 
 async def _connect_socket(plan: Plan) -> socket.socket:
@@ -277,7 +352,7 @@ async def _ehlo(smtp: aiosmtplib.SMTP) -> None:
 
 
 async def _authenticate(plan: Plan, smtp: aiosmtplib.SMTP) -> None:
-    assert plan.user is not None and plan.password is not None
+    assert plan.user is not None
     methods = [m.upper() for m in smtp.server_auth_methods]
     if "PLAIN" in methods:
         mechanism, login = "PLAIN", smtp.auth_plain
@@ -286,6 +361,11 @@ async def _authenticate(plan: Plan, smtp: aiosmtplib.SMTP) -> None:
     else:
         offered = ", ".join(methods) or "none"
         raise SendFailed(f"the server offers no AUTH PLAIN or LOGIN (offered: {offered})")
+    if plan.password is None:
+        # Only now: the certificate has been verified (or --insecure said not to), so the
+        # password is typed for the server it is going to.
+        plan.password = await asyncio.to_thread(read_password, False,
+                                                f"Password for {plan.user}: ")
     try:
         response = await login(plan.user, plan.password)
     except aiosmtplib.SMTPAuthenticationError as exc:
@@ -314,7 +394,8 @@ async def _dialogue(plan: Plan, message: bytes) -> str:
     except aiosmtplib.SMTPException as exc:
         ssl_exc = _find_cause(exc, ssl.SSLError)
         if ssl_exc is not None:
-            raise _tls_error(plan, ssl_exc) from None
+            names = await _peer_names(plan) if _is_mismatch(ssl_exc) else None
+            raise _tls_error(plan, ssl_exc, names) from None
         raise SendFailed(f"connection to {_where(plan)} failed: {_one_line(str(exc))}") from None
     _show("greeting", _reply(greeting))
     try:
@@ -330,7 +411,8 @@ async def _dialogue(plan: Plan, message: bytes) -> str:
             except aiosmtplib.SMTPResponseException as exc:
                 raise SendFailed(f"STARTTLS refused: {_reply(exc)}") from None
             except ssl.SSLError as exc:
-                raise _tls_error(plan, exc) from None
+                names = await _peer_names(plan) if _is_mismatch(exc) else None
+                raise _tls_error(plan, exc, names) from None
             _show("STARTTLS", _reply(response))
             _describe_tls(plan, smtp)
             await _ehlo(smtp)  # RFC 3207: what was said before TLS no longer counts

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mailrelay.cli import common
 from mailrelay.cli import send as send_cli
 from mailrelay.cli.main import build_parser
 from mailrelay.errors import MailrelayError
@@ -160,7 +161,17 @@ async def test_relay_denied_on_the_mx_port(relay):
 
 async def test_no_password_without_terminal(relay):
     result = await send(relay, "--to", USER, "--user", USER)
-    assert_one_line_error(result, "no password: use --password-stdin")
+    assert_one_line_error(result, "add --password-stdin" if _has_tty()
+                          else "no terminal to ask for the password on")
+    assert result.out == ""  # said before connecting
+
+
+def _has_tty() -> bool:
+    try:
+        open("/dev/tty", "rb").close()
+    except OSError:
+        return False
+    return True
 
 
 async def test_wrong_tls_mode_gets_a_hint(relay):
@@ -221,14 +232,13 @@ def test_password_prompt_only_on_a_terminal(tmp_path, monkeypatch):
         def isatty(self) -> bool:
             return True
 
-    shown: list[str] = []
-    monkeypatch.setattr(send_cli.getpass, "getpass",
-                        lambda prompt: shown.append(prompt) or "typed")
     argv = ("-c", str(tmp_path), "--server", "127.0.0.1:587", "--to", "a@example.org",
             "--user", "b@example.org")
-    with pytest.raises(MailrelayError, match="no password: use --password-stdin"):
-        plan_for(*argv, monkeypatch=monkeypatch)  # stdin is no terminal
-    assert shown == []
+    monkeypatch.setattr(send_cli, "check_terminal", common.check_terminal)
+    monkeypatch.setattr(common, "open", lambda *a: (_ for _ in ()).throw(OSError()),
+                        raising=False)
+    with pytest.raises(MailrelayError, match="--password-stdin"):
+        plan_for(*argv, monkeypatch=monkeypatch)  # stdin is no terminal, and no /dev/tty
     monkeypatch.setattr(sys, "stdin", Terminal())
-    assert plan_for(*argv).password == "typed"
-    assert shown == ["Password for b@example.org: "]
+    # On a terminal the password is not asked yet: only once the certificate is verified.
+    assert plan_for(*argv).password is None

@@ -81,7 +81,8 @@ def on_terminal(confdir: Path, argv: list[str], answers: list[str],
             if not chunk:
                 break
             shown += chunk
-            if pending and shown.rstrip().endswith(b":") and shown.count(b"assword:") > (
+            # A prompt ("Password: ", "Password for x: ") not answered yet: answer it.
+            if pending and shown.rstrip().endswith(b":") and shown.count(b"assword") > (
                     len(answers) - len(pending)):
                 os.write(master, pending.pop(0).encode() + b"\n")
         elif process.poll() is not None:
