@@ -67,14 +67,24 @@ _GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
              "m": 60.0, "h": 3600.0}
 
+# The hooks mailrelay runs with chasquid's contract (mailrelay.message.filters.hooks),
+# copied into hooks/ of the new configuration (filters.hooks_dir's default): what each does.
+_RUN_HOOKS = {
+    "post-data": "run after DATA and before queueing, as chasquid runs it (the message on "
+                 "stdin, the same environment, exit 0 accepts with its output as header "
+                 "fields, 20 refuses for good, anything else refuses for now), within "
+                 "filters.hook_timeout (1m)",
+    "alias-resolve": "run for an address of a local domain that the aliases files do not "
+                     "have, as chasquid runs it (the address as argument, the targets on "
+                     "stdout), within filters.alias_resolve_timeout (5s)",
+}
 _HOOKS = {
-    "post-data": "mailrelay runs no post-data hook: it checks SPF/DKIM/DMARC and DKIM-signs "
-                 "by itself; greylisting and spam/virus filtering it did have no equivalent",
-    "alias-resolve": "mailrelay runs no alias-resolve hook: put the addresses it returned "
-                     "in domains/<domain>/aliases",
     "alias-exists": "mailrelay runs no alias-exists hook: list those addresses in "
                     "domains/<domain>/aliases",
 }
+# haproxy_incoming: chasquid took a PROXY header from any address; mailrelay only from
+# the networks given per listener. haproxy usually runs on the same machine.
+_LOOPBACK = ["127.0.0.1/32", "::1/128"]
 
 
 @dataclass(frozen=True)
@@ -207,6 +217,9 @@ def plan_import(chasquid_dir: Path | str, target_dir: Path | str, *, copy_certs:
     alias_lines, alias_settings = _alias_settings(conf, plan)
     yaml_lines += alias_lines
     yaml_lines += _delivery(conf, plan, which)
+    yaml_lines += _metrics(conf, plan)
+    yaml_lines += _dovecot(conf, plan)
+    yaml_lines += _proxy_protocol(conf, plan)
     _unsupported(conf, plan)
     _domains(source, plan, alias_settings)
     _hooks(source, plan)
@@ -437,28 +450,94 @@ def _escape_braces(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
 
+def _metrics(conf: _Conf, plan: Plan) -> list[str]:
+    """monitoring_address: chasquid's monitoring server, whose /metrics mailrelay has."""
+    given = conf.text("monitoring_address")
+    if not given:
+        return []
+    origin = f"from monitoring_address {given!r} ({conf.where('monitoring_address')})"
+    value = given.strip()
+    notes = []
+    if re.fullmatch(r":\d+", value):
+        # Go's ":1099" is every address; /metrics has no authentication: loopback.
+        value = f"127.0.0.1{value}"
+        notes.append("chasquid listened on every address there; mailrelay's /metrics is "
+                     "plain HTTP without authentication, so it is on loopback: give "
+                     "another address if Prometheus scrapes from elsewhere")
+    try:
+        host, _ = parse_hostport(value)
+    except ValueError as exc:
+        plan.not_converted.append(f"monitoring_address {given!r} "
+                                  f"({conf.where('monitoring_address')}): {exc}: set "
+                                  "metrics.listen (host:port) by hand")
+        return []
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        notes.append("every address: plain HTTP without authentication, keep it behind a "
+                     "firewall")
+    notes.append("Prometheus /metrics only, with mailrelay's own metric names (README, "
+                 "Metrics): update dashboards and alerts; chasquid's other monitoring "
+                 "pages have no equivalent")
+    plan.converted.append(f"metrics.listen: {value} ({origin}; {'; '.join(notes)})")
+    return ["metrics:", "  # Prometheus /metrics (plain HTTP: keep it on loopback).",
+            f"  listen: {_q(value)}", ""]
+
+
+def _dovecot(conf: _Conf, plan: Plan) -> list[str]:
+    """dovecot_auth and its socket paths: the auth: section (policy/dovecot.py)."""
+    paths = {name: conf.text(name) for name in ("dovecot_userdb_path", "dovecot_client_path")}
+    if conf.values.get("dovecot_auth") is not True:
+        for name, value in paths.items():
+            if value:
+                plan.not_converted.append(f"{name} {value!r} ({conf.where(name)}): "
+                                          "dovecot_auth is off, so chasquid did not use it "
+                                          "either: not imported")
+        return []
+    lines = ["auth:", "  # Logins of users not in domains/<domain>/users are checked by dovecot.",
+             "  dovecot: true"]
+    found = []
+    for name, value in paths.items():
+        if value:
+            lines.append(f"  {name}: {_q(value)}")
+            found.append(f"{name}: {value}")
+    where = ("; ".join(found) if found else "the sockets found as chasquid finds them, "
+             "auth-chasquid-userdb/-client or auth-userdb/-client in /var/run/dovecot")
+    plan.converted.append(f"auth.dovecot: true (from dovecot_auth, "
+                          f"{conf.where('dovecot_auth')}; {where}): users not in mailrelay's "
+                          "users files log in with their dovecot password; dovecot's "
+                          "auth listeners (10-master.conf) must let mailrelay's user "
+                          "connect, as they let chasquid's")
+    return [*lines, ""]
+
+
+def _proxy_protocol(conf: _Conf, plan: Plan) -> list[str]:
+    """haproxy_incoming: chasquid read a PROXY header on every listener, from anyone."""
+    if conf.values.get("haproxy_incoming") is not True:
+        return []
+    plan.converted.append(
+        f"proxy_protocol: {', '.join(_LOOPBACK)} on smtp, submission and submission_tls "
+        f"(from haproxy_incoming, {conf.where('haproxy_incoming')}, which chasquid applied "
+        "to every listener): chasquid took a PROXY header from any address; mailrelay only "
+        "from trusted networks, so loopback is written (haproxy on this machine): add "
+        "haproxy's address if it runs elsewhere, and leave out a listener haproxy does not "
+        "forward to. mailrelay reads PROXY v1 and v2 (send-proxy, send-proxy-v2), on 465 "
+        "before the TLS handshake (haproxy in mode tcp)")
+    networks = _q(_LOOPBACK)
+    return ["proxy_protocol:",
+            "  # Connections come through haproxy on this machine (chasquid's haproxy_incoming).",
+            f"  smtp: {networks}", f"  submission: {networks}", f"  submission_tls: {networks}",
+            ""]
+
+
 def _unsupported(conf: _Conf, plan: Plan) -> None:
     """Settings with no mailrelay equivalent: one line each, saying what to do instead."""
     advice = {
         "mail_log_path": "mailrelay logs each event as one line to stderr, which is the "
                          "journal under systemd (journalctl -u mailrelay); no separate file",
-        "monitoring_address": "mailrelay has no monitoring HTTP server yet (Prometheus "
-                              "/metrics is planned); watch its log and `mailrelay check`",
-        "dovecot_userdb_path": "mailrelay does not ask dovecot; see dovecot_auth",
-        "dovecot_client_path": "mailrelay does not ask dovecot; see dovecot_auth",
     }
     for name, text in advice.items():
         value = conf.values.get(name)
         if value:
             plan.not_converted.append(f"{name} {value!r} ({conf.where(name)}): {text}")
-    if conf.values.get("dovecot_auth") is True:
-        plan.not_converted.append(
-            f"dovecot_auth ({conf.where('dovecot_auth')}): mailrelay cannot check passwords "
-            "with dovecot; add those users with `mailrelay user add`")
-    if conf.values.get("haproxy_incoming") is True:
-        plan.not_converted.append(
-            f"haproxy_incoming ({conf.where('haproxy_incoming')}): mailrelay does not speak "
-            "the PROXY protocol; let it listen on port 25 itself")
 
 
 # --- domains --------------------------------------------------------------------------------
@@ -627,14 +706,34 @@ def _key_kind(private_key: object) -> str:
 
 
 def _hooks(source: Path, plan: Plan) -> None:
+    """post-data and alias-resolve are copied as they are (mailrelay runs them with
+    chasquid's contract), executable as they were; other files are reported."""
     hooks = source / "hooks"
     if not hooks.is_dir():
         return
     for hook in sorted(hooks.iterdir()):
         if hook.name.startswith(".") or not hook.is_file():
             continue
-        advice = _HOOKS.get(hook.name, "mailrelay runs no hooks")
-        plan.not_converted.append(f"hooks/{hook.name}: {advice}")
+        if hook.name not in _RUN_HOOKS:
+            advice = _HOOKS.get(hook.name, "mailrelay runs only post-data and alias-resolve")
+            plan.not_converted.append(f"hooks/{hook.name}: {advice}")
+            continue
+        try:
+            data = hook.read_bytes()
+            executable = os.access(hook, os.X_OK)
+        except OSError as exc:
+            plan.not_converted.append(f"hooks/{hook.name}: cannot read: "
+                                      f"{exc.strerror or exc}: copy it by hand")
+            continue
+        plan.add_file(Path("hooks") / hook.name, data, 0o755 if executable else 0o644)
+        if executable:
+            plan.converted.append(f"hooks/{hook.name}: copied to hooks/{hook.name}, "
+                                  f"{_RUN_HOOKS[hook.name]}")
+        else:
+            plan.not_converted.append(f"hooks/{hook.name} is not executable, so chasquid "
+                                      "answered 451 to every message because of it (or did "
+                                      "not run it): copied without the executable bit, which "
+                                      f"mailrelay skips; chmod +x hooks/{hook.name} to use it")
 
 
 # --- writing --------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ its README); certificates are issued per test by the test CA, so none expire in 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import shlex
 import shutil
@@ -23,6 +24,7 @@ import yaml
 from mailrelay.cli.main import main
 from mailrelay.config import load_config, parse_hostport
 from mailrelay.delivery.manager import mda_command
+from mailrelay.message.filters.hooks import Hooks
 from mailrelay.migrate.chasquid import mda_template, plan_import
 from mailrelay.policy.users import UserDB
 from tests.support.relay import RelayEnv, free_port
@@ -107,10 +109,24 @@ def test_import_converts_everything_and_never_touches_chasquid(chasquid, tmp_pat
     assert any("systemd" in line and "listen.submission_tls: 0.0.0.0:465" in line
                for line in converted)
     # Everything chasquid.conf sets that mailrelay does not do, one line each, with advice.
-    for word in ("mail_log_path", "monitoring_address", "dovecot_auth ", "dovecot_userdb_path",
-                 "dovecot_client_path", "haproxy_incoming", "hooks/post-data",
-                 "hooks/alias-resolve", "chasquid's queue"):
+    for word in ("mail_log_path", "chasquid's queue"):
         assert len([line for line in missing if line.startswith(word)]) == 1, (word, missing)
+    # What issue 20 made mailrelay do: carried over, one line each, none "not converted".
+    for word in ("monitoring_address", "dovecot", "haproxy", "hooks/", "planned"):
+        assert not [line for line in missing if word in line], (word, missing)
+    (metrics,) = [line for line in converted if line.startswith("metrics.listen: ")]
+    assert metrics.startswith("metrics.listen: 127.0.0.1:1099 (from monitoring_address "
+                              "'127.0.0.1:1099' (chasquid.conf:11);")
+    (dovecot,) = [line for line in converted if line.startswith("auth.dovecot: true")]
+    assert "/run/dovecot/auth-userdb" in dovecot and "/run/dovecot/auth-client" in dovecot
+    (proxy,) = [line for line in converted if line.startswith("proxy_protocol: ")]
+    assert proxy.startswith("proxy_protocol: 127.0.0.1/32, ::1/128 on smtp, submission and "
+                            "submission_tls (from haproxy_incoming, chasquid.conf:30")
+    assert "chasquid took a PROXY header from any address" in proxy
+    assert "loopback is written" in proxy
+    for hook in ("post-data", "alias-resolve"):
+        (line,) = [line for line in converted if line.startswith(f"hooks/{hook}: ")]
+        assert line.startswith(f"hooks/{hook}: copied to hooks/{hook}, run ")
     (plain,) = [line for line in missing if "legacy" in line]
     assert plain.startswith("user legacy@example.org has a plain-text password in chasquid: "
                             "imported as receive-only; set a password with "
@@ -144,7 +160,24 @@ def test_import_converts_everything_and_never_touches_chasquid(chasquid, tmp_pat
     org = UserDB.load(new / "domains" / "example.org" / "users", "example.org")
     assert org.names() == ["bob", "legacy", "shop"]
     assert not org.can_login("shop") and not org.can_login("legacy")
-    assert "wrote 6 file(s)" in out
+    assert "wrote 8 file(s)" in out
+
+    # issue 20: /metrics, dovecot auth, the PROXY protocol and the hooks carried over.
+    assert config.metrics.listen == ("127.0.0.1", 1099)
+    assert config.auth.dovecot
+    assert config.auth.dovecot_userdb_path == Path("/run/dovecot/auth-userdb")
+    assert config.auth.dovecot_client_path == Path("/run/dovecot/auth-client")
+    loopback = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+    for kind in ("smtp", "submission", "submission_tls"):
+        assert config.proxy_protocol.trusted(kind) == loopback, kind
+    for hook in ("post-data", "alias-resolve"):
+        copied = new / "hooks" / hook
+        assert copied.read_bytes() == (chasquid / "hooks" / hook).read_bytes()
+        assert stat.S_IMODE(copied.stat().st_mode) == 0o755
+    # mailrelay's hook runner finds both where the imported configuration says.
+    hooks = Hooks.from_config(config)
+    assert (hooks.post_data, hooks.alias_resolve) == (new / "hooks" / "post-data",
+                                                      new / "hooks" / "alias-resolve")
 
 
 def test_imported_config_checks_and_passwords_still_work(chasquid, tmp_path, capsys):
@@ -292,6 +325,52 @@ def test_broken_chasquid_conf_is_one_line_naming_the_line(tmp_path):
     assert result.returncode == 1 and "chasquid's configuration directory?" in result.stderr
 
 
+def test_monitoring_dovecot_haproxy_and_hooks_variants(tmp_path, capsys):
+    chasquid = tmp_path / "chasquid"
+    (chasquid / "hooks").mkdir(parents=True)
+    (chasquid / "chasquid.conf").write_text(
+        'hostname: "mail.example.net"\n'
+        'monitoring_address: ":1099"\n'
+        'dovecot_userdb_path: "/run/dovecot/auth-userdb"\n')
+    (chasquid / "hooks" / "post-data").write_text("#!/bin/sh\nexit 0\n")  # not executable
+    (chasquid / "hooks" / "alias-exists").write_text("#!/bin/sh\nexit 1\n")
+    (chasquid / "hooks" / "alias-exists").chmod(0o755)
+    new = tmp_path / "new"
+    code, out, err = run_import(capsys, str(chasquid), "-c", str(new))
+    assert code == 0, err
+    converted = lines_starting(out, "converted: ")
+    missing = lines_starting(out, "not converted: ")
+    config = load_config(new)
+    # Go's ":1099" listened everywhere; /metrics has no authentication: loopback, said so.
+    assert config.metrics.listen == ("127.0.0.1", 1099)
+    (metrics,) = [line for line in converted if line.startswith("metrics.listen: ")]
+    assert "chasquid listened on every address there" in metrics
+    # Socket paths without dovecot_auth: chasquid did not use them either.
+    assert not config.auth.dovecot and config.auth.dovecot_userdb_path is None
+    assert any(line.startswith("dovecot_userdb_path '/run/dovecot/auth-userdb' "
+                               "(chasquid.conf:3): dovecot_auth is off") for line in missing)
+    assert config.proxy_protocol.trusted("smtp") == ()  # no haproxy_incoming
+    # A hook chasquid could not run is copied as it was, and said so; alias-exists is not.
+    hook = new / "hooks" / "post-data"
+    assert stat.S_IMODE(hook.stat().st_mode) == 0o644
+    assert any(line.startswith("hooks/post-data is not executable") for line in missing)
+    assert Hooks.from_config(config).post_data is None
+    assert not (new / "hooks" / "alias-exists").exists()
+    assert any(line.startswith("hooks/alias-exists: mailrelay runs no alias-exists hook")
+               for line in missing)
+
+    chasquid2 = tmp_path / "chasquid2"
+    chasquid2.mkdir()
+    (chasquid2 / "chasquid.conf").write_text('hostname: "mail.example.net"\n'
+                                            'monitoring_address: "localhost"\n')
+    code, out, _ = run_import(capsys, str(chasquid2), "-c", str(tmp_path / "new2"))
+    assert code == 0
+    assert any(line.startswith("monitoring_address 'localhost' (chasquid.conf:2): ")
+               and "set metrics.listen (host:port) by hand" in line
+               for line in lines_starting(out, "not converted: "))
+    assert load_config(tmp_path / "new2").metrics.listen is None
+
+
 def test_odd_domains_users_aliases_and_hook_dkim(chasquid, tmp_path, capsys):
     """What chasquid tolerates and mailrelay does not is reported, not copied blindly."""
     # chasquid-util keeps the domain's case in the directory name.
@@ -390,6 +469,10 @@ def imported_env(tmp_path: Path, chasquid: Path, dns_server, ca, capsys,
     settings["listen"] = {name: [f"127.0.0.1:{port}"] for name, port in env.ports.items()}
     settings["data_dir"] = "var"
     settings["dns"] = {"nameservers": [f"127.0.0.1:{dns_server.port}"], "timeout": "2s"}
+    # No haproxy, no dovecot and chasquid's monitoring port in this test network: the
+    # clients connect directly, users are in the users files.
+    for section in ("proxy_protocol", "auth", "metrics"):
+        settings.pop(section, None)
     delivery = settings.setdefault("delivery", {})
     if not keep_mda:
         delivery.pop("local_mda", None)
