@@ -412,10 +412,26 @@ def _has_pending_at(item: QueueItem, domain: str) -> bool:
 
 
 def mda_command(template: str, address: str) -> str:
-    """The local MDA command line for one mailbox (each value shell-quoted)."""
-    user, _, domain = address.rpartition("@")
-    return template.format(user=shlex.quote(user), domain=shlex.quote(domain),
-                           address=shlex.quote(address))
+    """The local MDA command line for one mailbox (each value shell-quoted).
+
+    ``{address}`` and ``{domain}`` have the domain in Unicode (U-labels: ``ñoños.example``),
+    as chasquid's ``%to%`` and ``%to_domain%`` do; ``{address_ascii}`` and
+    ``{domain_ascii}`` in ASCII (A-labels: ``xn--oos-6mab.example``); ``{user}`` is the
+    local part. The configuration refuses any other placeholder (MDA_PLACEHOLDERS).
+    """
+    user, _, ascii_domain = address.rpartition("@")
+    domain = _u_labels(ascii_domain)
+    values = {"user": user, "domain": domain, "address": f"{user}@{domain}",
+              "domain_ascii": ascii_domain, "address_ascii": address}
+    return template.format(**{name: shlex.quote(value) for name, value in values.items()})
+
+
+def _u_labels(domain: str) -> str:
+    """``xn--oos-6mab.example`` as ``ñoños.example``; unchanged when it does not decode."""
+    try:
+        return domain.encode("ascii").decode("idna")
+    except UnicodeError:
+        return domain
 
 
 def _notify_wanted(item: QueueItem, address: str, event: str) -> bool:
