@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from mailrelay.config import load_config
+from mailrelay.delivery.manager import mda_command
 from mailrelay.errors import ConfigError
 from mailrelay.server import Server
 from tests.delivery.test_delivery_flow import parse_dsn
@@ -67,6 +68,20 @@ async def test_mda_gets_the_idn_address_as_chasquid_gives_it(env, tmp_path):
     assert json.loads((out / "0.json").read_text()) == [
         f"{IDN_USER}@{IDN_DOMAIN}", IDN_DOMAIN, IDN_USER, f"{IDN_USER}@{IDN_ASCII}", IDN_ASCII]
     assert b"Hola." in (out / "0.msg").read_bytes()
+
+
+def test_imported_chasquid_arguments_get_what_chasquid_gave():
+    """import-chasquid maps %to% to {address} and %to_domain% to {domain}: for an IDN
+    mailbox they are the U-label forms chasquid's MDA got, directly or through /bin/sh."""
+    from mailrelay.migrate.chasquid import mda_template
+
+    mailbox = f"{IDN_USER}@{IDN_ASCII}"
+    direct = mda_template("/usr/bin/mda", ["-d", "%to%", "--domain=%to_domain%"])
+    assert mda_command(direct, mailbox) == \
+        f"/usr/bin/mda -d '{IDN_USER}@{IDN_DOMAIN}' --domain='{IDN_DOMAIN}'"
+    through_sh = mda_template("/usr/bin/mda", ["-f", "%from%", "-d", "%to%"])
+    assert mda_command(through_sh, mailbox).endswith(
+        f" mda '{IDN_USER}' '{IDN_DOMAIN}' '{IDN_USER}@{IDN_DOMAIN}'")
 
 
 @pytest.mark.parametrize(("template", "reason"), [
