@@ -219,8 +219,10 @@ class ControlServer:
         return {"flushed": len(results), "messages": messages}
 
     async def _cmd_users(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.reload_users is None:
+            raise _RequestError("users: not served here")
         domain = request.get("domain")
-        if not isinstance(domain, str) or self.reload_users is None:
+        if not isinstance(domain, str):
             raise _RequestError('"domain" is required')
         try:
             domain = normalize_domain(domain)
