@@ -394,17 +394,16 @@ class DeliveryManager:
         # tried again on the schedule, and so is the DSN.
         told = not failed or await self._bounce_stored(item, failed)
         for rcpt, result in results:
-            if rcpt.status == PENDING and told and (
-                    result.outcome is Outcome.PERMANENT or give_up):
+            if told and id(rcpt) in failing:
                 rcpt.status = FAILED
             self.events.delivery_attempt(item, rcpt, result, final=rcpt.status != PENDING)
         if not any(r.status == PENDING for r in item.recipients):
             await self.queue.remove(item)
             log.debug("queue %s: done", item.id)  # the mail log has each recipient's result
             return
-        if flushed and item.next_attempt > now:
-            pass  # an extra attempt from `queue flush`: the schedule stays as it was
-        else:
+        # An attempt from `queue flush` before its time comes on top of the schedule:
+        # the next retry stays where it was, and so does the backoff.
+        if not (flushed and item.next_attempt > now):
             item.retries += 1
             item.next_attempt = now + self.schedule_policy.next_delay(item.retries)
         # Recipients that failed for good but whose DSN is not stored yet are not delayed.
