@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import re
 import stat
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,7 @@ class DeliverySettings:
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
     # Deliver local mail through this command instead of the built-in Maildir, e.g.
-    # "/usr/lib/dovecot/dovecot-lda -d {address}" ({user}, {domain}, {address} filled in).
+    # "/usr/lib/dovecot/dovecot-lda -d {address}" (MDA_PLACEHOLDERS filled in).
     local_mda: str | None = None
     pipe_timeout: float = 60.0
     # Tell the sender once that a message is still queued after this long (0: never).
@@ -401,6 +402,37 @@ def _section(
     return values
 
 
+# delivery.local_mda's placeholders (delivery.manager.mda_command fills them in): the
+# local part; the domain and the address in Unicode, as chasquid's %to_domain% and %to%;
+# both again in ASCII (IDNA A-labels).
+MDA_PLACEHOLDERS = ("user", "domain", "address", "domain_ascii", "address_ascii")
+
+
+def _as_mda_template(value: Any) -> str | None:
+    """A local_mda command template whose placeholders are all known: refused here, at
+    load, rather than failing every local delivery later."""
+    if value is None:
+        return None
+    template = _as_str(value)
+    known = ", ".join(f"{{{name}}}" for name in MDA_PLACEHOLDERS)
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion
+                  in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:  # a lone brace
+        raise ValueError(f"{exc} (the placeholders are {known}; "
+                         "{{ and }} for a literal brace)") from None
+    for name, spec, conversion in fields:
+        if name == "" or name.isdigit():
+            raise ValueError(f"positional placeholders are not allowed (the placeholders "
+                             f"are {known}; {{{{ and }}}} for a literal brace)")
+        if name not in MDA_PLACEHOLDERS:
+            raise ValueError(f"unknown placeholder {{{name}}} (known: {known}; "
+                             "{{ and }} for a literal brace)")
+        if spec or conversion:
+            raise ValueError(f"{{{name}}} takes no format or conversion")
+    return template
+
+
 def _scalar_of(converter: Any):
     return lambda reader, node, name: _convert(reader, node, converter, name)
 
@@ -497,7 +529,7 @@ def load_config(config_dir: Path | str) -> Config:
         "concurrency": _scalar_of(_as_positive_int),
         "connect_timeout": _scalar_of(parse_duration),
         "command_timeout": _scalar_of(parse_duration),
-        "local_mda": _scalar_of(lambda v: None if v is None else _as_str(v)),
+        "local_mda": _scalar_of(_as_mda_template),
         "pipe_timeout": _scalar_of(parse_duration),
         "delay_warning_after": _scalar_of(parse_duration),
         "max_connections": _scalar_of(_as_positive_int),

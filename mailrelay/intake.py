@@ -12,10 +12,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .address import AddressError, domain_of
 from .message.arc import arc_seal
 from .message.dkim.outgoing import MessageSigner
 from .message.headers import parse_headers
-from .policy.authres import AuthResults
+from .policy.authres import AuthResults, org_domain
 from .policy.router import Expansion, Router
 from .policy.srs import SRS
 from .queue import Queue, QueueItem, Recipient
@@ -57,30 +58,35 @@ class Intake:
 
     async def own(self, sender: str, recipients: list[str], params: list[dict[str, str]],
                   trace: list[bytes], message: list[bytes], meta: dict[str, str],
-                  item_id: str | None = None) -> list[QueueItem]:
+                  item_id: str | None = None, reserve: bool = False) -> list[QueueItem]:
         """Mail that leaves in our name: ``trace`` (Received) stays above the signature,
-        which covers ``message`` (added headers and the message itself)."""
+        which covers ``message`` (added headers and the message itself). ``reserve``:
+        see Queue.put."""
         data = b"".join(message)
         signature = await asyncio.to_thread(self.signer.signature, data, parse_headers(data),
                                             sender)
         expansion = self.router.expand(recipients, params)
         return await self._store(
             [Part(sender, expansion.local + expansion.remote, [*trace, signature, *message])],
-            meta, item_id)
+            meta, item_id, reserve)
 
     async def generated(self, sender: str, recipients: list[str], data: bytes
                         ) -> QueueItem | None:
         """A message we write ourselves (a DSN): signed like all our mail. Routed too: a
         bounce of forwarded mail goes to our SRS address, which stands for the original
         sender. None when no recipient is left to deliver to."""
+        # A DSN is stored even when the queue refuses new mail (Queue.put's reserve):
+        # the failure it reports is only recorded once it is.
         stored = await self.own(sender, recipients, [{} for _ in recipients], [], [data],
-                                {"generated": True})
+                                {"generated": True}, reserve=True)
         return stored[0] if stored else None
 
     async def inbound(self, sender: str, recipients: list[str], params: list[dict[str, str]],
                       trace: list[bytes], body: bytes, results: AuthResults | None,
                       meta: dict[str, str], item_id: str | None = None) -> list[QueueItem]:
         """Mail from outside for our domains; ``trace``: Received, Authentication-Results."""
+        # Whether a DSN may return its content to the sender (DeliveryManager).
+        meta = {**meta, "sender_verified": sender_verified(sender, results)}
         expansion = self.router.expand(recipients, params)
         parts = []
         if expansion.local:
@@ -112,7 +118,7 @@ class Intake:
         return Part(new_sender, expansion.remote, [signature, arc, *trace, body])
 
     async def _store(self, parts: list[Part], meta: dict[str, str],
-                     item_id: str | None) -> list[QueueItem]:
+                     item_id: str | None, reserve: bool = False) -> list[QueueItem]:
         """Every part durably, or none (QueueFullError, OSError); then scheduled."""
         stored: list[QueueItem] = []
         try:
@@ -120,7 +126,7 @@ class Intake:
                 if part.recipients:
                     stored.append(await self.queue.put(
                         part.sender, part.recipients, part.chunks, meta,
-                        item_id=item_id if not stored else None))
+                        item_id=item_id if not stored else None, reserve=reserve))
         except BaseException:
             for item in stored:  # not acknowledged, so not accepted: take it back
                 await self.queue.remove(item)
@@ -128,3 +134,20 @@ class Intake:
         for item in stored:
             self.schedule(item)
         return stored
+
+
+def sender_verified(sender: str, results: AuthResults | None) -> bool:
+    """Whether the checks show that the envelope sender's domain sent this message: SPF
+    passed for it, or DMARC passed for a From: domain of the same organisation. (DMARC
+    alone proves the From: domain, which a forger may own while writing someone else's
+    address in MAIL FROM, where the DSN would go.)"""
+    if not sender or results is None:
+        return False
+    if results.spf == "pass":  # checked for the MAIL FROM domain
+        return True
+    if results.dmarc != "pass" or not results.from_domain:
+        return False
+    try:
+        return org_domain(domain_of(sender)) == org_domain(results.from_domain)
+    except (AddressError, ValueError):
+        return False

@@ -21,9 +21,10 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .fsutil import atomic_write, fsync_dir
@@ -61,6 +62,9 @@ class Recipient:
     last_via: str = ""
     # Extra per-recipient data (e.g. ORCPT, NOTIFY) carried to DSNs.
     params: dict[str, str] = field(default_factory=dict)
+    # The address the sender gave (RCPT TO) when an alias or the catch-all led here
+    # instead; "" when it is ``address`` itself. For the mail log and `queue show`.
+    original: str = ""
 
 
 @dataclass
@@ -72,7 +76,10 @@ class QueueItem:
     size: int
     path: Path
     meta: dict[str, Any] = field(default_factory=dict)
-    attempts: int = 0
+    attempts: int = 0  # every attempt, flushed ones too
+    # Attempts made on the retry schedule: the backoff step. `queue flush` adds attempts
+    # without moving the schedule on.
+    retries: int = 0
     next_attempt: float = 0.0
     last_attempt: float = 0.0
     body_offset: int = 0
@@ -92,6 +99,7 @@ class QueueItem:
     def state_dict(self) -> dict[str, Any]:
         return {
             "attempts": self.attempts,
+            "retries": self.retries,
             "next_attempt": self.next_attempt,
             "last_attempt": self.last_attempt,
             "delay_warned": self.delay_warned,
@@ -172,19 +180,34 @@ def _write_batch(
 
 
 class Queue:
+    """The spool directory and the items in it, which only the queue adds and removes.
+
+    ``put`` stores a message durably (the caller may answer 250 when it returns),
+    ``save_state`` records delivery progress, ``remove`` drops a finished item, ``load``
+    rebuilds everything from disk at start. Scheduling is the DeliveryManager's.
+    """
+
     def __init__(self, directory: Path, max_items: int = 0, min_free_bytes: int = 0):
         self.directory = Path(directory)
         self.max_items = max_items
         self.min_free_bytes = min_free_bytes
-        self.items: dict[str, QueueItem] = {}
+        self._items: dict[str, QueueItem] = {}
         self._commit = GroupCommit(self.directory)
+
+    @property
+    def items(self) -> Mapping[str, QueueItem]:
+        """The queued items by id (read-only: ``put`` and ``remove`` change it)."""
+        return MappingProxyType(self._items)
+
+    def get(self, item_id: str) -> QueueItem | None:
+        return self._items.get(item_id)
 
     # -- start-up -------------------------------------------------------------
 
     def load(self) -> list[QueueItem]:
         """Load every committed item; remove leftovers of interrupted writes."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.items.clear()
+        self._items.clear()
         names = os.listdir(self.directory)
         for name in names:
             if name.startswith("."):  # a temporary file: its 250 was never sent
@@ -192,17 +215,17 @@ class Queue:
         for name in sorted(n for n in names if n.endswith(MSG_SUFFIX)):
             item = _read_or_move_aside(self.directory / name)
             if item is not None:
-                self.items[item.id] = item
+                self._items[item.id] = item
         for name in names:
-            if name.endswith(STATE_SUFFIX) and name[: -len(STATE_SUFFIX)] not in self.items:
+            if name.endswith(STATE_SUFFIX) and name[: -len(STATE_SUFFIX)] not in self._items:
                 _unlink(self.directory / name)  # delivery finished; the .msg went first
-        return sorted(self.items.values(), key=lambda i: i.id)
+        return sorted(self._items.values(), key=lambda i: i.id)
 
     # -- accepting ------------------------------------------------------------
 
     def check_space(self) -> None:
         """Raise QueueFullError when a new message must not be accepted."""
-        if self.max_items and len(self.items) >= self.max_items:
+        if self.max_items and len(self._items) >= self.max_items:
             raise QueueFullError("queue is full")
         if self.min_free_bytes:
             stats = os.statvfs(self.directory)
@@ -216,13 +239,20 @@ class Queue:
         data: bytes | list[bytes],
         meta: dict[str, Any] | None = None,
         item_id: str | None = None,
+        reserve: bool = False,
     ) -> QueueItem:
         """Store a message durably; when this returns, the message survives a crash.
 
         ``data`` may be a list of chunks (e.g. added headers + the received body) so the
         body is written without being copied into one more buffer.
+
+        ``reserve``: a message that must not be refused for want of room (a DSN: what
+        it reports is dropped once it is stored) may go over ``max_items`` and into the
+        ``min_free_bytes`` reserve; only a disk that is really full stops it (OSError).
+        DSNs are few and small (one per message that failed), so they cannot flood it.
         """
-        self.check_space()
+        if not reserve:
+            self.check_space()
         chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
         rcpts = [r if isinstance(r, Recipient) else Recipient(r) for r in recipients]
         item = QueueItem(
@@ -233,7 +263,7 @@ class Queue:
         header = MAGIC + json.dumps(_envelope_dict(item), separators=(",", ":")).encode() + b"\n"
         item.body_offset = len(header)
         await self._commit.write(item.path, [header, *chunks])
-        self.items[item.id] = item
+        self._items[item.id] = item
         return item
 
     # -- progress -------------------------------------------------------------
@@ -252,7 +282,7 @@ class Queue:
         more, which the next attempt must tolerate anyway (a crash between the remote
         250 and the unlink has the same effect); nothing accepted can be lost by it.
         """
-        self.items.pop(item.id, None)
+        self._items.pop(item.id, None)
         _unlink(item.path)
         if item.has_state:
             _unlink(self.state_path(item))
@@ -303,6 +333,8 @@ def _recipient_envelope(rcpt: Recipient) -> dict[str, Any]:
         entry["kind"] = rcpt.kind
     if rcpt.command is not None:
         entry["command"] = rcpt.command
+    if rcpt.original:
+        entry["original"] = rcpt.original
     return entry
 
 
@@ -328,7 +360,7 @@ def _read_item(path: Path) -> QueueItem:
     env = json.loads(first[len(MAGIC):])
     recipients = [
         Recipient(r["address"], kind=r.get("kind", EMAIL), command=r.get("command"),
-                  params=r.get("params", {}))
+                  params=r.get("params", {}), original=r.get("original", ""))
         for r in env["recipients"]
     ]
     item = QueueItem(
@@ -346,6 +378,7 @@ def _read_item(path: Path) -> QueueItem:
         return item
     item.has_state = True
     item.attempts = state.get("attempts", 0)
+    item.retries = state.get("retries", item.attempts)
     item.next_attempt = state.get("next_attempt", 0.0)
     item.last_attempt = state.get("last_attempt", 0.0)
     item.delay_warned = state.get("delay_warned", False)

@@ -52,9 +52,13 @@ class Server:
         self.config = config
         self.queue = Queue(config.data_dir / "queue", max_items=config.limits.max_queue_items,
                            min_free_bytes=config.limits.min_free_space)
+        # A broken users or aliases file stops the start (file:line), as `check` says:
+        # running without them would refuse (550) mail for those users and aliases.
         self.users = Users.load(config)
         self.keyring, _ = self._load_keyring()
-        self.aliases, _ = self._load_aliases(None)
+        self.aliases, alias_errors = Aliases.load(config)
+        if alias_errors:
+            raise alias_errors[0]
         self.srs: SRS | None = None
         self.router = Router(self.is_local_domain, lambda: self.users, lambda: self.aliases,
                              None)
@@ -136,7 +140,8 @@ class Server:
             self.mta_sts.start()
         # For `mailrelay queue`. Without it mail still flows, so only a second server on
         # this data_dir (ConfigError) stops the start.
-        self.control = ControlServer(socket_path(config.data_dir), self.queue, self.delivery)
+        self.control = ControlServer(socket_path(config.data_dir), self.queue, self.delivery,
+                                     users=self.reload_users)
         try:
             await self.control.start()
         except ConfigError:
@@ -226,11 +231,7 @@ class Server:
         # What this reload reads is what the file watcher has seen: after a SIGHUP (as
         # `aliases edit` sends) it must not reload the same change a second time.
         self._last_domain_stamp = self._domain_files_stamp()
-        try:
-            self.users = Users.load(self.config)
-        except ConfigError as exc:
-            log.error("reload: users not reloaded, keeping the previous ones: %s", exc)
-            ok = False
+        ok = not self._load_users() and ok
         self.keyring, keys_ok = self._load_keyring()
         self.aliases, aliases_ok = self._load_aliases(self.aliases)
         ok = ok and keys_ok and aliases_ok
@@ -238,6 +239,27 @@ class Server:
             ok = False
         log.info("reload: %s", "done" if ok else "done with errors (see above)")
         return ok
+
+    def _load_users(self, only: str | None = None) -> list[ConfigError]:
+        """Each domain's users file on its own (``only``: one domain's): a broken one
+        keeps that domain's last good users, the other domains take their changes."""
+        self.users, errors = Users.reload(self.config, self.users, only)
+        for error in errors:
+            log.error("users: %s (keeping the last good users of that domain)", error)
+        return errors
+
+    def reload_users(self, domain: str) -> dict[str, str | None]:
+        """For `mailrelay user` after it changed a users file: load that domain's file
+        now, and say which version of it the server uses (``digest``, of the file's
+        bytes) and, if it could not take the file, why (``error``)."""
+        if domain not in self.config.domains:
+            self._reload_config()  # a domain created since: pick it up first
+        if domain not in self.config.domains:
+            return {"digest": None, "error": f"{domain} is not a domain of the running server"}
+        errors = self._load_users(only=domain)
+        db = self.users.domain(domain)
+        return {"digest": db.digest if db is not None else None,
+                "error": str(errors[0]) if errors else None}
 
     def _reload_config(self) -> bool:
         """New and removed domain directories take effect now; every other setting is read

@@ -9,7 +9,7 @@ users files (``UserDB.load_all``, which ``Users.load`` uses), ``Aliases.load``,
 for ``postmaster@``. On top of that it says what the server only finds out later or
 never: a certificate that does not cover ``hostname`` or is about to expire, a
 ``data_dir`` it cannot write, unsafe file modes, aliases that deliver nowhere,
-``delivery.local_mda`` placeholders, a domain without a DKIM key.
+``delivery.local_mda`` programs, a domain without a DKIM key.
 
 Whose permissions: the files are looked at as the server's user, by default the owner of
 the configuration directory (``--user`` names another). Run as root, the checks run in a
@@ -445,19 +445,9 @@ def _check_delivery(config: Config, report: Report) -> None:
         return
     line = setting_line(config.config_dir, "delivery.local_mda")
     sample = f"postmaster@{config.domains[0] if config.domains else 'example.com'}"
-    try:
-        # The function delivery fills the placeholders in with, on a sample address.
-        command = mda_command(template, sample)
-    except KeyError as exc:
-        report.error(f"delivery.local_mda: unknown placeholder {{{exc.args[0]}}} (known: "
-                     "{user}, {domain}, {address}; {{ and }} for a literal brace)",
-                     yaml_path, line)
-        return
-    except (IndexError, ValueError) as exc:
-        reason = "positional placeholders" if isinstance(exc, IndexError) else str(exc)
-        report.error(f"delivery.local_mda: {reason} (the placeholders are {{user}}, "
-                     "{domain} and {address}; {{ and }} for a literal brace)", yaml_path, line)
-        return
+    # Its placeholders were checked by load_config, as for serve; filled in as delivery
+    # does, on a sample address.
+    command = mda_command(template, sample)
     try:
         program = shlex.split(command)[0]
     except (ValueError, IndexError):

@@ -21,6 +21,8 @@ from ..queue import PENDING, PIPE, scan
 
 # `remove` waits for an attempt in flight, which may last up to the command timeout.
 REMOVE_TIMEOUT = 600.0
+# How long `flush` waits for the attempts it started, unless told (--wait).
+FLUSH_WAIT = 30.0
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -44,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     which.add_argument("id", metavar="ID", nargs="?", help="only this message")
     which.add_argument("--domain", metavar="DOMAIN",
                        help="only messages with a pending recipient at DOMAIN")
+    flush.add_argument("--wait", metavar="SECONDS", type=float, default=FLUSH_WAIT,
+                       help=f"wait this long for the results (default {FLUSH_WAIT:.0f}; "
+                            "0: do not wait)")
     flush.set_defaults(func=cmd_flush)
 
     remove = actions.add_parser("remove", parents=parents,
@@ -133,26 +138,41 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_flush(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    payload: dict[str, Any] = {"cmd": "flush"}
+    wait = max(0.0, args.wait)
+    payload: dict[str, Any] = {"cmd": "flush", "wait": wait}
     if args.id:
         payload["id"] = args.id
     if args.domain:
         payload["domain"] = args.domain
-    response = _need_server(config, payload)
+    response = _need_server(config, payload, timeout=wait + 30.0)
     if args.json:
         _print_json(response)
         return 0
     count = response["flushed"]
-    if args.id:
-        print(f"{args.id}: retrying now")
-    elif args.domain:
-        print(f"retrying {count} message{'s' if count != 1 else ''} with recipients at "
-              f"{args.domain} now" if count else
-              f"no queued message has a pending recipient at {args.domain}")
-    else:
-        print(f"retrying {count} message{'s' if count != 1 else ''} now" if count
+    if not count:
+        print(f"no queued message has a pending recipient at {args.domain}" if args.domain
               else "the queue is empty")
+        return 0
+    if not wait:
+        print(f"retrying {count} message{'s' if count != 1 else ''} now")
+        return 0
+    now = time.time()
+    for message in response["messages"]:
+        print(f"{message['id']}  {_flush_result(message, now, wait)}")
+        for rcpt in message["recipients"]:
+            print(f"    {_recipient_line(rcpt)}")
     return 0
+
+
+def _flush_result(message: dict[str, Any], now: float, wait: float) -> str:
+    """What came of one flushed message's attempt."""
+    if not message["ended"]:
+        return f"attempt still running after {wait:g}s (see `mailrelay queue show`)"
+    if not message["queued"]:
+        failed = sum(r["status"] == "failed" for r in message["recipients"])
+        return "done" if not failed else \
+            f"done, {failed} recipient{'s' if failed != 1 else ''} failed (the sender is told)"
+    return f"still queued; {_next_attempt(message, now, True)}"
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
@@ -274,6 +294,8 @@ def _recipient_line(rcpt: dict[str, Any]) -> str:
     target = _safe(rcpt["address"])
     if rcpt.get("kind") == PIPE:
         target += f" (| {_safe(rcpt.get('command') or '')})"
+    if rcpt.get("original"):
+        target += f" (for {_safe(rcpt['original'])})"  # the mail log's orig_to
     line = f"{rcpt['status']:<7}  {target}"
     if rcpt["status"] != "sent" and rcpt.get("last_error"):
         line += f"  {_safe(rcpt['last_error'])}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..address import AddressError, normalize_local, split
 from ..config import Config, load_config
@@ -77,7 +78,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     db.save()
     note = " (receive-only)" if args.receive_only else ""
     print(f"added {local}@{db.domain}{note}")
-    return 0
+    return _tell_server(config, db)
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
@@ -89,7 +90,7 @@ def cmd_passwd(args: argparse.Namespace) -> int:
                                              config.users.min_password_length))
     db.save()
     print(f"password changed for {local}@{db.domain}")
-    return 0
+    return _tell_server(config, db)
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
@@ -99,7 +100,31 @@ def cmd_remove(args: argparse.Namespace) -> int:
         raise MailrelayError(f"no such user: {local}@{db.domain}")
     db.save()
     print(f"removed {local}@{db.domain}")
-    return 0
+    return _tell_server(config, db)
+
+
+def _tell_server(config: Config, db: UserDB) -> int:
+    """Have the running server load the file just written, and check that it took this
+    version of it: 1, with a warning, when it did not (it keeps the users it had, so a
+    removed user could still log in). Without a running server there is nothing to do:
+    it reads the file when it starts."""
+    from ..ops.control import ServerNotRunning, request
+
+    try:
+        answer = request(config.data_dir, {"cmd": "users", "domain": db.domain})
+    except ServerNotRunning:
+        return 0
+    except MailrelayError as exc:
+        print(f"warning: could not ask the running server whether it took the change "
+              f"(it reloads changed files by itself within seconds): {exc}", file=sys.stderr)
+        return 0
+    if answer.get("digest") == db.digest:
+        return 0
+    reason = answer.get("error") or "it has another version of the file"
+    print(f"warning: {db.path} is saved, but the running server did not take it: {reason}. "
+          f"It keeps the users of {db.domain} it had; fix the file (`mailrelay check`).",
+          file=sys.stderr)
+    return 1
 
 
 def cmd_list(args: argparse.Namespace) -> int:

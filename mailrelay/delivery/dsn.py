@@ -201,7 +201,8 @@ def _wrap(text: str, indent: str = "") -> list[str]:
 
 
 def _human_text(
-    *, reporting_mta: str, recipients: list[FailedRecipient], headers_only_fallback: bool
+    *, reporting_mta: str, recipients: list[FailedRecipient], headers_only_fallback: bool,
+    note: str | None = None,
 ) -> str:
     failed = [r for r in recipients if r.action != "delayed"]
     delayed = [r for r in recipients if r.action == "delayed"]
@@ -232,6 +233,8 @@ def _human_text(
         lines += _wrap(
             "The original message was too large to return in full; only its headers are attached."
         )
+    if note:
+        lines += _wrap(_clean(note))
     while lines and not lines[-1]:
         lines.pop()
     return "\r\n".join(lines) + "\r\n"
@@ -257,8 +260,12 @@ def build_dsn(
     max_returned_bytes: int = 256 * 1024,
     from_domain: str | None = None,
     now: float | None = None,
+    note: str | None = None,
 ) -> bytes:
-    """The complete DSN message (CRLF line endings), to be queued from ``<>`` to the sender."""
+    """The complete DSN message (CRLF line endings), to be queued from ``<>`` to the sender.
+
+    ``note``: one more paragraph for the human-readable part (e.g. why only the headers
+    are returned although RET=FULL asked for the whole message)."""
     if not recipients:
         raise ValueError("a DSN needs at least one recipient")
     if not _clean(original_sender):
@@ -290,6 +297,7 @@ def build_dsn(
         reporting_mta=mta,
         recipients=recipients,
         headers_only_fallback=return_full and not full,
+        note=note,
     ).encode("utf-8")
 
     returned_what = "Undelivered message" if full else "Undelivered message headers"

@@ -16,11 +16,21 @@ from dataclasses import dataclass
 
 from ..address import domain_of
 from ..ops.events import Events
-from ..queue import FAILED, MAILBOX, PENDING, PIPE, SENT, Queue, QueueItem, Recipient
+from ..queue import (
+    FAILED,
+    MAILBOX,
+    PENDING,
+    PIPE,
+    SENT,
+    Queue,
+    QueueFullError,
+    QueueItem,
+    Recipient,
+)
 from .dsn import FailedRecipient, build_dsn, is_auto_generated
 from .local import Maildirs
 from .pipe import SpooledMessage, run_pipe
-from .remote import Outcome, RecipientResult, RemoteDelivery
+from .remote import COMMAND, LOCAL, MX, RELAY, Outcome, RecipientResult, RemoteDelivery
 
 log = logging.getLogger("mailrelay.delivery")
 
@@ -52,6 +62,16 @@ def _enhanced_status(reply: str, default: str) -> str:
 
 
 class DeliveryManager:
+    """Decides when each queued message is tried, tries it, and records what happened.
+
+    A heap of due times feeds at most ``concurrency`` attempts at once. One attempt
+    sends every pending recipient of a message its way (SMTP per domain, local
+    mailboxes, pipes) and records each result: sent, retried on the schedule, or failed
+    for good with a DSN to the sender. A DSN is stored in the queue before the failure
+    it reports is recorded, so a crash or a refusing queue can repeat a DSN but never
+    lose one. ``flush`` and ``remove`` serve ``mailrelay queue``.
+    """
+
     def __init__(
         self,
         queue: Queue,
@@ -86,6 +106,8 @@ class DeliveryManager:
         self._seq = itertools.count()
         self._active: dict[str, asyncio.Task[None]] = {}
         self._removing: set[str] = set()  # being taken out by `mailrelay queue remove`
+        self._flushed: set[str] = set()  # next attempt comes from `queue flush`
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}  # flushes awaiting an end
         self._wakeup = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
@@ -98,17 +120,42 @@ class DeliveryManager:
         heapq.heappush(self._heap, (when, next(self._seq), item.id))
         self._wakeup.set()
 
-    def flush(self, ids: list[str] | None = None, domain: str | None = None) -> int:
+    def flush(self, ids: list[str] | None = None, domain: str | None = None
+              ) -> list[QueueItem]:
         """Retry now: all items, the given ones, or those with a pending recipient at
-        ``domain``; returns how many were scheduled. An item whose attempt is in flight
-        counts too: it is being retried right now."""
+        ``domain``; returns them. An item whose attempt is in flight counts too: it is
+        being retried right now. A flushed attempt that fails leaves the retry schedule
+        as it was (see ``_record``)."""
         wanted = ids if ids is not None else list(self.queue.items)
-        items = [self.queue.items[i] for i in wanted if i in self.queue.items]
+        items = [item for i in wanted
+                 if (item := self.queue.get(i)) is not None and i not in self._removing]
         if domain is not None:
             items = [item for item in items if _has_pending_at(item, domain)]
         for item in items:
-            self.schedule(item, 0.0)
-        return len(items)
+            if item.id not in self._active:
+                self._flushed.add(item.id)
+                self.schedule(item, 0.0)
+        return items
+
+    async def flush_and_wait(self, ids: list[str] | None = None, domain: str | None = None,
+                             timeout: float = 30.0) -> list[tuple[QueueItem, bool]]:
+        """``flush``, then wait (at most ``timeout`` seconds) for each of those attempts
+        to end: (item, whether its attempt ended) per item; the item shows the results."""
+        items = self.flush(ids, domain)
+        loop = asyncio.get_running_loop()
+        waiting = {}
+        for item in items:
+            waiting[item.id] = future = loop.create_future()
+            self._waiters.setdefault(item.id, []).append(future)
+        if waiting and timeout > 0:
+            await asyncio.wait(list(waiting.values()), timeout=timeout)
+        for item_id, future in waiting.items():
+            if not future.done():
+                future.cancel()
+                self._waiters[item_id].remove(future)
+                if not self._waiters[item_id]:
+                    del self._waiters[item_id]
+        return [(item, not waiting[item.id].cancelled()) for item in items]
 
     def attempting(self, item_id: str) -> bool:
         """Whether a delivery attempt of this item is in flight."""
@@ -126,7 +173,7 @@ class DeliveryManager:
         """
         while (task := self._active.get(item_id)) is not None:
             await asyncio.wait([task])
-        item = self.queue.items.get(item_id)
+        item = self.queue.get(item_id)
         if item is None or item_id in self._removing:
             raise KeyError(item_id)
         # Out of the scheduler's sight before any await: no attempt may start meanwhile.
@@ -137,7 +184,6 @@ class DeliveryManager:
             self._removing.discard(item_id)
 
     async def _remove(self, item: QueueItem, bounce: bool) -> tuple[list[str], str | None]:
-        item_id = item.id
         pending = item.pending if bounce else []
         dsn_id = None
         if pending:
@@ -155,8 +201,7 @@ class DeliveryManager:
                 raise
             dsn_id = bounce.id if bounce else None
         await self.queue.remove(item)
-        log.info("queue %s: removed by the administrator%s", item_id,
-                 f", DSN {dsn_id}" if dsn_id else "")
+        self.events.removed(item, dsn_id)
         return [rcpt.address for rcpt in pending], dsn_id
 
     def start(self) -> None:
@@ -182,11 +227,14 @@ class DeliveryManager:
                 when, _, item_id = heapq.heappop(self._heap)
                 if self._due.get(item_id) != when or item_id in self._active:
                     continue  # superseded by a newer schedule, or already running
-                item = self.queue.items.get(item_id)
+                item = self.queue.get(item_id)
                 del self._due[item_id]
+                flushed = item_id in self._flushed
+                self._flushed.discard(item_id)
                 if item is None or item_id in self._removing:
                     continue
-                task = asyncio.create_task(self._attempt(item), name=f"deliver-{item_id}")
+                task = asyncio.create_task(self._attempt(item, flushed),
+                                           name=f"deliver-{item_id}")
                 self._active[item_id] = task
                 task.add_done_callback(lambda t, i=item_id: self._finished(i, t))
             self._wakeup.clear()
@@ -199,19 +247,33 @@ class DeliveryManager:
     def _finished(self, item_id: str, task: asyncio.Task[None]) -> None:
         self._active.pop(item_id, None)
         if not task.cancelled() and task.exception() is not None:
+            # Recording the results failed (the deliveries themselves are guarded).
             log.error("delivery of %s failed unexpectedly", item_id, exc_info=task.exception())
-            item = self.queue.items.get(item_id)
+            item = self.queue.get(item_id)
             if item is not None and not self._stopping:
-                self.schedule(item, time.time() + self.schedule_policy.next_delay(item.attempts))
+                self.schedule(item, time.time() + self.schedule_policy.next_delay(item.retries))
+        for waiter in self._waiters.pop(item_id, []):
+            if not waiter.done():
+                waiter.set_result(None)
         self._wakeup.set()
 
     # -- one attempt ----------------------------------------------------------
 
-    async def _attempt(self, item: QueueItem) -> None:
+    async def _attempt(self, item: QueueItem, flushed: bool = False) -> None:
         pending = item.pending
         if not pending:
             await self.queue.remove(item)
             return
+        try:
+            pairs = await self._deliver(item, pending)
+        except Exception as exc:
+            pairs = [(rcpt, result) for rcpt in pending
+                     for result in _unexpected(item, exc, [rcpt.address], _via_of(rcpt))]
+        await self._record(item, pairs, flushed)
+
+    async def _deliver(self, item: QueueItem, pending: list[Recipient]
+                       ) -> list[tuple[Recipient, RecipientResult]]:
+        """One attempt at every pending recipient: their results, in pairs."""
         local: list[Recipient] = []
         pipes: list[Recipient] = []
         by_domain: dict[str, list[Recipient]] = defaultdict(list)
@@ -234,130 +296,180 @@ class DeliveryManager:
         jobs = []
         for domain, rcpts in by_domain.items():
             batches.append(rcpts)
-            jobs.append(self.remote.deliver(domain, item.sender, [r.address for r in rcpts],
-                                            data))
+            jobs.append(self._deliver_remote(item, domain, [r.address for r in rcpts], data))
         if local:
             batches.append(local)
-            jobs.append(self._deliver_local(item.sender, [r.address for r in local], data,
-                                            spooled))
+            jobs.append(self._deliver_local(item, [r.address for r in local], data, spooled))
         if pipes:
             batches.append(pipes)
-            jobs.append(self._deliver_pipes(item.sender, pipes, spooled))
+            jobs.append(self._deliver_pipes(item, pipes, spooled))
         # One job (the usual case) is awaited as it is: gather would make it a task.
         outcomes = [await jobs[0]] if len(jobs) == 1 else await asyncio.gather(*jobs)
-        pairs = [pair for rcpts, results in zip(batches, outcomes, strict=True)
-                 for pair in zip(rcpts, results, strict=True)]
-        await self._record(item, pairs)
+        return [pair for rcpts, results in zip(batches, outcomes, strict=True)
+                for pair in zip(rcpts, results, strict=True)]
+
+    # Each job below answers for every recipient it was given even when something
+    # unexpected (a bug) raises: a result for each, so the attempt counts and the message
+    # ends (gives up, bounces) instead of being retried forever; and one recipient's
+    # trouble does not undo what the others' deliveries did.
+
+    async def _deliver_remote(self, item: QueueItem, domain: str, addresses: list[str],
+                              data: bytes) -> list[RecipientResult]:
+        try:
+            return await self.remote.deliver(domain, item.sender, addresses, data)
+        except Exception as exc:
+            return _unexpected(item, exc, addresses, MX)
 
     async def _deliver_pipes(
-        self, sender: str, rcpts: list[Recipient], message: SpooledMessage
+        self, item: QueueItem, rcpts: list[Recipient], message: SpooledMessage
     ) -> list[RecipientResult]:
         results = []
         for rcpt in rcpts:
-            delivered, reply = await run_pipe(rcpt.command or "", message, sender=sender,
-                                              recipient=rcpt.address,
-                                              timeout=self.pipe_timeout)
+            try:
+                delivered, reply = await run_pipe(rcpt.command or "", message,
+                                                  sender=item.sender, recipient=rcpt.address,
+                                                  timeout=self.pipe_timeout)
+            except Exception as exc:
+                results += _unexpected(item, exc, [rcpt.address], COMMAND)
+                continue
             outcome = _command_outcome(delivered)
-            results.append(RecipientResult(rcpt.address, outcome, reply, "pipe"))
+            results.append(RecipientResult(rcpt.address, outcome, reply, via=COMMAND))
         return results
 
     async def _deliver_local(
-        self, sender: str, addresses: list[str], data: bytes, message: SpooledMessage
+        self, item: QueueItem, addresses: list[str], data: bytes, message: SpooledMessage
     ) -> list[RecipientResult]:
         """To each local mailbox: through the local MDA (reading ``message``) when one is
         configured, else into its Maildir (``data``)."""
         results = []
         for address in addresses:
-            mailbox = self.local_mailbox(address)
-            if mailbox is None:  # removed since the message was accepted
-                results.append(RecipientResult(address, Outcome.PERMANENT,
-                                               "550 5.1.1 no such user here", "local"))
-                continue
-            if self.local_mda:
-                delivered, reply = await run_pipe(
-                    mda_command(self.local_mda, mailbox), message, sender=sender,
-                    recipient=mailbox, timeout=self.pipe_timeout)
-                outcome = _command_outcome(delivered)
-                results.append(RecipientResult(address, outcome, reply, "local"))
-                continue
             try:
-                await asyncio.to_thread(self.maildirs.deliver, mailbox, sender, data, address)
-                results.append(RecipientResult(address, Outcome.SENT, "250 2.0.0 delivered",
-                                               "local"))
-            except OSError as exc:
-                results.append(RecipientResult(address, Outcome.TEMPORARY,
-                                               f"451 4.3.0 mailbox write failed: {exc.strerror}",
-                                               "local"))
+                results.append(await self._deliver_mailbox(item.sender, address, data,
+                                                           message))
+            except Exception as exc:
+                results += _unexpected(item, exc, [address], LOCAL)
         return results
 
+    async def _deliver_mailbox(self, sender: str, address: str, data: bytes,
+                               message: SpooledMessage) -> RecipientResult:
+        mailbox = self.local_mailbox(address)
+        if mailbox is None:  # removed since the message was accepted
+            return RecipientResult(address, Outcome.PERMANENT, "550 5.1.1 no such user here",
+                                   via=LOCAL)
+        if self.local_mda:
+            delivered, reply = await run_pipe(
+                mda_command(self.local_mda, mailbox), message, sender=sender,
+                recipient=mailbox, timeout=self.pipe_timeout)
+            return RecipientResult(address, _command_outcome(delivered), reply, via=LOCAL)
+        try:
+            await asyncio.to_thread(self.maildirs.deliver, mailbox, sender, data, address)
+        except OSError as exc:
+            return RecipientResult(address, Outcome.TEMPORARY,
+                                   f"451 4.3.0 mailbox write failed: {exc.strerror}",
+                                   via=LOCAL)
+        return RecipientResult(address, Outcome.SENT, "250 2.0.0 delivered", via=LOCAL)
+
     async def _record(
-        self, item: QueueItem, results: list[tuple[Recipient, RecipientResult]]
+        self, item: QueueItem, results: list[tuple[Recipient, RecipientResult]],
+        flushed: bool = False,
     ) -> None:
         now = time.time()
         item.attempts += 1
         item.last_attempt = now
-        failed: list[FailedRecipient] = []
         give_up = now - item.created >= self.schedule_policy.give_up_after
+        failed: list[FailedRecipient] = []
+        failing: set[int] = set()  # id() of the recipients in ``failed``
         for rcpt, result in results:
             rcpt.attempts += 1
             rcpt.last_error = "" if result.outcome is Outcome.SENT else result.reply
-            remote = result.remote_host not in (None, "local", "pipe")
-            rcpt.last_host = (result.remote_host or "") if remote else ""
-            rcpt.last_via = "relay" if result.relay else "mx" if remote else ""
-            self.events.delivery_attempt(
-                item, result, final=result.outcome is not Outcome.TEMPORARY or give_up)
+            rcpt.last_host = result.remote_host or ""
+            rcpt.last_via = result.via
             if result.outcome is Outcome.SENT:
                 rcpt.status = SENT
             elif result.outcome is Outcome.PERMANENT or give_up:
+                failed.append(self._failure(rcpt, result))
+                failing.add(id(rcpt))
+        # The DSN first: only once it is stored may the failures it reports be recorded
+        # (and the message dropped). If it cannot be stored, they stay pending and are
+        # tried again on the schedule, and so is the DSN.
+        told = not failed or await self._bounce_stored(item, failed)
+        for rcpt, result in results:
+            if told and id(rcpt) in failing:
                 rcpt.status = FAILED
-                reply = result.reply
-                status = _enhanced_status(reply, "5.0.0")
-                if result.outcome is Outcome.TEMPORARY:
-                    status = "4.4.7"
-                    reply = f"{reply} (gave up after {self.schedule_policy.give_up_after:.0f}s)"
-                failed.append(FailedRecipient(
-                    address=rcpt.address, status=status, diagnostic=f"smtp; {reply}",
-                    remote_mta=(result.remote_host
-                                if result.remote_host not in ("local", "pipe") else None),
-                    original_recipient=rcpt.params.get("ORCPT"), relay=result.relay,
-                ))
-        if failed:
-            await self._bounce(item, failed)
+            self.events.delivery_attempt(item, rcpt, result, final=rcpt.status != PENDING)
         if not any(r.status == PENDING for r in item.recipients):
             await self.queue.remove(item)
             log.debug("queue %s: done", item.id)  # the mail log has each recipient's result
             return
-        item.next_attempt = now + self.schedule_policy.next_delay(item.attempts)
-        warn = self._delay_warning_due(item, now)
-        if warn:
-            item.delay_warned = True
-        # Saved before the warning is queued: a crash in between loses one warning
-        # rather than sending it twice.
-        await self.queue.save_state(item)
-        if warn:
-            await self._warn_delayed(item, {rcpt.address: result for rcpt, result in results})
+        # An attempt from `queue flush` before its time comes on top of the schedule:
+        # the next retry stays where it was, and so does the backoff.
+        if not (flushed and item.next_attempt > now):
+            item.retries += 1
+            item.next_attempt = now + self.schedule_policy.next_delay(item.retries)
+        # Recipients that failed for good but whose DSN is not stored yet are not delayed.
+        delayed = [rcpt for rcpt in item.pending if id(rcpt) not in failing]
+        if delayed and self._delay_warning_due(item, now):
+            # Flagged only once the warning is stored: a crash in between may send it
+            # twice, a refusing queue cannot make it lost.
+            item.delay_warned = await self._warn_delayed(
+                item, delayed, {rcpt.address: result for rcpt, result in results})
+        try:
+            await self.queue.save_state(item)
+        except OSError as exc:
+            # Progress is kept in memory; after a crash the message is tried again.
+            log.error("queue %s: cannot save its delivery state: %s", item.id,
+                      exc.strerror or exc)
         if not self._stopping:
             self.schedule(item)
+
+    def _failure(self, rcpt: Recipient, result: RecipientResult) -> FailedRecipient:
+        """What a DSN says of a recipient that failed for good (or was given up)."""
+        reply = result.reply
+        status = _enhanced_status(reply, "5.0.0")
+        if result.outcome is Outcome.TEMPORARY:
+            status = "4.4.7"
+            reply = f"{reply} (gave up after {self.schedule_policy.give_up_after:.0f}s)"
+        return FailedRecipient(
+            address=rcpt.address, status=status, diagnostic=f"smtp; {reply}",
+            remote_mta=result.remote_host, original_recipient=rcpt.params.get("ORCPT"),
+            relay=result.via == RELAY,
+        )
+
+    async def _bounce_stored(self, item: QueueItem, failed: list[FailedRecipient],
+                             notify: str = "FAILURE") -> bool:
+        """``_bounce``; False (and one log line) when the queue could not store the DSN."""
+        try:
+            await self._bounce(item, failed, notify)
+        except (QueueFullError, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            what = "delay warning" if notify == "DELAY" else "DSN"
+            log.error("queue %s: the %s for %s could not be stored (%s); kept queued, "
+                      "tried again at the next attempt", item.id, what,
+                      ", ".join(f"<{f.address}>" for f in failed), reason)
+            return False
+        return True
 
     def _delay_warning_due(self, item: QueueItem, now: float) -> bool:
         after = self.schedule_policy.delay_warning_after
         return (bool(after) and not item.delay_warned and now - item.created >= after
                 and not item.meta.get("generated"))
 
-    async def _warn_delayed(self, item: QueueItem, results: dict[str, RecipientResult]) -> None:
-        """RFC 3464 "delayed" report for the recipients still pending (once per message)."""
+    async def _warn_delayed(self, item: QueueItem, pending: list[Recipient],
+                            results: dict[str, RecipientResult]) -> bool:
+        """RFC 3464 "delayed" report for the recipients still pending (once per message);
+        whether it was stored (or was not wanted)."""
         delayed = []
-        for rcpt in item.pending:
+        for rcpt in pending:
             result = results.get(rcpt.address)
             reply = result.reply if result else rcpt.last_error
             delayed.append(FailedRecipient(
                 address=rcpt.address, status=_enhanced_status(reply, "4.0.0"),
                 diagnostic=f"smtp; {reply}", action="delayed",
-                remote_mta=(result.remote_host if result and result.remote_host
-                            not in ("local", "pipe") else None),
-                original_recipient=rcpt.params.get("ORCPT"), relay=bool(result and result.relay),
+                remote_mta=result.remote_host if result else None,
+                original_recipient=rcpt.params.get("ORCPT"),
+                relay=bool(result and result.via == RELAY),
             ))
-        await self._bounce(item, delayed, notify="DELAY")
+        return await self._bounce_stored(item, delayed, notify="DELAY")
 
     def _bounce_domain(self, sender: str) -> str:
         """MAILER-DAEMON@ one of our domains, so the DSN carries an aligned DKIM signature:
@@ -369,7 +481,8 @@ class DeliveryManager:
         self, item: QueueItem, failed: list[FailedRecipient], notify: str = "FAILURE"
     ) -> QueueItem | None:
         """Tell the sender, unless that could loop (null sender, auto-generated mail);
-        returns the queued DSN, if any."""
+        returns the queued DSN, if any. Raises (QueueFullError, OSError) when the DSN
+        could not be stored."""
         wanted = [f for f in failed if _notify_wanted(item, f.address, notify)]
         if not item.sender or not wanted:
             log.info("queue %s: %d recipient(s) failed, no DSN (sender <%s>)", item.id,
@@ -379,13 +492,16 @@ class DeliveryManager:
         if is_auto_generated(data):
             log.info("queue %s: failed auto-generated message, no DSN", item.id)
             return None
+        full = item.meta.get("ret") == "FULL" and notify == "FAILURE"
+        withheld = full and not content_returnable(item)
         dsn = build_dsn(
             reporting_mta=self.reporting_mta, original_sender=item.sender,
             original_message=data, recipients=wanted, arrival_date=item.created,
             envid=item.meta.get("envid"),
             # A delay warning returns headers only: the message is still on its way.
-            return_full=item.meta.get("ret") == "FULL" and notify == "FAILURE",
+            return_full=full and not withheld,
             from_domain=self._bounce_domain(item.sender),
+            note=WITHHELD_NOTE if withheld else None,
         )
         bounce = await self.enqueue("", [item.sender], dsn)
         if bounce is None:
@@ -394,6 +510,38 @@ class DeliveryManager:
         self.events.dsn_generated(bounce.id, item.id, item.sender,
                                   [f.address for f in wanted], kind=wanted[0].action)
         return bounce
+
+
+WITHHELD_NOTE = ("Only the headers of your message are attached: its sender address could "
+                 "not be verified (no SPF or DMARC pass), and a forged one must not get "
+                 "the content of mail it never sent.")
+
+
+def content_returnable(item: QueueItem) -> bool:
+    """Whether a DSN may return the message itself (RET=FULL), not only its headers.
+
+    Backscatter: mail from outside can carry a forged sender, and a DSN with its content
+    would deliver that content (spam, say) to the forged address, from our IP and with our
+    signature. So content goes back only to our own users (who submitted it) and to
+    senders the inbound checks verified (``sender_verified``, set by the intake).
+    """
+    return bool(item.meta.get("user") or item.meta.get("sender_verified"))
+
+
+def _via_of(rcpt: Recipient) -> str:
+    """How ``rcpt`` would be reached, for a result that no delivery produced."""
+    return COMMAND if rcpt.kind == PIPE else LOCAL if rcpt.kind == MAILBOX else MX
+
+
+def _unexpected(item: QueueItem, exc: Exception, addresses: list[str],
+                via: str) -> list[RecipientResult]:
+    """Temporary results for a delivery that raised (a bug): logged, and counted as an
+    attempt like any other, so the message gives up and bounces in the end."""
+    log.error("queue %s: delivery to %s failed unexpectedly", item.id,
+              ", ".join(f"<{a}>" for a in addresses), exc_info=exc)
+    reply = f"451 4.3.0 internal error in delivery ({type(exc).__name__}), see the log"
+    return [RecipientResult(address, Outcome.TEMPORARY, reply, via=via)
+            for address in addresses]
 
 
 def _command_outcome(delivered: bool | None) -> Outcome:
@@ -412,10 +560,26 @@ def _has_pending_at(item: QueueItem, domain: str) -> bool:
 
 
 def mda_command(template: str, address: str) -> str:
-    """The local MDA command line for one mailbox (each value shell-quoted)."""
-    user, _, domain = address.rpartition("@")
-    return template.format(user=shlex.quote(user), domain=shlex.quote(domain),
-                           address=shlex.quote(address))
+    """The local MDA command line for one mailbox (each value shell-quoted).
+
+    ``{address}`` and ``{domain}`` have the domain in Unicode (U-labels: ``ñoños.example``),
+    as chasquid's ``%to%`` and ``%to_domain%`` do; ``{address_ascii}`` and
+    ``{domain_ascii}`` in ASCII (A-labels: ``xn--oos-6mab.example``); ``{user}`` is the
+    local part. The configuration refuses any other placeholder (MDA_PLACEHOLDERS).
+    """
+    user, _, ascii_domain = address.rpartition("@")
+    domain = _u_labels(ascii_domain)
+    values = {"user": user, "domain": domain, "address": f"{user}@{domain}",
+              "domain_ascii": ascii_domain, "address_ascii": address}
+    return template.format(**{name: shlex.quote(value) for name, value in values.items()})
+
+
+def _u_labels(domain: str) -> str:
+    """``xn--oos-6mab.example`` as ``ñoños.example``; unchanged when it does not decode."""
+    try:
+        return domain.encode("ascii").decode("idna")
+    except UnicodeError:
+        return domain
 
 
 def _notify_wanted(item: QueueItem, address: str, event: str) -> bool:

@@ -52,8 +52,11 @@ UNVERIFIED = "unverified"
 PLAIN = "plain"
 NOT_CONNECTED = "-"  # the TLS state of a result from a host we never talked to
 
-MX = "mx"
-RELAY = "relay"
+# How a recipient was reached (RecipientResult.via, the mail log's via=, the metrics' via).
+MX = "mx"  # an MX host of the recipient's domain (remote_host names it)
+RELAY = "relay"  # the smarthost of delivery.relay (remote_host names it)
+LOCAL = "local"  # a local mailbox: its Maildir, or delivery.local_mda
+COMMAND = "pipe"  # the command of an alias "| command"
 
 # How long a host whose certificate does not verify goes straight to unverified TLS,
 # so it does not cost two connections per message; and how many such hosts we remember.
@@ -112,13 +115,15 @@ class Outcome(Enum):
 
 @dataclass(frozen=True)
 class RecipientResult:
+    """One recipient's outcome of one delivery attempt, whatever delivered it."""
+
     address: str
     outcome: Outcome
     reply: str  # the remote reply ("550 5.1.1 no such user") or our own reason
-    remote_host: str | None = None
+    remote_host: str | None = None  # the MX host or relay that answered; None: none did
     tls: str = PLAIN  # plain | unverified | verified (| "-": not connected)
     tls_version: str | None = None  # "TLSv1.3"; None in the clear
-    relay: bool = False  # remote_host is the smarthost of delivery.relay, not an MX host
+    via: str = MX  # MX | RELAY | LOCAL | COMMAND
 
 
 class STSPolicy(Protocol):
@@ -298,6 +303,14 @@ def _closed_on_failure(smtp: aiosmtplib.SMTP, where: str) -> Iterator[None]:
 
 
 class RemoteDelivery:
+    """SMTP delivery of one message to one domain's recipients (``deliver``).
+
+    It finds where to send (the domain's MX hosts, or the smarthost of ``relay``), opens
+    or reuses a connection within the limits, runs one transaction and answers with a
+    RecipientResult per recipient, in order. It keeps no queue state: retries, bounces
+    and the mail log are the DeliveryManager's.
+    """
+
     def __init__(
         self,
         hostname: str,
@@ -427,7 +440,7 @@ class RemoteDelivery:
 
         def everyone(reply: str) -> list[RecipientResult]:
             return [RecipientResult(r, Outcome.TEMPORARY, reply, relay.host, NOT_CONNECTED,
-                                    relay=True) for r in recipients]
+                                    via=RELAY) for r in recipients]
 
         try:
             addresses = [a for a in await relay.addresses(self.resolver)
@@ -448,7 +461,7 @@ class RemoteDelivery:
                 log.warning("delivery: %s: %s", relay.where(address), failure.reply)
                 if failure.permanent:  # e.g. 5xx to MAIL: as from an MX host, for good
                     return [RecipientResult(r, Outcome.PERMANENT, failure.reply, relay.host,
-                                            VERIFIED, relay=True) for r in recipients]
+                                            VERIFIED, via=RELAY) for r in recipients]
                 last = failure.reply
                 continue
             return results
@@ -555,11 +568,9 @@ class RemoteDelivery:
                 await smtp.rset(timeout=min(self.command_timeout, self.connect_timeout))
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 raise _Stale(f"RSET: {exc}") from None
-        relayed = conn.via == RELAY
-
         def result(rcpt: str, outcome: Outcome, reply: str) -> RecipientResult:
             return RecipientResult(rcpt, outcome, reply, conn.host, conn.tls, conn.tls_version,
-                                   relay=relayed)
+                                   via=conn.via)
 
         try:
             utf8_offered = smtp.supports_extension("smtputf8")

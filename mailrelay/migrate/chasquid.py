@@ -421,9 +421,10 @@ def mda_template(binary: str, args: list[str]) -> str:
     """chasquid's MDA binary and arguments as a ``delivery.local_mda`` command line.
 
     ``%to%``, ``%to_user%`` and ``%to_domain%`` become ``{address}``, ``{user}`` and
-    ``{domain}``. mailrelay has no placeholder for the sender, so a command that uses
-    ``%from%`` (chasquid's default does) runs through ``/bin/sh``, which reads the
-    sender from ``$SENDER`` and the recipient from ``$1``..``$3``.
+    ``{domain}``, which give the domain in U-labels as chasquid does. mailrelay has no
+    placeholder for the sender, so a command that uses ``%from%`` (chasquid's default
+    does) runs through ``/bin/sh``, which reads the sender from ``$SENDER`` and the
+    recipient from ``$1``..``$3``.
     """
     if not any(_uses_sender(arg) for arg in args):
         words = [_escape_braces(shlex.quote(binary))]

@@ -7,9 +7,18 @@ on one line back:
     {"cmd": "list"}                                -> {"ok": true, "messages": [...]}
     {"cmd": "show", "id": ID}                      -> {"ok": true, "message": {...}}
     {"cmd": "flush"} / {"cmd": "flush", "id": ID} / {"cmd": "flush", "domain": D}
-                                                   -> {"ok": true, "flushed": N}
+        (+ "wait": seconds)                        -> {"ok": true, "flushed": N,
+                                                       "messages": [{..., "ended": bool,
+                                                                     "queued": bool}]}
     {"cmd": "remove", "id": ID, "bounce": false}   -> {"ok": true, "id": ID,
                                                        "bounced": [...], "dsn": ID|null}
+    {"cmd": "users", "domain": D}                  -> {"ok": true, "digest": HEX|null,
+                                                       "error": TEXT|null}
+
+``flush`` waits up to ``wait`` seconds (default 0, at most MAX_FLUSH_WAIT) for the
+attempts it started, and reports each message as it is then (``ended``: its attempt
+finished; ``queued``: recipients are left). ``users`` makes the server load that
+domain's users file now and says which version it uses (SHA-256 of the file's bytes).
 
 Anything wrong gets ``{"ok": false, "error": "one line"}`` and the connection stays open.
 The client side (``request``) is plain blocking sockets: the CLI has no event loop.
@@ -24,6 +33,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +51,7 @@ log = logging.getLogger("mailrelay.control")
 SOCKET_NAME = "control.sock"
 MAX_REQUEST = 64 * 1024  # a request is a command and an id; anything longer is junk
 MAX_HEADER_BYTES = 256 * 1024  # `show` reads this much of a message for its headers
+MAX_FLUSH_WAIT = 600.0
 
 
 def socket_path(data_dir: Path) -> Path:
@@ -77,10 +88,12 @@ def read_headers(item: QueueItem, limit: int = MAX_HEADER_BYTES) -> str:
 # -- the server side ---------------------------------------------------------------------
 
 class ControlServer:
-    def __init__(self, path: Path, queue: Queue, delivery: DeliveryManager):
+    def __init__(self, path: Path, queue: Queue, delivery: DeliveryManager,
+                 users: Callable[[str], dict[str, str | None]] | None = None):
         self.path = Path(path)
         self.queue = queue
         self.delivery = delivery
+        self.reload_users = users  # Server.reload_users
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -150,7 +163,7 @@ class ControlServer:
         command = request["cmd"]
         handler = getattr(self, f"_cmd_{command}", None)
         if handler is None:
-            return _error(f"unknown command {command!r} (list, show, flush, remove)")
+            return _error(f"unknown command {command!r} (list, show, flush, remove, users)")
         try:
             return {"ok": True, **await handler(request)}
         except _RequestError as exc:
@@ -163,7 +176,7 @@ class ControlServer:
         item_id = request.get("id")
         if not isinstance(item_id, str) or not item_id:
             raise _RequestError('"id" is required')
-        item = self.queue.items.get(item_id)
+        item = self.queue.get(item_id)
         if item is None:
             raise _RequestError(f"no message {item_id} in the queue")
         return item
@@ -193,7 +206,29 @@ class ControlServer:
                 domain = normalize_domain(domain)
             except AddressError as exc:
                 raise _RequestError(str(exc)) from None
-        return {"flushed": self.delivery.flush(ids, domain)}
+        wait = request.get("wait", 0)
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait >= 0:
+            raise _RequestError('"wait" must be a number of seconds')
+        results = await self.delivery.flush_and_wait(ids, domain, min(wait, MAX_FLUSH_WAIT))
+        messages = []
+        for item, ended in results:
+            message = describe(item, self.delivery.attempting(item.id))
+            message["ended"] = ended
+            message["queued"] = self.queue.get(item.id) is not None
+            messages.append(message)
+        return {"flushed": len(results), "messages": messages}
+
+    async def _cmd_users(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.reload_users is None:
+            raise _RequestError("users: not served here")
+        domain = request.get("domain")
+        if not isinstance(domain, str):
+            raise _RequestError('"domain" is required')
+        try:
+            domain = normalize_domain(domain)
+        except AddressError as exc:
+            raise _RequestError(str(exc)) from None
+        return self.reload_users(domain)
 
     async def _cmd_remove(self, request: dict[str, Any]) -> dict[str, Any]:
         item = self._item(request)

@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from ..delivery.remote import RecipientResult
     from ..policy.authres import AuthResults
-    from ..queue import Queue, QueueItem
+    from ..queue import Queue, QueueItem, Recipient
     from ..smtp.session import SessionInfo
 
 log = logging.getLogger("mailrelay.mail")
@@ -86,6 +86,12 @@ def angle(address: str | None) -> str | None:
 
 def angles(addresses: Iterable[str]) -> str:
     return ",".join(f"<{a}>" for a in addresses)
+
+
+def originals(recipients: Iterable[Recipient]) -> str | None:
+    """``orig_to``: the addresses the sender wrote where aliases led elsewhere (None: none)."""
+    found = list(dict.fromkeys(r.original for r in recipients if r.original))
+    return angles(found) if found else None
 
 
 def reply_code(reply: str) -> str:
@@ -148,10 +154,12 @@ class Events:
         self.queued = Counter("mailrelay_messages_queued",
                               "Messages accepted into the queue, by port kind", ["port"],
                               registry=r)
+        # The mail log's words: result sent | temporary | permanent, final yes | no (no: it
+        # is retried), via mx | relay | local | pipe.
         self.deliveries = Counter("mailrelay_deliveries",
-                                  "Delivery attempts, one per recipient: delivered, deferred "
-                                  "(to be retried) or bounced (failed for good)",
-                                  ["result", "via"], registry=r)
+                                  "Delivery attempts, one per recipient: result sent, "
+                                  "temporary or permanent; final=no when it is retried",
+                                  ["result", "final", "via"], registry=r)
         self.latency = Histogram("mailrelay_delivery_latency_seconds",
                                  "Time from queued to delivered, per recipient",
                                  buckets=LATENCY_BUCKETS, registry=r)
@@ -172,9 +180,10 @@ class Events:
             self.queued.labels(port)
         for result in ("success", "failure", "blocked"):
             self.auth.labels(result)
-        for result in ("delivered", "deferred", "bounced"):
-            self.deliveries.labels(result, "remote")
-            self.deliveries.labels(result, "local")
+        for result, final in (("sent", "yes"), ("temporary", "no"), ("temporary", "yes"),
+                              ("permanent", "yes")):
+            self.deliveries.labels(result, final, "mx")
+            self.deliveries.labels(result, final, "local")
         for kind in ("failed", "delayed"):
             self.dsns.labels(kind)
 
@@ -257,31 +266,39 @@ class Events:
                                ("port", info.port.value), ("user", info.user),
                                ("from", angle(item.sender)),
                                ("to", angles(r.address for r in item.recipients)),
+                               ("orig_to", originals(item.recipients)),
                                ("size", item.size), ("session", info.session_id),
                                *_check_fields(checks)])
 
     # -- delivery ---------------------------------------------------------------
 
-    def delivery_attempt(self, item: QueueItem, result: RecipientResult, final: bool) -> None:
+    def delivery_attempt(self, item: QueueItem, rcpt: Recipient, result: RecipientResult,
+                         final: bool) -> None:
         """One recipient's attempt; ``final``: no retry follows (sent, or failed for good)."""
         host = result.remote_host
-        via = host if host in ("local", "pipe") else "relay" if result.relay else "remote"
-        sent = result.outcome.value == "sent"
-        self._child(self.deliveries, "delivered" if sent else "bounced" if final else "deferred",
-                               via).inc()
-        if sent:
+        outcome = result.outcome.value  # sent | temporary | permanent
+        self._child(self.deliveries, outcome, "yes" if final else "no", result.via).inc()
+        if outcome == "sent":
             self.latency.observe(max(0.0, time.time() - item.created))
         # Else there was no TLS state ("-": a host named but never talked to).
-        connected = via in ("remote", "relay") and host is not None and result.tls != "-"
+        connected = result.via in ("mx", "relay") and host is not None and result.tls != "-"
         if connected:
             self._child(self.tls_out, result.tls, result.tls_version or "none").inc()
         self._write("delivery", [("id", item.id), ("to", angle(result.address)),
-                                 ("result", result.outcome.value),
+                                 ("orig_to", angle(rcpt.original or None)),
+                                 ("result", outcome),
                                  ("final", "yes" if final else "no"),
-                                 ("host", host or "-"),
-                                 ("via", "relay" if result.relay else None),
+                                 ("host", host or "-"), ("via", result.via),
                                  ("tls", result.tls if connected else "-"),
                                  ("attempt", item.attempts), ("reply", result.reply)])
+
+    def removed(self, item: QueueItem, dsn_id: str | None) -> None:
+        """``mailrelay queue remove``: the message is gone; ``to`` lists the recipients it
+        had not reached (``dsn``: the bounce that tells the sender, if one was sent)."""
+        pending = [r for r in item.recipients if r.status == "pending"]
+        self._write("removed", [("id", item.id), ("from", angle(item.sender)),
+                                ("to", angles(r.address for r in pending) or None),
+                                ("orig_to", originals(pending)), ("dsn", dsn_id)])
 
     def dsn_generated(self, dsn_id: str, for_id: str, to: str, recipients: Sequence[str],
                       kind: str = "failed") -> None:

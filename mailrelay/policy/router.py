@@ -78,6 +78,8 @@ class Router:
             seen.add(key)
             # A DSN names the address the sender used, not where an alias led.
             rcpt.params.setdefault("ORCPT", f"rfc822;{original}")
+            if original.casefold() != rcpt.address.casefold():
+                rcpt.original = original  # for the mail log (orig_to) and `queue show`
             is_remote = rcpt.kind == EMAIL and not self.is_local_domain(
                 normalize_domain(split(rcpt.address)[1]))
             (expansion.remote if is_remote else expansion.local).append(rcpt)

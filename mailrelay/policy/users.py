@@ -178,11 +178,14 @@ class UserDB:
     """The users of one domain, as stored in its ``users`` file."""
 
     def __init__(self, path: Path, domain: str, entries: dict[str, str] | None = None,
-                 header: str = DEFAULT_HEADER):
+                 header: str = DEFAULT_HEADER, digest: str = ""):
         self.path = Path(path)
         self.domain = normalize_domain(domain)
         self._entries: dict[str, str] = dict(entries or {})
         self._header = header
+        # SHA-256 of the file as loaded ("" when there was none): which version of the
+        # file this is, for `mailrelay user` to ask the running server.
+        self.digest = digest
 
     @classmethod
     def load(cls, path: Path, domain: str) -> UserDB:
@@ -203,10 +206,11 @@ class UserDB:
             return cls(path, domain), []
         except OSError as exc:
             return cls(path, domain), [ConfigError(f"cannot read: {exc.strerror or exc}", path)]
+        digest = file_digest(raw)
         if is_chasquid_users(raw):
             # chasquid's file, read in place; save() would write our format instead.
             try:
-                return cls(path, domain, login_entries(raw, path)), []
+                return cls(path, domain, login_entries(raw, path), digest=digest), []
             except ConfigError as exc:
                 return cls(path, domain), [exc]
         entries: dict[str, str] = {}
@@ -248,7 +252,7 @@ class UserDB:
                 continue
             entries[local] = encoded
         header = "".join(f"{h}\n" for h in header_lines) if header_lines else DEFAULT_HEADER
-        return cls(path, domain, entries, header), errors
+        return cls(path, domain, entries, header, digest), errors
 
     def __contains__(self, localpart: object) -> bool:
         return isinstance(localpart, str) and normalize_local(localpart) in self._entries
@@ -286,7 +290,9 @@ class UserDB:
     def save(self) -> None:
         """Write the file atomically, readable by the owner only."""
         body = "".join(f"{name} {self._entries[name]}\n" for name in self.names())
-        atomic_write(self.path, (self._header + body).encode("utf-8"), mode=0o600)
+        data = (self._header + body).encode("utf-8")
+        atomic_write(self.path, data, mode=0o600)
+        self.digest = file_digest(data)
 
     @staticmethod
     def _checked(localpart: str) -> str:
@@ -296,18 +302,44 @@ class UserDB:
             raise MailrelayError(str(exc)) from None
 
 
+def file_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 class Users:
-    """The users of every local domain of a configuration."""
+    """The users of every local domain of a configuration (one UserDB per domain)."""
 
     def __init__(self, dbs: dict[str, UserDB]):
         self._dbs = dbs
 
     @classmethod
     def load(cls, config: Config) -> Users:
+        """Every domain's users; the first error of any file raises (ConfigError, with
+        file and line): at start the server refuses to run without a domain's logins."""
         return cls({
             domain: UserDB.load(config.domain_dir(domain) / USERS_FILE, domain)
             for domain in config.domains
         })
+
+    @classmethod
+    def reload(cls, config: Config, previous: Users,
+               only: str | None = None) -> tuple[Users, list[ConfigError]]:
+        """Each domain's users loaded on its own (``only``: just that domain's, the
+        others stay): a broken file keeps that domain's ``previous`` users, and is
+        reported; the other domains take their files as they are now."""
+        dbs: dict[str, UserDB] = {}
+        errors: list[ConfigError] = []
+        for domain in config.domains:
+            old = previous.domain(domain)
+            if only is not None and domain != only and old is not None:
+                dbs[domain] = old
+                continue
+            db, file_errors = UserDB.load_all(config.domain_dir(domain) / USERS_FILE, domain)
+            if file_errors:
+                errors += file_errors
+                db = old if old is not None else UserDB(db.path, domain)
+            dbs[domain] = db
+        return cls(dbs), errors
 
     def domain(self, domain: str) -> UserDB | None:
         try:

@@ -484,20 +484,22 @@ def test_group_writable_configuration(confdir):
 
 
 def test_local_mda_placeholders(confdir):
+    # Placeholders are checked by load_config, so check and serve refuse it alike.
     write_config(confdir, "tls: {self_signed: true}\ndelivery:\n"
                           "  local_mda: /bin/cat --to {address} --x {nope}\n")
-    error = only_error(check(confdir))
-    assert error.startswith(f"{confdir / 'mailrelay.yaml'}:5: delivery.local_mda: unknown "
-                            "placeholder {nope}")
+    error = one_line_error(check(confdir))
+    assert error.startswith(f"mailrelay: {confdir / 'mailrelay.yaml'}:5: delivery.local_mda: "
+                            "unknown placeholder {nope}")
     write_config(confdir, "tls: {self_signed: true}\ndelivery:\n  local_mda: /bin/cat {0}\n")
-    assert "positional placeholders" in only_error(check(confdir))
+    assert "positional placeholders" in one_line_error(check(confdir))
     write_config(confdir, "tls: {self_signed: true}\ndelivery:\n"
                           "  local_mda: /no/such/mda -d {user}\n")
     error = only_error(check(confdir))
     assert error.startswith(f"{confdir / 'mailrelay.yaml'}:5: delivery.local_mda: /no/such/mda "
                             "is not an executable program")
     write_config(confdir, "tls: {self_signed: true}\ndelivery:\n"
-                          "  local_mda: /bin/cat {user} {domain} {address} {{literal}}\n")
+                          "  local_mda: /bin/cat {user} {domain} {address} {address_ascii} "
+                          "{domain_ascii} {{literal}}\n")
     assert check(confdir).returncode == 0
 
 

@@ -88,9 +88,9 @@ def spool(env) -> dict[str, dict[str, str]]:
 
 @pytest.fixture
 async def held(env):
-    """A server process (retries an hour apart) holding one message for a@remote.test and
-    one for b@other.test: their MX, a sink, answers 451."""
-    env.write_config(delivery={"retry_intervals": ["1h"]})
+    """A server process (retries 1 h, then 4 h apart) holding one message for a@remote.test
+    and one for b@other.test: their MX, a sink, answers 451."""
+    env.write_config(delivery={"retry_intervals": ["1h", "4h"]})
     env.add_mx("remote.test", (10, "mx1.remote.test", "127.0.0.2"))
     env.add_mx("other.test", (10, "mx1.other.test", "127.0.0.2"))
     env.sink = env.add_sink("127.0.0.2")
@@ -158,32 +158,43 @@ async def test_list_and_show(held):
 async def test_flush_retries_at_once(held):
     env = held
     a, b = env.ids["a@remote.test"], env.ids["b@other.test"]
-    # Only the domain's message is retried; the other keeps its hour-long wait.
-    assert await cli_ok(env, "flush", "--domain", "Remote.TEST") == \
-        "retrying 1 message with recipients at Remote.TEST now\n"
-    await wait_for(lambda: spool(env)["a@remote.test"]["last_error"].endswith("#2"),
-                   what="the flushed retry")
+    scheduled = json.loads(await cli_ok(env, "show", a, "--json"))["message"]["next_attempt"]
+    # Only the domain's message is retried, and flush reports what came of it: it waits.
+    lines = (await cli_ok(env, "flush", "--domain", "Remote.TEST")).splitlines()
+    assert re.fullmatch(rf"{a}  still queued; next attempt in (5\dm|1h0\dm)", lines[0]), lines
+    assert lines[1].split() == ["pending", "a@remote.test", "451", "4.7.1", "try", "later", "#2"]
+    assert len(lines) == 2
     assert env.deferring.attempts == {"a@remote.test": 2, "b@other.test": 1}
-    assert "#2" in (await cli_ok(env, "list")).splitlines()[1]
-    assert json.loads(await cli_ok(env, "show", a, "--json"))["message"]["attempts"] == 2
+    assert spool(env)["a@remote.test"]["last_error"].endswith("#2")
+    # The failed flush did not move the schedule: the next retry stays where it was,
+    # not 4 h (the second interval) from now.
+    shown = json.loads(await cli_ok(env, "show", a, "--json"))["message"]
+    assert shown["attempts"] == 2 and shown["next_attempt"] == scheduled
 
-    assert await cli_ok(env, "flush", b) == f"{b}: retrying now\n"
-    await wait_for(lambda: spool(env)["b@other.test"]["last_error"].endswith("#2"),
-                   what="the flushed retry of one id")
+    out = await cli_ok(env, "flush", b)
+    assert out.splitlines()[0].startswith(f"{b}  still queued; next attempt in ")
+    assert "#2" in out.splitlines()[1]
     assert spool(env)["a@remote.test"]["last_error"].endswith("#2")
 
     assert await cli_ok(env, "flush", "--domain", "nowhere.test") == \
         "no queued message has a pending recipient at nowhere.test\n"
     assert "no message abc in the queue" in await cli_fails(env, "flush", "abc")
+    assert await cli_ok(env, "flush", a, "--wait", "0") == "retrying 1 message now\n"
+    await wait_for(lambda: env.deferring.attempts["a@remote.test"] == 3, what="the retry")
 
     # The remote takes mail again: a flush delivers everything now, not in an hour.
     env.sink.behaviour = SinkBehaviour()
-    assert json.loads(await cli_ok(env, "flush", "--json")) == {"flushed": 2}
+    flushed = json.loads(await cli_ok(env, "flush", "--json"))
+    assert flushed["flushed"] == 2
+    assert sorted(m["id"] for m in flushed["messages"]) == [a, b]
+    assert all(m["ended"] and not m["queued"] for m in flushed["messages"]), flushed
+    assert {r["status"] for m in flushed["messages"] for r in m["recipients"]} == {"sent"}
     received = await env.sink.until(2)
     assert sorted(r.recipients[0] for r in received) == ["a@remote.test", "b@other.test"]
     await wait_for(lambda: not spool(env), what="an empty queue")
     assert await cli_ok(env, "list") == "the queue is empty\n"
-    assert json.loads(await cli_ok(env, "flush", "--json")) == {"flushed": 0}
+    assert await cli_ok(env, "flush") == "the queue is empty\n"
+    assert json.loads(await cli_ok(env, "flush", "--json")) == {"flushed": 0, "messages": []}
 
 
 async def test_remove_and_bounce(held):
@@ -309,7 +320,7 @@ async def test_control_protocol_bad_input(relay):
         assert await ask(reader, writer, b"[1, 2]") == \
             {"ok": False, "error": 'bad request: expected an object with "cmd"'}
         assert await ask(reader, writer, b'{"cmd": "explode"}') == \
-            {"ok": False, "error": "unknown command 'explode' (list, show, flush, remove)"}
+            {"ok": False, "error": "unknown command 'explode' (list, show, flush, remove, users)"}
         assert await ask(reader, writer, b'{"cmd": "show"}') == \
             {"ok": False, "error": '"id" is required'}
         assert await ask(reader, writer, b'{"cmd": "remove", "id": "x"}') == \
@@ -320,7 +331,11 @@ async def test_control_protocol_bad_input(relay):
             {"ok": False, "error": "bad request: not JSON"}
         # The same connection still serves.
         assert await ask(reader, writer, b'{"cmd": "list"}') == {"ok": True, "messages": []}
-        assert await ask(reader, writer, b'{"cmd": "flush"}') == {"ok": True, "flushed": 0}
+        assert await ask(reader, writer, b'{"cmd": "flush"}') == \
+            {"ok": True, "flushed": 0, "messages": []}
+        assert (await ask(reader, writer, b'{"cmd": "flush", "wait": "x"}'))["ok"] is False
+        assert (await ask(reader, writer, b'{"cmd": "flush", "wait": -1}'))["ok"] is False
+        assert (await ask(reader, writer, b'{"cmd": "users"}'))["ok"] is False
         # A line too long to be a request: an error, then the connection ends.
         response = await ask(reader, writer, b"x" * 100_000)
         assert response == {"ok": False, "error": "request too long"}

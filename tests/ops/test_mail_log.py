@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -14,9 +15,10 @@ import pytest
 from mailrelay.cli.serve import _stderr_is_journal
 from mailrelay.ops.events import format_line
 from tests.support.client import RawSMTP
-from tests.support.relay import HOSTNAME, PASSWORD, USER
+from tests.support.relay import HOSTNAME, PASSWORD, USER, wait_for
+from tests.support.sink import SinkBehaviour
 
-FIELD = re.compile(r'([a-z]+)=("(?:[^"\\]|\\.)*"|[^\s"]+)(?: |$)')
+FIELD = re.compile(r'([a-z_]+)=("(?:[^"\\]|\\.)*"|[^\s"]+)(?: |$)')
 MESSAGE = b"From: me@example.com\r\nSubject: logged\r\n\r\nhello\r\n"
 
 
@@ -84,9 +86,10 @@ async def test_sessions_and_deliveries_are_logged(relay, caplog):
     assert queued["port"] == "submission" and int(queued["size"]) > len(MESSAGE)
 
     [(keys, delivery)] = [(k, v) for e, k, v in lines if e == "delivery"]
-    assert keys == ["id", "to", "result", "final", "host", "tls", "attempt", "reply"]
+    assert keys == ["id", "to", "result", "final", "host", "via", "tls", "attempt", "reply"]
     assert delivery["id"] == queued["id"] and delivery["result"] == "sent"
     assert delivery["host"] == "mx1.remote.test" and delivery["final"] == "yes"
+    assert delivery["via"] == "mx"
     assert delivery["tls"] in ("verified", "unverified") and delivery["attempt"] == "1"
 
     session = queued["session"]
@@ -124,7 +127,7 @@ async def test_bounce_is_logged_with_its_dsn(relay, caplog):
     assert dsn["for"] == queued["id"] and dsn["to"] == f"<{USER}>"
     assert dsn["kind"] == "failed" and dsn["rcpts"] == "<friend@nullmx.test>"
     [local] = [v for e, _, v in lines if e == "delivery" and v["id"] == dsn["id"]]
-    assert local["result"] == "sent" and local["host"] == "local"
+    assert local["result"] == "sent" and local["host"] == "-" and local["via"] == "local"
 
 
 @pytest.mark.parametrize("sender", ["someone@else.test", ""])
@@ -156,3 +159,51 @@ def test_time_is_left_out_only_under_journald(tmp_path, monkeypatch):
         assert not _stderr_is_journal()
         monkeypatch.delenv("JOURNAL_STREAM")
         assert not _stderr_is_journal()
+
+
+async def test_forwarded_mail_keeps_its_original_recipient(env, caplog):
+    """The catch-all sends random@example.com's mail to me@gmail.test: the queued and
+    delivery lines, `queue show` and `queue remove`'s line (on mailrelay.mail too) all
+    name random@example.com as orig_to, for grep and fail2ban."""
+    caplog.set_level(logging.INFO, logger="mailrelay.mail")
+    (env.config_dir / "domains" / "example.com" / "aliases").write_text(
+        "postmaster: me\n*: me@gmail.test\n")
+    env.add_mx("gmail.test", (10, "mx.gmail.test", "127.0.0.7"))
+    gmail = env.add_sink("127.0.0.7", hostname="mx.gmail.test")
+    gmail.behaviour = SinkBehaviour(rcpt=lambda address: "451 4.2.1 try later")
+    env.write_config(delivery={"retry_intervals": ["1h"]})
+    await env.start()
+    client = await RawSMTP.connect("127.0.0.1", env.ports["smtp"])
+    await client.cmd("EHLO mx.remote.test")
+    message = b"From: alice@remote.test\r\nSubject: to a catch-all\r\n\r\nHi.\r\n"
+    assert await client.send_message("alice@remote.test", ["Random@example.com"], message) \
+        == 250
+    await client.close()
+    [item] = env.server.queue.items.values()
+    await wait_for(lambda: item.attempts == 1, what="the first attempt")
+
+    [(keys, queued)] = [(k, v) for e, k, v in mail_log(caplog) if e == "queued"]
+    assert keys == ["id", "ip", "port", "from", "to", "orig_to", "size", "session",
+                    "spf", "dkim", "dmarc"]
+    assert queued["to"] == "<me@gmail.test>" and queued["orig_to"] == "<Random@example.com>"
+    [(keys, delivery)] = [(k, v) for e, k, v in mail_log(caplog) if e == "delivery"]
+    assert keys == ["id", "to", "orig_to", "result", "final", "host", "via", "tls",
+                    "attempt", "reply"]
+    assert delivery["orig_to"] == "<Random@example.com>" and delivery["final"] == "no"
+
+    shown = await asyncio.to_thread(queue_cli, env, "show", item.id)
+    assert "pending  me@gmail.test (for Random@example.com)  451 4.2.1 try later" in shown
+    removed = await asyncio.to_thread(queue_cli, env, "remove", item.id)
+    assert removed == f"removed {item.id}\n"
+    [(keys, line)] = [(k, v) for e, k, v in mail_log(caplog) if e == "removed"]
+    assert keys == ["id", "from", "to", "orig_to"]
+    assert line["id"] == item.id and line["from"] == f"<{item.sender}>"  # the SRS sender
+    assert (line["to"], line["orig_to"]) == ("<me@gmail.test>", "<Random@example.com>")
+
+
+def queue_cli(env, *argv: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "mailrelay.cli.main", "queue", *argv, "-c", str(env.config_dir)],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
