@@ -4,6 +4,7 @@ best of a few runs."""
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,9 +18,14 @@ FLOOR = 0.002
 def best_time(run: Callable[[], Any], repeat: int = 3) -> float:
     best = float("inf")
     for _ in range(repeat):
-        started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
+        gc.collect()
+        gc.disable()  # a collection landing in one run is noise, not the parser's cost
+        try:
+            started = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - started)
+        finally:
+            gc.enable()
     return best
 
 
@@ -31,8 +37,7 @@ def assert_linear(work: Callable[[Any], Any], make_input: Callable[[int], Any],
     times = []
     for n in (base, 10 * base, 100 * base):
         data = make_input(n)
-        times.append(best_time(lambda data=data: work(data), repeat=1 if n > base * 10
-                               else repeat))
+        times.append(best_time(lambda data=data: work(data), repeat=repeat))
         del data
     print(f"\n{label or getattr(work, '__name__', 'work')}: "
           + ", ".join(f"{n}x {t * 1000:.1f} ms" for n, t in zip((1, 10, 100), times,
