@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import dkim
@@ -141,3 +142,25 @@ def test_results_of_another_authserv_id_are_refused(dns_server, tmp_path, dns, r
     with pytest.raises(ValueError):
         arc_seal(data, key=key, authserv_id=AUTHSERV_ID,
                  results_header_value="someone.else; spf=pass", dns=dns)
+
+
+@pytest.mark.parametrize("chain", [
+    # More sets than RFC 8617 allows (dkimpy validates each against all ARC fields)...
+    b"".join(b"ARC-Seal: i=%d; a=rsa-sha256; cv=pass; d=x.test; s=s; b=AAAA\r\n" % i
+             for i in range(51, 0, -1)),
+    # ...or an ARC-Message-Signature naming more fields than we look up.
+    b"ARC-Seal: i=1; a=rsa-sha256; cv=none; d=x.test; s=s; b=AAAA\r\n"
+    b"ARC-Message-Signature: i=1; a=rsa-sha256; d=x.test; s=s; h="
+    + b":".join(b"x-%d" % i for i in range(100)) + b"; bh=AAAA; b=AAAA\r\n"
+    b"ARC-Authentication-Results: i=1; x.test; spf=pass\r\n",
+])
+def test_a_chain_beyond_the_caps_is_not_validated_or_sealed(dns_server, tmp_path, dns, received,
+                                                             chain, caplog) -> None:
+    data, header = received
+    key = new_key(dns_server, tmp_path, "example.com", "arc1", "rsa2048")
+    dns_server.set_down(True)  # not one lookup: the caps decide before dkimpy does
+    caplog.set_level(logging.INFO, "mailrelay.arc")
+    assert arc_seal(chain + data, key=key, authserv_id=AUTHSERV_ID,
+                    results_header_value=header, dns=dns) == b""
+    [line] = [r.getMessage() for r in caplog.records if r.name == "mailrelay.arc"]
+    assert line.startswith("arc: not sealing: ")
