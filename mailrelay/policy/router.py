@@ -51,6 +51,20 @@ class Router:
             return None
         return self.srs.reverse(address)
 
+    def _srs_original(self, address: str) -> str | None:
+        """Like _srs_reverse, to the end: an SRS1 address of ours whose first hop is our
+        domain too (mail that went out, came back through another forwarder and went out
+        again) reverses to an SRS0 address of ours, which reverses to the sender."""
+        original = self._srs_reverse(address)
+        if original is None:
+            return None
+        try:
+            local_again = self.is_local_domain(normalize_domain(split(original)[1]))
+            again = self._srs_reverse(original) if local_again else None
+        except (AddressError, SRSError):
+            again = None  # bounced here as unknown: nothing better to do with it
+        return again or original
+
     def check_recipient(self, address: str) -> str | None:
         """None to accept RCPT TO a local-domain address, else the refusal reply."""
         try:
@@ -106,7 +120,7 @@ class Router:
                 add(Recipient(address, params=dict(rcpt_params)), address)
                 continue
             try:
-                original = self._srs_reverse(address)
+                original = self._srs_original(address)
             except SRSError:
                 original = None  # checked at RCPT; expired since: nothing to relay to
             if original is not None:
