@@ -8,12 +8,10 @@ import asyncio
 import logging
 import time
 
-import aiosmtplib
 import pytest
 
 from mailrelay.message.headers import MAX_ADDRESSES
-from tests.support.client import RawSMTP
-from tests.support.relay import PASSWORD, USER
+from tests.support.transaction import data_rejects, no_tracebacks, port_25, submit
 
 NORMAL = (b"From: Me <me@example.com>\r\nTo: friend@remote.test\r\nSubject: hi\r\n"
           b"Message-ID: <n@example.com>\r\nDate: Sun, 22 Nov 2026 10:00:00 +0000\r\n\r\nHello.\r\n")
@@ -27,46 +25,6 @@ def folded(lines: int) -> bytes:
             + b" y\r\n" * lines + b"\r\nbody\r\n")
 
 
-async def port_25(env, data: bytes, rcpt: str = USER, sender: str = "alice@sender.test"
-                  ) -> tuple[int, str]:
-    """One message on port 25: the final (or first failing) code and its text."""
-    client = await RawSMTP.connect("127.0.0.1", env.ports["smtp"])
-    try:
-        await client.cmd("EHLO mx.sender.test")
-        for line in (f"MAIL FROM:<{sender}>", f"RCPT TO:<{rcpt}>", "DATA"):
-            code, text = await client.cmd(line)
-            if code not in (250, 354):
-                return code, " ".join(text)
-        body = data.replace(b"\r\n.", b"\r\n..")
-        client.writer.write(body + b".\r\n")
-        code, text = await client.reply(timeout=120)
-        await client.cmd("QUIT")
-        return code, " ".join(text)
-    finally:
-        await client.close()
-
-
-async def submit(env, data: bytes, recipients: tuple[str, ...] = ("friend@remote.test",)
-                 ) -> tuple[int, str]:
-    """A submission on 587 (STARTTLS, AUTH PLAIN): the DATA reply."""
-    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=env.ports["submission"],
-                           tls_context=env.client_tls(), start_tls=True, timeout=120)
-    await smtp.connect()
-    try:
-        await smtp.ehlo()
-        await smtp.auth_plain(USER, PASSWORD)
-        await smtp.mail(USER)
-        for rcpt in recipients:
-            await smtp.rcpt(rcpt)
-        try:
-            response = await smtp.data(data)
-        except aiosmtplib.SMTPResponseException as exc:
-            return exc.code, exc.message
-        return response.code, response.message
-    finally:
-        smtp.close()
-
-
 async def timed_submissions(env, until: asyncio.Future) -> list[float]:
     """Normal submissions, one after the other, for as long as ``until`` runs: how long
     each took (at least one)."""
@@ -78,16 +36,6 @@ async def timed_submissions(env, until: asyncio.Future) -> list[float]:
         times.append(time.monotonic() - started)
         if until.done():
             return times
-
-
-def no_tracebacks(caplog) -> None:
-    assert not [r for r in caplog.records if r.exc_info and r.name.startswith("mailrelay")], \
-        "a traceback was logged"
-
-
-def data_rejects(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "mailrelay.mail"
-            and r.getMessage().startswith("reject ") and "cmd=DATA" in r.getMessage()]
 
 
 @pytest.fixture
