@@ -29,9 +29,13 @@ from .users import Users
 
 log = logging.getLogger("mailrelay.smtp")
 
-# A header section up to this size is parsed on the event loop (well under a millisecond);
-# a larger one, or a message whose header does not end within it, in a thread.
-INLINE_HEADER = 64 * 1024
+# A header section up to this size is parsed on the event loop (a few milliseconds at
+# worst, with a From: made to be slow to read); a larger one, or a message whose header
+# does not end within it, in a thread.
+INLINE_HEADER = 16 * 1024
+# Copying more than this (the Message-ID/Date we add to a submission, in front of it)
+# happens in a thread.
+INLINE_COPY = 1024 * 1024
 
 
 class PolicyBackend:
@@ -178,7 +182,9 @@ class PolicyBackend:
             else:
                 fields = self._inspect(info.user, body)
             if info.user is not None:
-                message = submission_fixups(fields, split(info.user)[1]) + body
+                fixups = submission_fixups(fields, split(info.user)[1])
+                message = (fixups + body if not fixups or len(body) <= INLINE_COPY
+                           else await asyncio.to_thread(bytes.__add__, fixups, body))
                 outcome = await filters.check(self._filter_input(info, envelope, item_id),
                                               received, message)
                 if outcome.reply is not None:
