@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import email.utils
 import time
+import tracemalloc
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import mailrelay.message.headers as headers
 from mailrelay.message.headers import (
     MAX_ADDRESSES,
     MAX_COMMENT_DEPTH,
@@ -203,3 +205,26 @@ def test_nesting_check_is_linear():
     def nested(n: int) -> list[str]:
         return ["(" + "\\(" * n + ") a@b.test"]
     assert_linear(addresses, nested, 5_000, label="addresses, long comment")
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=80).map(lambda b: b.translate(bytes.maketrans(
+    bytes(range(256)), (b"a \t\r\n" * 52)[:256]))), st.integers(1, 8))
+def test_unfolding_in_slices_is_unfolding(value, slice_size):
+    saved = headers._UNFOLD_SLICE
+    headers._UNFOLD_SLICE = slice_size
+    try:
+        assert headers._unfold(value) == headers._UNFOLD.sub(b" ", value)
+    finally:
+        headers._UNFOLD_SLICE = saved
+
+
+def test_unfolding_memory_stays_near_the_size_of_the_header():
+    data = folded(1_000_000)  # 4 MB
+    tracemalloc.start()
+    try:
+        parse_headers(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * len(data), peak  # re.sub alone held 45 times the size
