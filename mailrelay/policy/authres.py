@@ -572,7 +572,7 @@ def _authserv_id(value: bytes, arc: bool = False) -> str:
     """The authserv-id of a field value: after any comments (and, in an ARC field, the
     instance tag ``i=N;``), a token or quoted-string; normalised for comparison. Only
     white space, parentheses and backslashes are visited one by one (linear)."""
-    text = re.sub(r"\r?\n", "", value.decode("utf-8", "replace"))  # unfold
+    text = value.decode("utf-8", "replace").replace("\r\n", "").replace("\n", "")  # unfold
     index = _skip_cfws(text, 0)
     if arc:
         match = _ARC_INSTANCE.match(text, index)
