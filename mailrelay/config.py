@@ -184,6 +184,11 @@ class LimitSettings:
     # Back-pressure: answer 452 4.3.1 rather than accept what cannot be stored.
     max_queue_items: int = 100_000
     min_free_space: int = 100 * 1024 * 1024
+    # A message's header section: bigger, or with more fields, gets 552 5.6.0 at DATA.
+    max_header_size: int = 1024 * 1024
+    max_header_fields: int = 1000
+    # Received: fields, ours included, at which a message is refused as a loop (554 5.4.6).
+    max_hops: int = 50
 
 
 @dataclass(frozen=True)
@@ -563,6 +568,9 @@ def load_config(config_dir: Path | str) -> Config:
         "auth_failure_delay": _scalar_of(parse_duration),
         "max_queue_items": _scalar_of(_as_positive_int),
         "min_free_space": _scalar_of(parse_size),
+        "max_header_size": _scalar_of(parse_size),
+        "max_header_fields": _scalar_of(_as_positive_int),
+        "max_hops": _scalar_of(_as_positive_int),
     }))
 
     senders = SenderSettings(**_section(reader, sub("senders"), "senders", {

@@ -58,14 +58,20 @@ class Intake:
 
     async def own(self, sender: str, recipients: list[str], params: list[dict[str, str]],
                   trace: list[bytes], message: list[bytes], meta: dict[str, str],
-                  item_id: str | None = None, reserve: bool = False) -> list[QueueItem]:
+                  item_id: str | None = None, reserve: bool = False,
+                  fields: list[tuple[str, str]] | None = None,
+                  hook_targets: dict[str, list] | None = None) -> list[QueueItem]:
         """Mail that leaves in our name: ``trace`` (Received) stays above the signature,
         which covers ``message`` (added headers and the message itself). ``reserve``:
-        see Queue.put."""
-        data = b"".join(message)
-        signature = await asyncio.to_thread(self.signer.signature, data, parse_headers(data),
-                                            sender)
-        expansion = self.router.expand(recipients, params)
+        see Queue.put. ``fields``: the message's header as the caller parsed it (else
+        parsed here); ``hook_targets``: the alias-resolve hook's answers at RCPT (see
+        Router.expand)."""
+        def sign() -> bytes:  # joining a large message takes time too: in the thread
+            data = b"".join(message)
+            return self.signer.signature(data, parse_headers(data) if fields is None
+                                         else fields, sender)
+        signature = await asyncio.to_thread(sign)
+        expansion = self.router.expand(recipients, params, hook_targets)
         return await self._store(
             [Part(sender, expansion.local + expansion.remote, [*trace, signature, *message])],
             meta, item_id, reserve)
@@ -83,38 +89,50 @@ class Intake:
 
     async def inbound(self, sender: str, recipients: list[str], params: list[dict[str, str]],
                       trace: list[bytes], body: bytes, results: AuthResults | None,
-                      meta: dict[str, str], item_id: str | None = None) -> list[QueueItem]:
-        """Mail from outside for our domains; ``trace``: Received, Authentication-Results."""
+                      meta: dict[str, str], item_id: str | None = None,
+                      fields: list[tuple[str, str]] | None = None,
+                      hook_targets: dict[str, list] | None = None) -> list[QueueItem]:
+        """Mail from outside for our domains; ``trace``: Received (with what the filters
+        put above it), Authentication-Results. ``fields`` and ``hook_targets``: as for
+        ``own``."""
         # Whether a DSN may return its content to the sender (DeliveryManager).
         meta = {**meta, "sender_verified": sender_verified(sender, results)}
-        expansion = self.router.expand(recipients, params)
+        expansion = self.router.expand(recipients, params, hook_targets)
         parts = []
         if expansion.local:
             parts.append(Part(sender, expansion.local, [*trace, body]))
         if expansion.remote:
-            parts.append(await self._forwarded(sender, expansion, trace, body, results))
+            parts.append(await self._forwarded(sender, expansion, trace, body, results,
+                                               fields))
         return await self._store(parts, meta, item_id)
 
     async def _forwarded(self, sender: str, expansion: Expansion, trace: list[bytes],
-                         body: bytes, results: AuthResults | None) -> Part:
+                         body: bytes, results: AuthResults | None,
+                         fields: list[tuple[str, str]] | None = None) -> Part:
         """The envelope sender becomes an SRS address of ours (so SPF passes at the next
         hop and bounces come back through us), an ARC set records what we saw, and we
         sign it for the domain whose alias sent it on."""
         domain = expansion.forwarding_domain or self._default_domain() or self.hostname
         srs = self._srs()
         new_sender = srs.forward(sender, domain) if sender and srs else sender
-        message = b"".join([*trace[1:], body])  # what ARC seals: all but our Received
-        arc = b""
         keys = self.signer.keys_for(domain)
-        if results is not None and keys:
-            arc = await asyncio.to_thread(
-                arc_seal, message, key=keys, authserv_id=self.hostname,
-                results_header_value=results.header, dns=self.dns_settings)
-            if not arc:
-                log.warning("forward: no ARC set added for %s (no RSA key, or the existing "
-                            "chain could not be checked)", domain)
-        signature = await asyncio.to_thread(self.signer.signature, arc + message,
-                                            parse_headers(body), new_sender)
+        seal = results is not None and bool(keys)
+
+        def sign() -> tuple[bytes, bytes]:  # all of it in a thread: big messages take time
+            message = b"".join([*trace[1:], body])  # what ARC seals: all but our Received
+            arc = b""
+            if seal:
+                assert results is not None
+                arc = arc_seal(message, key=keys, authserv_id=self.hostname,
+                               results_header_value=results.header, dns=self.dns_settings)
+            signature = self.signer.signature(arc + message, parse_headers(body)
+                                              if fields is None else fields, new_sender)
+            return arc, signature
+
+        arc, signature = await asyncio.to_thread(sign)
+        if seal and not arc:
+            log.warning("forward: no ARC set added for %s (no RSA key, or the existing "
+                        "chain could not be checked)", domain)
         return Part(new_sender, expansion.remote, [signature, arc, *trace, body])
 
     async def _store(self, parts: list[Part], meta: dict[str, str],

@@ -26,6 +26,7 @@ from .fsutil import atomic_write
 from .intake import Intake
 from .message.dkim.keys import KeyRing
 from .message.dkim.outgoing import MessageSigner
+from .message.filters import Filters
 from .ops.control import ControlServer, socket_path
 from .ops.events import Events
 from .ops.metrics import MetricsServer
@@ -67,6 +68,8 @@ class Server:
         self.events.watch_queue(self.queue)
         self.metrics: MetricsServer | None = None
         self.signer = MessageSigner(lambda: self.keyring, self.is_local_domain, self.events)
+        # chasquid's hooks and rspamd, after DATA (rebuilt at every reload).
+        self.filters = Filters.from_config(config, self.events)
         # sign -> route -> put -> schedule, for SMTP sessions and for our own DSNs
         self.intake = Intake(self.queue, self.router, self.signer, lambda: self.srs,
                              lambda: self.config.domains[0] if self.config.domains else None,
@@ -190,7 +193,8 @@ class Server:
         backend = PolicyBackend(config, self.is_local_domain, lambda: self.users, self.queue,
                                 self.intake,
                                 tls_context, SenderPolicy(config.senders, self.router.owners),
-                                self.router, blocking_twin(self.resolver), events=self.events)
+                                self.router, blocking_twin(self.resolver), events=self.events,
+                                filters=lambda: self.filters)
         self.listeners = Listeners(backend, ConnectionLimits(
             config.limits.max_connections, config.limits.max_connections_per_ip))
         for listening in self._bound:
@@ -234,6 +238,7 @@ class Server:
         ok = not self._load_users() and ok
         self.keyring, keys_ok = self._load_keyring()
         self.aliases, aliases_ok = self._load_aliases(self.aliases)
+        self.filters = Filters.from_config(self.config, self.events)  # hooks added, chmod +x
         ok = ok and keys_ok and aliases_ok
         if not self.certificates.reload():
             ok = False
@@ -282,6 +287,7 @@ class Server:
             # Before users, aliases and keys are loaded for them. Whoever needs the live
             # domains asks self.is_local_domain.
             self.config = dataclasses.replace(self.config, domains=fresh.domains)
+        self.config = dataclasses.replace(self.config, filters=fresh.filters)  # live, too
         return True
 
     async def _watch_files(self) -> None:
@@ -356,8 +362,9 @@ class Server:
             await self.mta_sts.stop()
 
 
-# users: the CLI's rules for new passwords, nothing the server holds.
-_LIVE_SETTINGS = frozenset({"config_dir", "domains", "warnings", "users"})
+# users: the CLI's rules for new passwords, nothing the server holds; filters: rebuilt at
+# each reload.
+_LIVE_SETTINGS = frozenset({"config_dir", "domains", "warnings", "users", "filters"})
 
 
 def changed_settings(running: Config, fresh: Config) -> list[str]:

@@ -172,6 +172,19 @@ def test_max_message_size_units(tmp_path, written, size):
     assert load_config(tmp_path).limits.max_message_size == size
 
 
+def test_header_limits_and_max_hops(tmp_path):
+    config = load_config(write_config(tmp_path, "hostname: h.test\n").parent)
+    assert (config.limits.max_header_size, config.limits.max_header_fields,
+            config.limits.max_hops) == (1024 * 1024, 1000, 50)
+    write_config(tmp_path, "hostname: h.test\nlimits:\n  max_header_size: 256KiB\n"
+                 "  max_header_fields: 300\n  max_hops: 30\n")
+    limits = load_config(tmp_path).limits
+    assert (limits.max_header_size, limits.max_header_fields, limits.max_hops) == (
+        256 * 1024, 300, 30)
+    write_config(tmp_path, "hostname: h.test\nlimits:\n  max_hops: 0\n")
+    assert config_error(tmp_path).line == 3
+
+
 def test_parse_size_values():
     assert parse_size(1000) == 1000
     assert parse_size("50MiB") == 50 * 1024 * 1024

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from ..message.headers import parse_headers
+
 ACTIONS = frozenset({"failed", "delayed", "delivered", "relayed", "expanded"})
 
 SUBJECT_FAILED = "Undelivered Mail Returned to Sender"
@@ -59,21 +61,9 @@ def header_section(message: bytes) -> bytes:
 
 
 def _unfolded_headers(message: bytes) -> list[tuple[str, str]]:
-    """(lower-cased name, unfolded value) pairs of the header section; tolerant of junk."""
-    text = header_section(message).decode("latin-1")
-    fields: list[tuple[str, str]] = []
-    for line in re.split(r"\r?\n", text):
-        if not line.strip():
-            continue
-        if line[0] in " \t":
-            if fields:  # continuation of the previous field
-                name, value = fields[-1]
-                fields[-1] = (name, value + " " + line.strip())
-            continue
-        name, colon, value = line.partition(":")
-        if colon:
-            fields.append((name.strip().lower(), value.strip()))
-    return fields
+    """(lower-cased name, unfolded value) pairs of the header section; tolerant of junk.
+    Header splitting is defined once, in message.headers (linear in the header's size)."""
+    return [(name.lower(), value) for name, value in parse_headers(message)]
 
 
 def _first_token(value: str) -> str:

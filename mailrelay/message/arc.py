@@ -21,13 +21,21 @@ from authres.arc import ARCAuthenticationResult
 from cryptography.hazmat.primitives import serialization
 
 from ..config import DNSSettings
-from ..policy.authres import DNSLookup, DNSTempError, QuietLogger, strip_our_authentication_results
+from ..policy.authres import (
+    MAX_SIGNED_NAMES,
+    DNSLookup,
+    DNSTempError,
+    QuietLogger,
+    strip_our_authentication_results,
+)
 from .dkim.signer import RSA_SHA256, DKIMKey
+from .headers import count, get_all, header_section, parse_headers
 
 log = logging.getLogger("mailrelay.arc")
 _DKIMPY_LOG = QuietLogger(logging.getLogger("mailrelay.arc.dkimpy"), {})
 
 _ARC_FIELDS = (b"arc-seal:", b"arc-message-signature:", b"arc-authentication-results:")
+MAX_ARC_SETS = 50  # RFC 8617 4.2.1: instance values are 1 to 50
 
 
 def arc_seal(message: bytes, *, key: DKIMKey | Sequence[DKIMKey], authserv_id: str,
@@ -79,8 +87,20 @@ def _rsa_key(key: DKIMKey | Sequence[DKIMKey]) -> DKIMKey | None:
 
 def has_arc_chain(message: bytes) -> bool:
     """Whether the header section has ARC fields."""
-    head = message.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0].lower()
+    head = header_section(message).lower()
     return any(head.startswith(name) or b"\n" + name in head for name in _ARC_FIELDS)
+
+
+def _too_big(message: bytes) -> str | None:
+    """Why an existing chain is more than we validate (dkimpy's work grows with sets x
+    fields and with h= names x fields), or None."""
+    fields = parse_headers(message)
+    if count(fields, "ARC-Seal") > MAX_ARC_SETS:
+        return f"more than {MAX_ARC_SETS} ARC sets"
+    if any(value.count(":") >= MAX_SIGNED_NAMES
+           for value in get_all(fields, "ARC-Message-Signature")):
+        return f"an ARC-Message-Signature naming {MAX_SIGNED_NAMES} fields or more"
+    return None
 
 
 def _chain_validation(message: bytes, dns: DNSSettings | None) -> str | None:
@@ -89,6 +109,10 @@ def _chain_validation(message: bytes, dns: DNSSettings | None) -> str | None:
         return "none"
     if dns is None:
         raise ValueError("the message has an ARC chain: arc_seal needs dns= to validate it")
+    reason = _too_big(message)
+    if reason is not None:
+        log.info("arc: not sealing: %s", reason)
+        return None
     lookup = DNSLookup(dns)
     try:
         cv, _results, reason = dkim.arc_verify(message, logger=_DKIMPY_LOG,

@@ -173,6 +173,14 @@ class Events:
         self.dkim = Counter("mailrelay_dkim_signatures",
                             "DKIM signatures made, by domain and algorithm",
                             ["domain", "algorithm"], registry=r)
+        self.filter_runs = Counter("mailrelay_filter_runs",
+                                   "Filter checks (post-data, rspamd, alias-resolve), by "
+                                   "filter and verdict: accept, reject or tempfail",
+                                   ["filter", "action"], registry=r)
+        self.filter_errors = Counter("mailrelay_filter_errors",
+                                     "Filter checks that got no real answer (timeout, "
+                                     "connect, ...), by filter and error", ["filter", "error"],
+                                     registry=r)
 
         # Series that exist from the start, at 0, so rate() and alerts see them at once.
         for port in PORT_KINDS:
@@ -311,3 +319,12 @@ class Events:
     def dkim_signed(self, domain: str, algorithms: Iterable[str]) -> None:
         for algorithm in algorithms:
             self._child(self.dkim, domain, algorithm).inc()
+
+    # -- filters ----------------------------------------------------------------
+
+    def filter_checked(self, name: str, action: str, error: str | None = None) -> None:
+        """One check by a filter; ``error``: why it gave no real answer (it may still
+        have accepted: rspamd failing open)."""
+        self._child(self.filter_runs, name, action).inc()
+        if error:
+            self._child(self.filter_errors, name, error).inc()

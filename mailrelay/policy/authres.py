@@ -33,7 +33,13 @@ from publicsuffix2 import PublicSuffixList
 
 from ..config import DNSSettings
 from ..dnsresolver import blocking_twin, make_resolver
-from ..message.headers import addresses, get_all, parse_headers
+from ..message.headers import (
+    addresses,
+    get_all,
+    header_end,
+    header_section,
+    parse_headers,
+)
 
 log = logging.getLogger("mailrelay.authcheck")
 
@@ -182,17 +188,77 @@ class QuietLogger(logging.LoggerAdapter):
 _DKIMPY_LOG = QuietLogger(logging.getLogger("mailrelay.authcheck.dkimpy"), {})
 
 
-def check_dkim(lookup: DNSLookup, message: bytes) -> list[tuple[str, str, str]]:
-    """(result, d=, s=) for each DKIM-Signature, top down (RFC 8601 2.7.1 results)."""
-    end = message.find(b"\r\n\r\n")
-    head = message[:end] if end >= 0 else message
+# dkimpy's rfc822_parse appends each continuation line to its field's bytes (a copy of the
+# field every time: quadratic in a field's lines; 1M folded lines took minutes) and splits
+# the whole body into lines. This one returns the same (headers, body) in linear time;
+# every dkimpy entry point (DKIM, ARC: verify and sign) parses through it. It raises
+# dkimpy's MessageFormatError where dkimpy raised it, and also for a continuation line
+# before any field (an IndexError in dkimpy).
+_DKIMPY_FIELD_NAME = re.compile(rb"([\x21-\x7e]+?):")
+_CRLF_LINE = re.compile(rb"\r?\n")
+
+
+def rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
+    """dkim.rfc822_parse, linear: ([[name, value with its CRLFs]...], body with CRLFs)."""
+    end = header_end(message)
+    if end is None:  # all header; a last line without its line break is one too
+        head, rest = message, None
+    else:
+        lf = message.index(b"\n", end)  # the LF ending the last header line
+        head = message[:lf + 1] if end else b""
+        rest = message[lf + 1 + (2 if message[lf + 1:lf + 2] == b"\r" else 1):]
+        if end == 0:  # the message starts with the empty line
+            rest = message[2 if message.startswith(b"\r\n") else 1:]
+    headers: list[list[bytes]] = []
+    parts: list[list[bytes]] = []
+    lines = _CRLF_LINE.split(head)
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            if not parts:
+                raise dkim.MessageFormatError("continuation line before any header field")
+            parts[-1].append(line)
+            continue
+        match = _DKIMPY_FIELD_NAME.match(line)
+        if match is not None:
+            headers.append([match.group(1), b""])
+            parts.append([line[match.end():]])
+        elif not line.startswith(b"From "):
+            raise dkim.MessageFormatError(f"Unexpected characters in RFC822 header: {line!r}")
+    for field, lines_of in zip(headers, parts, strict=True):
+        field[1] = b"\r\n".join(lines_of) + b"\r\n"
+    if rest is None:
+        return headers, b""
+    if rest.count(b"\n") != rest.count(b"\r\n"):  # bare LFs become CRLF, as dkimpy does
+        rest = _CRLF_LINE.sub(b"\r\n", rest)
+    return headers, rest
+
+
+DKIMPY_RFC822_PARSE = dkim.rfc822_parse  # its own, for the tests that compare the two
+if getattr(DKIMPY_RFC822_PARSE, "__module__", "") == __name__:  # a re-import of this module
+    DKIMPY_RFC822_PARSE = DKIMPY_RFC822_PARSE.__wrapped__  # type: ignore[attr-defined]
+rfc822_parse.__wrapped__ = DKIMPY_RFC822_PARSE  # type: ignore[attr-defined]
+dkim.rfc822_parse = rfc822_parse
+
+# More names in one signature's h= than any signer uses; dkimpy looks each one up among
+# all the fields (names x fields), so a signature listing 100,000 is refused unchecked.
+MAX_SIGNED_NAMES = 100
+
+
+def check_dkim(lookup: DNSLookup, message: bytes,
+               fields: list[tuple[str, str]] | None = None) -> list[tuple[str, str, str]]:
+    """(result, d=, s=) for each DKIM-Signature, top down (RFC 8601 2.7.1 results).
+    ``fields``: the message's parsed header, when the caller has it."""
+    head = header_section(message)
     if b"dkim-signature" not in head.lower():
         return []  # unsigned: spare dkimpy's parse of the whole message
     try:
         verifier = dkim.DKIM(message, logger=_DKIMPY_LOG, minkey=1024,
                              timeout=lookup.per_lookup)
     except dkim.DKIMException:  # a header section dkimpy cannot parse (common in spam)
-        signed = get_all(parse_headers(message), "DKIM-Signature")
+        signed = get_all(fields if fields is not None else parse_headers(message),
+                         "DKIM-Signature")
         return [("neutral", "", "")] if signed else []
     signatures = [value for name, value in verifier.headers if name.lower() == b"dkim-signature"]
     return [_check_signature(lookup, verifier, index, value)
@@ -207,6 +273,8 @@ def _check_signature(lookup: DNSLookup, verifier: dkim.DKIM, index: int, value: 
         return "neutral", "", ""
     domain = tags.get(b"d", b"").decode("ascii", "replace").lower()
     selector = tags.get(b"s", b"").decode("ascii", "replace")
+    if tags.get(b"h", b"").count(b":") >= MAX_SIGNED_NAMES:
+        return "policy", domain, selector  # RFC 8601 2.7.1: not acceptable to us
     try:
         # Syntax, algorithm, expiry: "could not be processed" is neutral.
         dkim.validate_signature_fields(tags)
@@ -363,10 +431,13 @@ def _dmarc_one(lookup: DNSLookup, domain: str, spf_result: str, spf_domain: str,
     return "fail", policy
 
 
-def from_domains(message: bytes) -> list[str]:
-    """The domains of the From: addresses, as A-labels; [] when there is none usable."""
+def from_domains(message: bytes, fields: list[tuple[str, str]] | None = None) -> list[str]:
+    """The domains of the From: addresses, as A-labels; [] when there is none usable.
+    HeaderError for a From: over the caps of message.headers.addresses."""
+    if fields is None:
+        fields = parse_headers(message)
     domains = []
-    for address in addresses(get_all(parse_headers(message), "From")):
+    for address in addresses(get_all(fields, "From"), "From:"):
         domain = _a_label(address.rpartition("@")[2].strip())
         if domain and domain.isascii():
             domains.append(domain)
@@ -377,18 +448,24 @@ def from_domains(message: bytes) -> list[str]:
 
 def check_message(message: bytes, *, client_ip: str, helo: str, mail_from: str,
                   authserv_id: str, dns: DNSSettings, timeout: float | None = None,
-                  resolver: dns.resolver.Resolver | None = None) -> AuthResults:
+                  resolver: dns.resolver.Resolver | None = None,
+                  fields: list[tuple[str, str]] | None = None) -> AuthResults:
     """SPF, DKIM and DMARC of one message. ``timeout`` bounds all its DNS lookups together
     (default: twice ``dns.timeout``); a lookup without answer in time is a temperror.
-    ``resolver``: a (caching) resolver to share between checks; else a new one."""
+    ``resolver``: a (caching) resolver to share between checks; else a new one.
+    ``fields``: the message's header as message.headers parsed it (else parsed here).
+    HeaderError for a From: over the caps of message.headers.addresses."""
+    if fields is None:
+        fields = parse_headers(message)
+    domains = from_domains(message, fields)  # before any lookup: it may refuse the message
     lookup = DNSLookup(dns, timeout, resolver)
     spf_result, spf_domain = check_spf(lookup, client_ip, helo, mail_from)
     try:
-        dkim_results = check_dkim(lookup, message)
-    except Exception:  # e.g. a message dkimpy cannot parse
+        dkim_results = check_dkim(lookup, message, fields)
+    except Exception:  # a bug (dkimpy's or ours) must not cost the message
         log.exception("dkim: verification failed")
         dkim_results = [("temperror", "", "")]
-    dmarc, policy, from_domain = check_dmarc(lookup, from_domains(message), spf_result,
+    dmarc, policy, from_domain = check_dmarc(lookup, domains, spf_result,
                                              spf_domain, dkim_results)
     null_sender = "@" not in mail_from  # then SPF checked the HELO identity
     header = format_header(authserv_id, spf_result, spf_domain, null_sender, dkim_results,
@@ -452,58 +529,82 @@ def format_header(authserv_id: str, spf_result: str, spf_domain: str, null_sende
     return (text + "\r\n").encode("utf-8")
 
 
-_LINE = re.compile(rb"[^\n]*\n|[^\n]+")
+# A raw field: a line (cut at LF, with its end) and its continuation lines; possessive,
+# so a field of a million lines is one match without backtracking state.
+_RAW_FIELD = re.compile(rb"(?:[^\n]*+\n|[^\n]++$)(?:[ \t][^\n]*+(?:\n|$))*+")
+_RESULTS_FIELDS = (b"authentication-results", b"arc-authentication-results")
+_NOT_SPACE = re.compile(r"\S")
+_COMMENT_SPECIAL = re.compile(r"[()\\]")
+_ARC_INSTANCE = re.compile(r"i[ \t]*=[ \t]*[0-9]+[ \t]*;", re.IGNORECASE)
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*+)"')
 
 
-def strip_our_authentication_results(message: bytes, authserv_id: str) -> bytes:
+def strip_our_authentication_results(message: bytes, authserv_id: str, *,
+                                     arc: bool = False) -> bytes:
     """The message without the Authentication-Results fields that carry our authserv-id:
-    ones that arrive from outside are forged (RFC 8601 5). Other bytes are untouched."""
-    ours = authserv_id.lower()
-    kept: list[bytes] = []
-    dropping = False
-    position = 0
-    for match in _LINE.finditer(message):
-        line = match.group()
-        position = match.end()
-        if line in (b"\r\n", b"\n"):  # end of the header section
-            kept.append(line)
-            break
-        if line[:1] in (b" ", b"\t"):  # a continuation line belongs to its field
-            if not dropping:
-                kept.append(line)
+    ones that arrive from outside are forged (RFC 8601 5). With ``arc``, also the
+    ARC-Authentication-Results fields naming us (inbound mail: a forged ARC set in our
+    name). Any case, a trailing dot, a quoted form and comments are all the same id.
+    Other bytes are untouched; one pass over the header section (linear)."""
+    end = header_end(message)
+    # The header section with its last line's line break (all of it when no blank line).
+    head_length = len(message) if end is None else message.index(b"\n", end) + 1
+    head = message[:head_length]
+    if b"authentication-results" not in head.lower():
+        return message
+    ours = _normal_id(authserv_id)
+    names = _RESULTS_FIELDS if arc else _RESULTS_FIELDS[:1]
+    kept = []
+    for raw in _RAW_FIELD.findall(head):
+        name, colon, value = raw.partition(b":")
+        if colon and name.strip().lower() in names and _authserv_id(
+                value, arc=name.strip().lower() == _RESULTS_FIELDS[1]) == ours:
             continue
-        name, colon, rest = line.partition(b":")
-        dropping = (bool(colon) and name.strip().lower() == b"authentication-results"
-                    and _authserv_id(rest, message[position:]) == ours)
-        if not dropping:
-            kept.append(line)
-    else:
-        position = len(message)
-    return b"".join(kept) + message[position:]
+        kept.append(raw)
+    return b"".join(kept) + message[head_length:]
 
 
-def _authserv_id(first_line: bytes, following: bytes) -> str:
-    """The authserv-id of a field value: after any comments, a token or quoted-string."""
-    value = first_line
-    for line in _LINE.findall(following):  # unfold
-        if line[:1] not in (b" ", b"\t"):
-            break
-        value += line
-    text = value.decode("utf-8", "replace")
-    index, depth = 0, 0
-    while index < len(text):  # skip whitespace and (nested) comments
-        ch = text[index]
-        if ch == "(":
-            depth += 1
-        elif ch == ")" and depth:
-            depth -= 1
-        elif ch == "\\" and depth:
-            index += 1
-        elif depth == 0 and not ch.isspace():
-            break
-        index += 1
-    text = text[index:]
-    if text.startswith('"'):
-        match = re.match(r'"((?:[^"\\]|\\.)*)"', text)
-        return re.sub(r"\\(.)", r"\1", match.group(1)).lower() if match else ""
-    return re.split(r"[\s;(]", text, maxsplit=1)[0].lower()
+def _normal_id(authserv_id: str) -> str:
+    return authserv_id.strip().rstrip(".").lower()
+
+
+def _authserv_id(value: bytes, arc: bool = False) -> str:
+    """The authserv-id of a field value: after any comments (and, in an ARC field, the
+    instance tag ``i=N;``), a token or quoted-string; normalised for comparison. Only
+    white space, parentheses and backslashes are visited one by one (linear)."""
+    text = value.decode("utf-8", "replace").replace("\r\n", "").replace("\n", "")  # unfold
+    index = _skip_cfws(text, 0)
+    if arc:
+        match = _ARC_INSTANCE.match(text, index)
+        if match is None:
+            return ""
+        index = _skip_cfws(text, match.end())
+    if text.startswith('"', index):
+        match = _QUOTED.match(text, index)
+        return _normal_id(re.sub(r"\\(.)", r"\1", match.group(1))) if match else ""
+    return _normal_id(re.split(r"[\s;(]", text[index:index + 1024], maxsplit=1)[0])
+
+
+def _skip_cfws(text: str, index: int) -> int:
+    """The index past white space and (nested) comments from ``index``."""
+    while True:
+        match = _NOT_SPACE.search(text, index)
+        if match is None:
+            return len(text)
+        index = match.start()
+        if text[index] != "(":
+            return index
+        depth = 0
+        for special in _COMMENT_SPECIAL.finditer(text, index):
+            if special.start() < index:
+                continue  # the character a backslash quoted
+            char = special.group()
+            if char == "\\":
+                index = special.end() + 1
+                continue
+            depth += 1 if char == "(" else -1
+            index = special.end()
+            if depth == 0:
+                break
+        else:
+            return len(text)  # a comment never closed runs to the end

@@ -11,10 +11,11 @@ from collections.abc import Callable
 
 import dns.resolver
 
-from ..address import AddressError, normalize, split
+from ..address import AddressError, domain_of, normalize, split
 from ..config import Config
 from ..intake import Intake
-from ..message.headers import addresses, get_all, parse_headers
+from ..message.filters import FilterInput, Filters, Hooks
+from ..message.headers import HeaderError, count, get_all, header_end, mailboxes, read_header
 from ..message.received import protocol_name, received_header, submission_fixups
 from ..ops.events import Events
 from ..queue import Queue, QueueFullError, new_id
@@ -27,6 +28,14 @@ from .senders import SenderPolicy
 from .users import Users
 
 log = logging.getLogger("mailrelay.smtp")
+
+# A header section up to this size is parsed on the event loop (a few milliseconds at
+# worst, with a From: made to be slow to read); a larger one, or a message whose header
+# does not end within it, in a thread.
+INLINE_HEADER = 16 * 1024
+# Copying more than this (the Message-ID/Date we add to a submission, in front of it)
+# happens in a thread.
+INLINE_COPY = 1024 * 1024
 
 
 class PolicyBackend:
@@ -45,6 +54,7 @@ class PolicyBackend:
         router: Router,
         dns_resolver: dns.resolver.Resolver,
         events: Events | None = None,
+        filters: Callable[[], Filters] | None = None,
     ):
         self.config = config
         self.is_local_domain = is_local_domain
@@ -61,6 +71,11 @@ class PolicyBackend:
         self.router = router
         self.events = events if events is not None else Events()
         self._dns = dns_resolver
+        # The filters of the configuration now (a reload rebuilds them); none by default.
+        if filters is None:
+            no_filters = Filters(Hooks(cwd=config.config_dir))
+            filters = lambda: no_filters  # noqa: E731
+        self._filters = filters
         self.throttle = AuthThrottle(
             config.limits.auth_failures_per_ip, config.limits.auth_block_time,
             delay_step=config.limits.auth_failure_delay,
@@ -120,7 +135,18 @@ class PolicyBackend:
         except AddressError:
             return f"550 5.1.2 <{address}>: address literals are not accepted"
         if self.is_local_domain(domain):
-            return self.router.check_recipient(f"{local}@{domain}")
+            normal = f"{local}@{domain}"
+            reply = self.router.check_recipient(normal)
+            if reply is not None and self.router.is_unknown(normal):
+                # Unknown to users and aliases (a catch-all included): the alias-resolve
+                # hook's turn, if there is one. Its targets are routed with the message.
+                targets = await self._filters().resolve(normal)
+                if targets is None:
+                    return f"451 4.3.0 <{address}>: cannot look the address up now, try again"
+                if targets:
+                    envelope.alias_targets[address] = targets
+                    return None
+            return reply
         if info.user is not None:
             return None
         return f"554 5.7.1 <{address}>: Relay access denied"
@@ -147,23 +173,42 @@ class PolicyBackend:
         params = [{k: v for k, v in p.items() if v is not None}
                   for p in envelope.recipient_params]
         results: AuthResults | None = None
+        filters = self._filters()
         try:
-            if info.user is not None:
-                fields = parse_headers(body)
-                for address in addresses(get_all(fields, "From")):
-                    if not self.senders.may_send_as(info.user, address):
-                        return f"550 5.7.1 Not authorised to send as <{address}> (From: header)"
-                fixups = submission_fixups(fields, split(info.user)[1])
-                stored = await self.intake.own(envelope.sender, envelope.recipients, params,
-                                               [received], [fixups, body], meta, item_id)
+            # The header section is parsed once, here; in a thread when it is large.
+            end = header_end(body, INLINE_HEADER)
+            if end is None and len(body) > INLINE_HEADER:
+                fields = await asyncio.to_thread(self._inspect, info.user, body)
             else:
-                checked = await self._check_inbound(info, envelope.sender, body)
+                fields = self._inspect(info.user, body)
+            if info.user is not None:
+                fixups = submission_fixups(fields, split(info.user)[1])
+                message = (fixups + body if not fixups or len(body) <= INLINE_COPY
+                           else await asyncio.to_thread(bytes.__add__, fixups, body))
+                outcome = await filters.check(self._filter_input(info, envelope, item_id),
+                                              received, message)
+                if outcome.reply is not None:
+                    return outcome.reply
+                stored = await self.intake.own(
+                    envelope.sender, envelope.recipients, params, [outcome.top + received],
+                    [outcome.message], meta, item_id, fields=fields,
+                    hook_targets=envelope.alias_targets)
+            else:
+                checked = await self._check_inbound(info, envelope.sender, body, fields)
                 if isinstance(checked, str):
                     return checked
                 results, body = checked
+                outcome = await filters.check(
+                    self._filter_input(info, envelope, item_id, results),
+                    received + results.header, body)
+                if outcome.reply is not None:
+                    return outcome.reply
                 stored = await self.intake.inbound(
-                    envelope.sender, envelope.recipients, params, [received, results.header],
-                    body, results, meta, item_id)
+                    envelope.sender, envelope.recipients, params,
+                    [outcome.top + received, results.header], outcome.message, results, meta,
+                    item_id, fields=fields, hook_targets=envelope.alias_targets)
+        except HeaderError as exc:
+            return exc.reply
         except QueueFullError as exc:
             log.warning("queue refused message from %s: %s", info.peer_ip, exc)
             return "452 4.3.1 Insufficient system storage, try again later"
@@ -178,18 +223,51 @@ class PolicyBackend:
             self.events.queued_message(info, item, results)
         return f"250 2.0.0 Ok: queued as {stored[0].id}"
 
+    def _inspect(self, user: str | None, body: bytes) -> list[tuple[str, str]]:
+        """The parsed header section, once it has passed what every message must: the
+        size and field caps, the hop count (a mail loop), and for a submission, that each
+        From: mailbox is the user's. HeaderError (the reply) when it has not."""
+        limits = self.config.limits
+        fields = read_header(body, limits.max_header_size, limits.max_header_fields)
+        # RFC 5321 6.3. Postfix's rule (hopcount_limit): refused when the Received:
+        # fields, ours included, reach the limit; a message we accept leaves with fewer.
+        hops = count(fields, "Received") + 1
+        if hops >= limits.max_hops:
+            raise HeaderError(f"554 5.4.6 Too many hops ({hops}, the limit is "
+                              f"{limits.max_hops}): a mail loop?")
+        mailboxes_from = mailboxes(get_all(fields, "From"), "From:")  # capped; may refuse
+        if user is not None:
+            for address in mailboxes_from:  # "From: me" (no domain) is nobody's address
+                if not self.senders.may_send_as(user, address):
+                    raise HeaderError(f"550 5.7.1 Not authorised to send as <{address}> "
+                                      "(From: header)")
+        return fields
+
+    def _filter_input(self, info: SessionInfo, envelope: Envelope, item_id: str,
+                      results: AuthResults | None = None) -> FilterInput:
+        sender = envelope.sender or ""
+        try:
+            local_sender = self.is_local_domain(domain_of(sender)) if sender else False
+        except AddressError:
+            local_sender = False
+        return FilterInput(
+            remote_addr=info.peer_ip, remote_port=info.peer_port, helo=info.helo,
+            mail_from=sender, rcpt_to=tuple(envelope.recipients), auth_as=info.user,
+            on_tls=info.tls, from_local_domain=local_sender,
+            spf_pass=results is not None and results.spf == "pass", queue_id=item_id)
+
     async def _check_inbound(
-        self, info: SessionInfo, sender: str, body: bytes
+        self, info: SessionInfo, sender: str, body: bytes, fields: list[tuple[str, str]]
     ) -> tuple[AuthResults, bytes] | str:
         """SPF, DKIM and DMARC of mail from outside: the results (and the body without
         forged Authentication-Results claiming to be ours), or the refusal reply."""
         settings = self.config.inbound
 
         def run() -> tuple[AuthResults, bytes]:
-            cleaned = strip_our_authentication_results(body, self.hostname)
+            cleaned = strip_our_authentication_results(body, self.hostname, arc=True)
             results = check_message(cleaned, client_ip=info.peer_ip, helo=info.helo,
                                     mail_from=sender, authserv_id=self.hostname,
-                                    dns=self.config.dns, resolver=self._dns)
+                                    dns=self.config.dns, resolver=self._dns, fields=fields)
             return results, cleaned
 
         # In a thread: lookups block, and parsing and hashing take time on big messages.

@@ -11,7 +11,7 @@ from ..address import AddressError, normalize_domain, split
 from ..queue import EMAIL, Recipient
 from ..queue import MAILBOX as QUEUE_MAILBOX
 from ..queue import PIPE as QUEUE_PIPE
-from .aliases import MAILBOX, PIPE, Aliases
+from .aliases import MAILBOX, PIPE, Aliases, Target
 from .srs import SRS, SRSError
 from .users import Users
 
@@ -51,6 +51,20 @@ class Router:
             return None
         return self.srs.reverse(address)
 
+    def _srs_original(self, address: str) -> str | None:
+        """Like _srs_reverse, to the end: an SRS1 address of ours whose first hop is our
+        domain too (mail that went out, came back through another forwarder and went out
+        again) reverses to an SRS0 address of ours, which reverses to the sender."""
+        original = self._srs_reverse(address)
+        if original is None:
+            return None
+        try:
+            local_again = self.is_local_domain(normalize_domain(split(original)[1]))
+            again = self._srs_reverse(original) if local_again else None
+        except (AddressError, SRSError):
+            again = None  # bounced here as unknown: nothing better to do with it
+        return again or original
+
     def check_recipient(self, address: str) -> str | None:
         """None to accept RCPT TO a local-domain address, else the refusal reply."""
         try:
@@ -63,11 +77,26 @@ class Router:
             return None
         return f"550 5.1.1 <{address}>: no such user here"
 
+    def is_unknown(self, address: str) -> bool:
+        """Neither an SRS address of ours, nor a user, an alias or a catch-all's: the
+        only addresses the alias-resolve hook is asked about."""
+        try:
+            if self._srs_reverse(address) is not None:
+                return False
+        except SRSError:
+            return False  # ours, but forged or expired: refused as such
+        return not self._aliases().exists(address, self.is_user, self.is_local_domain)
+
     def owners(self, address: str) -> list[str]:
         """Users an address delivers to through aliases (for sender rights)."""
         return self._aliases().owners(address, self.is_user, self.is_local_domain)
 
-    def expand(self, addresses: list[str], params: list[dict[str, str]]) -> Expansion:
+    def expand(self, addresses: list[str], params: list[dict[str, str]],
+               hook_targets: dict[str, list] | None = None) -> Expansion:
+        """The final recipients. ``hook_targets``: what the alias-resolve hook gave at RCPT
+        for addresses the aliases do not know (AliasTarget lists, by envelope address);
+        a target in our domains is resolved once more through users and aliases."""
+        hook_targets = hook_targets or {}
         expansion = Expansion(local=[], remote=[])
         seen: set[tuple[str, str, str | None]] = set()
 
@@ -93,13 +122,15 @@ class Router:
                 add(Recipient(address, params=dict(rcpt_params)), address)
                 continue
             try:
-                original = self._srs_reverse(address)
+                original = self._srs_original(address)
             except SRSError:
                 original = None  # checked at RCPT; expired since: nothing to relay to
             if original is not None:
                 add(Recipient(original, params=dict(rcpt_params)), address)
                 continue
-            for target in self._aliases().resolve(address, self.is_user, self.is_local_domain):
+            targets = (self._hook_targets(hook_targets[address]) if address in hook_targets
+                       else self._aliases().resolve(address, self.is_user, self.is_local_domain))
+            for target in targets:
                 if target.kind == PIPE:
                     add(Recipient(address, kind=QUEUE_PIPE, command=target.value,
                                   params=dict(rcpt_params)), address)
@@ -110,3 +141,22 @@ class Router:
                     add(Recipient(target.value, params=dict(rcpt_params)), address)
                     expansion.forwarding_domain = expansion.forwarding_domain or domain
         return expansion
+
+    def _hook_targets(self, found: list) -> list[Target]:
+        """The alias-resolve hook's targets as final ones: pipes and remote addresses as
+        they are; addresses in our domains through users and aliases (not the hook again:
+        a hook that names itself cannot loop)."""
+        targets: list[Target] = []
+        for target in found:
+            if target.kind == PIPE:
+                targets.append(Target(PIPE, target.value))
+                continue
+            try:
+                resolved = self._aliases().resolve(target.value, self.is_user,
+                                                   self.is_local_domain)
+            except AddressError:
+                resolved = []
+            if not resolved:
+                log.warning("alias-resolve: target <%s> delivers nowhere, dropped", target.value)
+            targets.extend(resolved)
+        return targets

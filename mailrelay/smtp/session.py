@@ -53,6 +53,9 @@ class Envelope:
     recipients: list[str] = field(default_factory=list)
     recipient_params: list[dict[str, str | None]] = field(default_factory=list)
     smtputf8: bool = False
+    # The backend's notes on recipients found at RCPT (the alias-resolve hook's targets),
+    # for the routing of this transaction's message.
+    alias_targets: dict[str, list] = field(default_factory=dict)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import pytest
 
 from mailrelay.delivery import dsn
 from mailrelay.delivery.dsn import FailedRecipient, build_dsn, header_section, is_auto_generated
+from tests.support.linear import assert_linear
 
 ORIGINAL_HEADERS = (
     b"Received: from client.example.test by mx.example.test;\r\n"
@@ -467,3 +468,12 @@ def test_is_auto_generated_headers(headers: bytes, expected: bool) -> None:
 def test_is_auto_generated_ignores_body() -> None:
     message = b"From: a@example.test\r\n\r\nAuto-Submitted: auto-replied\r\n"
     assert not is_auto_generated(message)
+
+
+def test_is_auto_generated_is_linear_in_folded_lines() -> None:
+    # The header splitting is message.headers' (issue 16 row 1: it was quadratic here too).
+    def folded(lines: int) -> bytes:
+        return (b"Subject: x\r\n" + b" y\r\n" * lines
+                + b"Auto-Submitted: auto-replied\r\n\r\nbody\r\n")
+    assert is_auto_generated(folded(3))
+    assert_linear(is_auto_generated, folded, 10_000, label="dsn.is_auto_generated")

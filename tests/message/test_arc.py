@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import dkim
@@ -15,6 +16,7 @@ from mailrelay.message.dkim.signer import DKIMKey, sign
 from mailrelay.policy.authres import check_message
 from tests.support.dkim_dns import dnsfunc_for, publish_new_key
 from tests.support.dns_server import TestDNSServer
+from tests.support.linear import assert_linear
 
 AUTHSERV_ID = "mx.example.com"
 ORIGINAL = (b"From: Alice <alice@sender.test>\r\nTo: me@example.com\r\nSubject: news\r\n"
@@ -141,3 +143,40 @@ def test_results_of_another_authserv_id_are_refused(dns_server, tmp_path, dns, r
     with pytest.raises(ValueError):
         arc_seal(data, key=key, authserv_id=AUTHSERV_ID,
                  results_header_value="someone.else; spf=pass", dns=dns)
+
+
+@pytest.mark.parametrize("chain", [
+    # More sets than RFC 8617 allows (dkimpy validates each against all ARC fields)...
+    b"".join(b"ARC-Seal: i=%d; a=rsa-sha256; cv=pass; d=x.test; s=s; b=AAAA\r\n" % i
+             for i in range(51, 0, -1)),
+    # ...or an ARC-Message-Signature naming more fields than we look up.
+    b"ARC-Seal: i=1; a=rsa-sha256; cv=none; d=x.test; s=s; b=AAAA\r\n"
+    b"ARC-Message-Signature: i=1; a=rsa-sha256; d=x.test; s=s; h="
+    + b":".join(b"x-%d" % i for i in range(100)) + b"; bh=AAAA; b=AAAA\r\n"
+    b"ARC-Authentication-Results: i=1; x.test; spf=pass\r\n",
+])
+def test_a_chain_beyond_the_caps_is_not_validated_or_sealed(dns_server, tmp_path, dns, received,
+                                                             chain, caplog) -> None:
+    data, header = received
+    key = new_key(dns_server, tmp_path, "example.com", "arc1", "rsa2048")
+    dns_server.set_down(True)  # not one lookup: the caps decide before dkimpy does
+    caplog.set_level(logging.INFO, "mailrelay.arc")
+    assert arc_seal(chain + data, key=key, authserv_id=AUTHSERV_ID,
+                    results_header_value=header, dns=dns) == b""
+    [line] = [r.getMessage() for r in caplog.records if r.name == "mailrelay.arc"]
+    assert line.startswith("arc: not sealing: ")
+
+
+def test_sealing_is_linear_in_folded_lines(dns_server, tmp_path, dns, received) -> None:
+    # dkimpy parses the message for the seal (through authres.rfc822_parse: linear).
+    data, header = received
+    key = new_key(dns_server, tmp_path, "example.com", "arc1", "rsa2048")
+
+    def folded(lines: int) -> bytes:
+        return data.replace(b"Subject: news\r\n", b"Subject: news\r\n" + b" y\r\n" * lines)
+    sealed = arc_seal(folded(3), key=key, authserv_id=AUTHSERV_ID,
+                      results_header_value=header, dns=dns) + folded(3)
+    assert dkim.arc_verify(sealed, dnsfunc=dnsfunc_for(dns_server))[0] == b"pass"
+    assert_linear(lambda message: arc_seal(message, key=key, authserv_id=AUTHSERV_ID,
+                                           results_header_value=header, dns=dns),
+                  folded, 10_000, repeat=1, label="arc_seal, folded lines")

@@ -298,7 +298,7 @@ def header_fields(out: bytes) -> list[bytes] | None:
         return []
     if not out.endswith(b"\n"):
         return None
-    fields: list[bytes] = []
+    fields: list[list[bytes]] = []  # each field's lines, joined once at the end (linear)
     for line in out[:-1].split(b"\n"):
         if line.endswith(b"\r"):
             line = line[:-1]
@@ -307,12 +307,12 @@ def header_fields(out: bytes) -> list[bytes] | None:
         if line[:1] in (b" ", b"\t"):
             if not fields:
                 return None
-            fields[-1] += line + b"\r\n"
+            fields[-1].append(line)
         elif _FIELD.match(line):
-            fields.append(line + b"\r\n")
+            fields.append([line])
         else:
             return None
-    return fields
+    return [b"\r\n".join(lines) + b"\r\n" for lines in fields]
 
 
 def last_line(out: bytes) -> str:

@@ -25,6 +25,7 @@ from tests.message.dkim.dkimtools import (
     run_opendkim,
 )
 from tests.support.dkim_dns import txt_lookup
+from tests.support.linear import assert_linear
 
 DOMAIN = "example.com"
 
@@ -339,3 +340,14 @@ def test_opendkim_verifies(tmp_path, rsa_key, ed_key, opendkim_records):
     assert not failures, failures[:3]
     assert [code != 0 for code, _ in bad] == [True, True, True], bad
     assert "signature" in bad[0][1].lower()
+
+
+def test_signing_is_linear_in_folded_lines_and_fields(ed_key, dnsfunc):
+    # Issue 16 row 1: every parser of the header section, the signer's one pass included.
+    def folded(lines: int) -> bytes:
+        return (b"From: a@example.com\r\nSubject: x\r\n" + b" y\r\n" * lines
+                + b"To: b@example.com\r\n" * (lines // 100) + b"\r\nbody\r\n")
+    small = folded(3)
+    assert verify(sign(small, [ed_key]) + small, dnsfunc)
+    assert_linear(lambda data: sign(data, [ed_key]), folded, 10_000,
+                  label="dkim sign, folded lines")

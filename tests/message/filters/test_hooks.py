@@ -29,6 +29,7 @@ from mailrelay.message.filters.hooks import (
     run_post_data,
 )
 from mailrelay.message.filters.verdict import FilterInput, apply_verdict
+from tests.support.linear import assert_linear
 from tests.support.spam_daemons import GTUBE
 
 STOCK_HOOK = Path(__file__).parents[2] / "fixtures" / "chasquid" / "hooks" / "post-data"
@@ -413,6 +414,15 @@ def test_header_fields_parse_in_linear_time():
         timings.append(best)
     assert timings[2] < 1.0
     assert timings[2] < 30 * timings[1] + 0.01, timings
+
+
+def test_header_fields_are_linear_in_continuation_lines():
+    # One field of many continuation lines: each line used to be appended to the field's
+    # bytes, copying them every time (quadratic).
+    def folded(lines: int) -> bytes:
+        return b"X-Long: v\n" + b" w\n" * lines
+    assert header_fields(folded(2)) == [b"X-Long: v\r\n w\r\n w\r\n"]
+    assert_linear(header_fields, folded, 2_000, label="hooks.header_fields, folded lines")
 
 
 def _timed(function, *args) -> float:

@@ -13,6 +13,7 @@ from mailrelay.message.filters.verdict import (
     smtp_reply,
     subject_of,
 )
+from tests.support.linear import assert_linear
 
 MESSAGE = b"From: a@example.org\r\nSubject: Hello\r\n  world\r\nX-Old: 1\r\n\r\nbody\r\n"
 
@@ -81,3 +82,19 @@ def test_apply_is_linear_in_the_number_of_fields():
         timings.append(best)
     assert timings[2] < 1.0, timings
     assert timings[2] < 30 * timings[1] + 0.01, timings
+
+
+def test_apply_and_subject_of_are_linear_in_folded_lines():
+    # Issue 16 row 1's shape: one field with a great many continuation lines (each line
+    # used to be appended to the field's bytes, copying them every time).
+    verdict = Verdict("accept", subject="new", remove_headers=[("X-Spam-Status", 0)])
+
+    def folded(lines: int) -> bytes:
+        return (b"X-Spam-Status: x\r\n" + b" y\r\n" * lines + b"Subject: old\r\n"
+                + b" more\r\n" * lines + b"\r\nbody\r\n")
+    assert apply_verdict(folded(2), verdict) == b"Subject: new\r\n\r\nbody\r\n"
+    assert subject_of(folded(2)) == "old more more"
+    assert_linear(lambda message: apply_verdict(message, verdict), folded, 10_000,
+                  label="apply_verdict, folded lines")
+    # subject_of reads at most 64 KiB: the same time at every size.
+    assert_linear(subject_of, folded, 10_000, label="subject_of, folded lines")
