@@ -23,7 +23,6 @@ from .errors import ConfigError
 from .smtp.proxy import IPNetwork, parse_network
 
 CONFIG_FILE = "mailrelay.yaml"
-DEFAULT_CONFIG_DIR = Path("/etc/mailrelay")
 
 _SIZE_UNITS = {
     "": 1, "b": 1,

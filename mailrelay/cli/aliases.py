@@ -34,8 +34,8 @@ PID_FILE = "mailrelay.pid"  # written by the server into data_dir (server.PID_FI
 NEW_FILE_MODE = 0o644  # aliases hold no secrets; chasquid's files are world-readable too
 
 
-def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser("aliases", parents=[common], help="edit and test aliases")
+def register(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+
     actions = parser.add_subparsers(dest="aliases_command", metavar="ACTION", required=True)
 
     edit = actions.add_parser("edit", parents=[common],

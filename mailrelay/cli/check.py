@@ -54,13 +54,11 @@ EXPIRY_WARNING = dt.timedelta(days=14)
 DATA_SUBDIRS = ("queue", "mail", "mta-sts", "selfsigned")
 
 
-def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser(
-        "check", parents=[common],
-        help="load the configuration as the server does and report every problem",
-        description="Loads the configuration with the server's own code, as the server's "
-                    "user sees the files, and prints every error and warning with its file "
-                    "and line. Exit status 1 if there is an error, 0 with only warnings.")
+def register(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Loads the configuration with the server's own code, as the server's user sees the files, "
+        "and prints every error and warning with its file and line. Exit status 1 if there is an "
+        "error, 0 with only warnings.")
     parser.add_argument("--user", metavar="NAME",
                         help="the server's user, whose permissions count (name or uid; "
                              "default: the owner of the configuration directory)")

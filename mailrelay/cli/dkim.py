@@ -20,8 +20,8 @@ from ..message.dkim.signer import DKIMKey
 from .common import local_domain
 
 
-def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser("dkim", parents=[common], help="DKIM keys and DNS records")
+def register(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+
     actions = parser.add_subparsers(dest="dkim_command", metavar="ACTION", required=True)
 
     keygen = actions.add_parser("keygen", parents=[common],

@@ -32,9 +32,8 @@ from .common import local_domain
 _WIDTH = 88
 
 
-def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser("dns", parents=[common],
-                                   help="the DNS records of a domain: what to publish, and a check")
+def register(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+
     actions = parser.add_subparsers(dest="dns_command", metavar="ACTION", required=True)
 
     options = argparse.ArgumentParser(add_help=False)

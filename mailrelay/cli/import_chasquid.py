@@ -8,14 +8,12 @@ from ..config import CONFIG_FILE
 from ..migrate.chasquid import Plan, apply, plan_import
 
 
-def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser(
-        "import-chasquid", parents=[common],
-        help="import a chasquid configuration (users keep their passwords)",
-        description="Read chasquid's configuration directory (never changing it) and write "
-                    "an equivalent mailrelay configuration into the -c directory, which must "
-                    "not have a mailrelay.yaml yet. Prints one line per thing converted and "
-                    "one per thing that was not, with what to do instead.")
+def register(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Read chasquid's configuration directory (never changing it) and write an equivalent "
+        "mailrelay configuration into the -c directory, which must not have a mailrelay.yaml yet. "
+        "Prints one line per thing converted and one per thing that was not, with what to do "
+        "instead.")
     parser.add_argument("chasquid_dir", metavar="CHASQUID_DIR",
                         help="chasquid's configuration directory, e.g. /etc/chasquid")
     parser.add_argument("--dry-run", action="store_true",

@@ -58,18 +58,14 @@ _FQDN = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})+")
 _USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,30}")
 
 
-def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser(
-        "init", parents=[common],
-        help="create a complete configuration: user, domain, aliases, DKIM keys, unit",
-        description="Creates the service user, the configuration directory (-c) with "
-                    "mailrelay.yaml for ports 25, 587 and 465, DOMAIN with its first user, "
-                    "the aliases (catch-all to --forward-to, postmaster, abuse), RSA and "
-                    "Ed25519 DKIM keys and the data directory, installs and enables the "
-                    "systemd unit, then prints the acme.sh commands for the certificate and "
-                    "the DNS records to publish. Run again, it keeps what exists and adds "
-                    "what is missing. Without root it needs --no-systemd, and everything "
-                    "belongs to the caller.")
+def register(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Creates the service user, the configuration directory (-c) with mailrelay.yaml for ports "
+        "25, 587 and 465, DOMAIN with its first user, the aliases (catch-all to --forward-to, "
+        "postmaster, abuse), RSA and Ed25519 DKIM keys and the data directory, installs and "
+        "enables the systemd unit, then prints the acme.sh commands for the certificate and the "
+        "DNS records to publish. Run again, it keeps what exists and adds what is missing. Without"
+        " root it needs --no-systemd, and everything belongs to the caller.")
     parser.add_argument("domain", metavar="DOMAIN", help="your mail domain, e.g. example.com")
     parser.add_argument("--hostname", required=True, metavar="HOST",
                         help="this server's name (its MX, PTR and certificate name), "

@@ -8,14 +8,28 @@ import sys
 from collections.abc import Sequence
 from functools import partial
 
-from .. import __version__
-from ..config import DEFAULT_CONFIG_DIR
+from .. import DEFAULT_CONFIG_DIR, __version__
 from ..errors import MailrelayError
 
-# Each module defines register(subparsers, common) and sets func on its parsers;
-# func(args) returns the exit code.
-COMMAND_MODULES = ("serve", "check", "user", "dkim", "aliases", "import_chasquid", "send", "dns",
-                   "queue", "init", "print_config")
+# command: (module, one line of help). A module's register(parser, common) fills in its
+# command's parser and sets func on it (func(args) returns the exit code). Only the module
+# of the command being run is imported: `mailrelay --help` and the light commands start
+# without loading the server.
+COMMANDS = {
+    "serve": ("serve", "run the server"),
+    "check": ("check", "load the configuration as the server does and report every problem"),
+    "init": ("init", "create a complete configuration: user, domain, aliases, DKIM keys, unit"),
+    "user": ("user", "manage users"),
+    "aliases": ("aliases", "edit and test aliases"),
+    "dkim": ("dkim", "DKIM keys and DNS records"),
+    "dns": ("dns", "the DNS records of a domain: what to publish, and a check"),
+    "queue": ("queue", "inspect and manage the queue"),
+    "send": ("send", "send a test message and show the SMTP dialogue"),
+    "print-config": ("print_config",
+                     "print the effective configuration (defaults filled in, as YAML)"),
+    "import-chasquid": ("import_chasquid",
+                        "import a chasquid configuration (users keep their passwords)"),
+}
 
 
 def common_options(default: object = argparse.SUPPRESS) -> argparse.ArgumentParser:
@@ -55,22 +69,39 @@ def _print_help(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command named in ``argv`` (after the options that take a value), if any."""
+    words = iter(argv)
+    for word in words:
+        if word in ("-c", "--config"):
+            next(words, None)
+        elif not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``argv``, the parser for running it: only the named
+    command's module is loaded, the others are listed by name and help."""
     common = common_options()
     parser = argparse.ArgumentParser(
         prog="mailrelay", description="SMTP submission and relay server for your own domains.",
         parents=[common_options(str(DEFAULT_CONFIG_DIR))],
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        module = importlib.import_module(f".{name}", __package__)
-        module.register(subparsers, common)
+    wanted = _command_in(argv) if argv is not None else None
+    for name, (module_name, help_text) in COMMANDS.items():
+        command = subparsers.add_parser(name, parents=[common], help=help_text)
+        if argv is None or name == wanted:
+            module = importlib.import_module(f".{module_name}", __package__)
+            module.register(command, common)
     _help_when_alone(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -33,14 +33,11 @@ _SIZE_UNITS = (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
 _DURATION_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 
 
-def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser(
-        "print-config", parents=[common],
-        help="print the effective configuration (defaults filled in, as YAML)",
-        description="Load mailrelay.yaml as the server does and print every setting with "
-                    "the value the server uses, defaults included (marked), as YAML that "
-                    "loads to the same configuration. Paths are absolute; secrets are "
-                    "never read (a password file is shown as its path).")
+def register(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Load mailrelay.yaml as the server does and print every setting with the value the server "
+        "uses, defaults included (marked), as YAML that loads to the same configuration. Paths are"
+        " absolute; secrets are never read (a password file is shown as its path).")
     parser.set_defaults(func=run)
 
 

@@ -25,8 +25,8 @@ REMOVE_TIMEOUT = 600.0
 FLUSH_WAIT = 30.0
 
 
-def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser("queue", parents=[common], help="inspect and manage the queue")
+def register(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+
     actions = parser.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
     json_option = argparse.ArgumentParser(add_help=False)
     json_option.add_argument("--json", action="store_true", help="print JSON, for scripts")

@@ -29,12 +29,10 @@ _QUEUED = re.compile(r"queued as (\S+)")
 _WILDCARD = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 
 
-def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser(
-        "send", parents=[common], help="send a test message and show the SMTP dialogue",
-        description="Submit a small test message (EHLO, STARTTLS or implicit TLS, AUTH, "
-                    "MAIL, RCPT, DATA) and print each step with the server's reply.",
-    )
+def register(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Submit a small test message (EHLO, STARTTLS or implicit TLS, AUTH, MAIL, RCPT, DATA) and "
+        "print each step with the server's reply.")
     parser.add_argument("--to", required=True, metavar="ADDR", help="recipient")
     parser.add_argument("--from", dest="sender", metavar="ADDR",
                         help="sender (default: the --user)")

@@ -12,8 +12,8 @@ from ..policy.users import USERS_FILE, UserDB
 from .common import local_domain, read_new_password, read_password
 
 
-def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser("user", parents=[common], help="manage users")
+def register(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+
     # The actions take -c too: ``common``'s -c has no default (see main.common_options),
     # so one given earlier is kept.
     actions = parser.add_subparsers(dest="user_command", metavar="ACTION", required=True)

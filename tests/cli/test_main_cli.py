@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import mailrelay
-from mailrelay.cli.main import COMMAND_MODULES
+from mailrelay.cli.main import COMMANDS
 
 
 def mailrelay_cmd(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -31,8 +31,8 @@ def test_mailrelay_alone_lists_the_commands():
     result = mailrelay_cmd()
     assert result.returncode == 0 and result.stderr == ""
     assert result.stdout == mailrelay_cmd("--help").stdout
-    for name in COMMAND_MODULES:
-        assert f"    {name.replace('_', '-')} " in result.stdout
+    for name in COMMANDS:
+        assert f"    {name} " in result.stdout
 
 
 @pytest.mark.parametrize("group, actions", [

@@ -41,7 +41,7 @@ def run(confdir: Path, *argv: str, stdin: str | None = None,
     common = common_options()
     parser = argparse.ArgumentParser(prog="mailrelay")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    user_cli.register(subparsers, common)
+    user_cli.register(subparsers.add_parser("user", parents=[common]), common)
     args = parser.parse_args(["user", *argv, "-c", str(confdir)])
     if stdin is not None:
         assert monkeypatch is not None
@@ -212,7 +212,8 @@ def test_receive_only_and_password_stdin_are_exclusive(confdir):
 def test_config_option_before_the_action(confdir, capsys):
     common = common_options()
     parser = argparse.ArgumentParser(prog="mailrelay")
-    user_cli.register(parser.add_subparsers(dest="command", required=True), common)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    user_cli.register(subparsers.add_parser("user", parents=[common]), common)
     args = parser.parse_args(["user", "-c", str(confdir), "list"])
     assert args.config == str(confdir)
 
