@@ -20,7 +20,6 @@ import yaml
 
 from .address import AddressError, normalize_domain
 from .errors import ConfigError
-from .smtp.proxy import IPNetwork, parse_network
 
 CONFIG_FILE = "mailrelay.yaml"
 
@@ -83,6 +82,24 @@ def parse_hostport(value: Any, default_port: int | None = None) -> tuple[str, in
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"bad port in {value!r}")
     return host, int(port)
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_network(text: str) -> IPNetwork:
+    """``192.0.2.0/24``, ``2001:db8::/32``, or one address (``127.0.0.1``, ``::1``).
+
+    ValueError for anything else, including host bits set (``10.0.0.1/8``). An
+    IPv4-mapped IPv6 network is turned into its IPv4 network.
+    """
+    network = ipaddress.ip_network(str(text).strip(), strict=True)
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ import struct
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
+from ..config import IPNetwork, parse_network  # noqa: F401 (parse_network: part of this API)
+
 DEFAULT_TIMEOUT = 5.0
 V1_MAX_LENGTH = 107  # the spec's worst case, CRLF included
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -41,7 +43,6 @@ V2_HEADER_LENGTH = 16
 V2_MAX_LENGTH = 2048
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _V1_PORT = re.compile(r"0|[1-9][0-9]{0,4}")
 _V2_ADDRESS_LENGTH = {0x1: 12, 0x2: 36, 0x3: 216}  # AF_INET, AF_INET6, AF_UNIX
@@ -67,20 +68,6 @@ def unmap(address: IPAddress) -> IPAddress:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
-
-
-def parse_network(text: str) -> IPNetwork:
-    """``192.0.2.0/24``, ``2001:db8::/32``, or one address (``127.0.0.1``, ``::1``).
-
-    ValueError for anything else, including host bits set (``10.0.0.1/8``). An
-    IPv4-mapped IPv6 network is turned into its IPv4 network.
-    """
-    network = ipaddress.ip_network(str(text).strip(), strict=True)
-    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
-        mapped = network.network_address.ipv4_mapped
-        if mapped is not None:
-            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
-    return network
 
 
 def is_trusted(ip: str | IPAddress, networks: Iterable[IPNetwork]) -> bool:
