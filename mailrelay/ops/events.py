@@ -19,12 +19,10 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+from .metrics import Counter, Gauge, Histogram, Registry
 
 if TYPE_CHECKING:
     from ..delivery.remote import RecipientResult
@@ -102,32 +100,28 @@ def reply_code(reply: str) -> str:
     return parts[0] if parts else ""
 
 
-class _QueueCollector(Collector):
+def queue_gauges(queue: Queue) -> Callable[[], Iterator[tuple[str, str, float]]]:
     """Queue gauges computed at scrape time (the queue is the truth; no bookkeeping)."""
 
-    def __init__(self, queue: Queue):
-        self.queue = queue
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        items = list(self.queue.items.values())
+    def collect() -> Iterator[tuple[str, str, float]]:
+        items = list(queue.items.values())
         now = time.time()
-        yield GaugeMetricFamily("mailrelay_queue_messages", "Messages in the queue",
-                                value=len(items))
-        yield GaugeMetricFamily("mailrelay_queue_recipients", "Recipients still to deliver",
-                                value=sum(len(item.pending) for item in items))
+        yield "mailrelay_queue_messages", "Messages in the queue", len(items)
+        yield ("mailrelay_queue_recipients", "Recipients still to deliver",
+               sum(len(item.pending) for item in items))
         oldest = min((item.created for item in items), default=now)
-        yield GaugeMetricFamily("mailrelay_queue_oldest_age_seconds",
-                                "Age of the oldest queued message (0 when empty)",
-                                value=max(0.0, now - oldest))
+        yield ("mailrelay_queue_oldest_age_seconds",
+               "Age of the oldest queued message (0 when empty)", max(0.0, now - oldest))
+
+    return collect
 
 
 class Events:
     """One server's mail log and metrics (a private registry: tests run several servers
     in one process)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry if registry is not None else CollectorRegistry()
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+    def __init__(self, registry: Registry | None = None):
+        self.registry = registry if registry is not None else Registry()
         r = self.registry
         self.connections = Counter("mailrelay_smtp_connections",
                                    "SMTP connections accepted, by port kind", ["port"],
@@ -196,16 +190,7 @@ class Events:
             self.dsns.labels(kind)
 
     def watch_queue(self, queue: Queue) -> None:
-        self.registry.register(_QueueCollector(queue))
-
-    def _child(self, metric: Any, *values: str) -> Any:
-        """``metric.labels(*values)``, remembered: prometheus_client checks and locks on
-        every call, and a message makes a dozen of them."""
-        key = (id(metric), values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*values)
-        return child
+        self.registry.collectors.append(queue_gauges(queue))
 
     @staticmethod
     def _write(event: str, fields: Sequence[tuple[str, Any]], level: int = logging.INFO) -> None:
@@ -216,32 +201,32 @@ class Events:
 
     def connected(self, info: SessionInfo) -> None:
         port = info.port.value
-        self._child(self.connections, port).inc()
-        self._child(self.connections_open, port).inc()
+        self.connections.labels(port).inc()
+        self.connections_open.labels(port).inc()
         self._write("connect", [("ip", info.peer_ip), ("port", port),
                                 ("session", info.session_id)])
 
     def disconnected(self, info: SessionInfo, duration: float) -> None:
         port = info.port.value
-        self._child(self.connections_open, port).dec()
+        self.connections_open.labels(port).dec()
         self._write("disconnect", [("ip", info.peer_ip), ("port", port),
                                    ("user", info.user), ("duration", f"{duration:.3f}"),
                                    ("session", info.session_id)])
 
     def tls_established(self, info: SessionInfo) -> None:
-        self._child(self.tls_in, info.port.value, info.tls_version or "unknown").inc()
+        self.tls_in.labels(info.port.value, info.tls_version or "unknown").inc()
         self._write("tls", [("ip", info.peer_ip), ("port", info.port.value),
                             ("version", info.tls_version), ("cipher", info.tls_cipher),
                             ("session", info.session_id)])
 
     def command(self, verb: str) -> None:
-        self._child(self.commands, verb if verb in VERBS else "unknown").inc()
+        self.commands.labels(verb if verb in VERBS else "unknown").inc()
 
     def reply(self, code: str) -> None:
-        self._child(self.replies, code if code.isdigit() and len(code) == 3 else "other").inc()
+        self.replies.labels(code if code.isdigit() and len(code) == 3 else "other").inc()
 
     def auth_ok(self, info: SessionInfo, user: str) -> None:
-        self._child(self.auth, "success").inc()
+        self.auth.labels("success").inc()
         self._write("auth-ok", [("ip", info.peer_ip), ("port", info.port.value),
                                 ("user", user), ("session", info.session_id)])
 
@@ -249,7 +234,7 @@ class Events:
                     blocked: bool = False) -> None:
         """A wrong login, or any login from a blocked IP: what fail2ban counts.
         Only the name the client gave is written, never the password or AUTH data."""
-        self._child(self.auth, "blocked" if blocked else "failure").inc()
+        self.auth.labels("blocked" if blocked else "failure").inc()
         self._write("auth-failed", [("ip", info.peer_ip), ("port", info.port.value),
                                     ("user", username), ("reason", reply_code(reply)),
                                     ("session", info.session_id)], logging.WARNING)
@@ -257,9 +242,9 @@ class Events:
     def rejected(self, info: SessionInfo, command: str, reply: str, sender: str | None = None,
                  recipients: Sequence[str] = ()) -> None:
         """A refused MAIL, RCPT or DATA (or CONNECT: a connection over the limits)."""
-        self._child(self.rejections, command, reply[:3]).inc()
+        self.rejections.labels(command, reply[:3]).inc()
         if command == "CONNECT":
-            self._child(self.connections_refused, info.port.value).inc()
+            self.connections_refused.labels(info.port.value).inc()
         self._write("reject", [("ip", info.peer_ip), ("port", info.port.value),
                                ("cmd", command), ("user", info.user),
                                ("from", angle(sender)),
@@ -269,7 +254,7 @@ class Events:
     def queued_message(self, info: SessionInfo, item: QueueItem,
                        checks: AuthResults | None = None) -> None:
         """``checks``: what SPF, DKIM and DMARC said of mail from outside (None: our user's)."""
-        self._child(self.queued, info.port.value).inc()
+        self.queued.labels(info.port.value).inc()
         self._write("queued", [("id", item.id), ("ip", info.peer_ip),
                                ("port", info.port.value), ("user", info.user),
                                ("from", angle(item.sender)),
@@ -285,13 +270,13 @@ class Events:
         """One recipient's attempt; ``final``: no retry follows (sent, or failed for good)."""
         host = result.remote_host
         outcome = result.outcome.value  # sent | temporary | permanent
-        self._child(self.deliveries, outcome, "yes" if final else "no", result.via).inc()
+        self.deliveries.labels(outcome, "yes" if final else "no", result.via).inc()
         if outcome == "sent":
             self.latency.observe(max(0.0, time.time() - item.created))
         # Else there was no TLS state ("-": a host named but never talked to).
         connected = result.via in ("mx", "relay") and host is not None and result.tls != "-"
         if connected:
-            self._child(self.tls_out, result.tls, result.tls_version or "none").inc()
+            self.tls_out.labels(result.tls, result.tls_version or "none").inc()
         self._write("delivery", [("id", item.id), ("to", angle(result.address)),
                                  ("orig_to", angle(rcpt.original or None)),
                                  ("result", outcome),
@@ -310,7 +295,7 @@ class Events:
 
     def dsn_generated(self, dsn_id: str, for_id: str, to: str, recipients: Sequence[str],
                       kind: str = "failed") -> None:
-        self._child(self.dsns, kind).inc()
+        self.dsns.labels(kind).inc()
         self._write("dsn", [("id", dsn_id), ("for", for_id), ("to", angle(to)),
                             ("kind", kind), ("rcpts", angles(recipients))])
 
@@ -318,13 +303,13 @@ class Events:
 
     def dkim_signed(self, domain: str, algorithms: Iterable[str]) -> None:
         for algorithm in algorithms:
-            self._child(self.dkim, domain, algorithm).inc()
+            self.dkim.labels(domain, algorithm).inc()
 
     # -- filters ----------------------------------------------------------------
 
     def filter_checked(self, name: str, action: str, error: str | None = None) -> None:
         """One check by a filter; ``error``: why it gave no real answer (it may still
         have accepted: rspamd failing open)."""
-        self._child(self.filter_runs, name, action).inc()
+        self.filter_runs.labels(name, action).inc()
         if error:
-            self._child(self.filter_errors, name, error).inc()
+            self.filter_errors.labels(name, error).inc()
