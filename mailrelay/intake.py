@@ -11,15 +11,17 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .address import AddressError, domain_of
-from .message.arc import arc_seal
 from .message.dkim.outgoing import MessageSigner
 from .message.headers import parse_headers
-from .policy.authres import AuthResults, org_domain
 from .policy.router import Expansion, Router
 from .policy.srs import SRS
 from .queue import Queue, QueueItem, Recipient
+
+if TYPE_CHECKING:  # the checks (dkimpy, pyspf) load with the first message from outside
+    from .policy.authres import AuthResults
 
 log = logging.getLogger("mailrelay.intake")
 
@@ -119,6 +121,8 @@ class Intake:
         seal = results is not None and bool(keys)
 
         def sign() -> tuple[bytes, bytes]:  # all of it in a thread: big messages take time
+            from .message.arc import arc_seal  # dkimpy's ARC: loaded when first needed
+
             message = b"".join([*trace[1:], body])  # what ARC seals: all but our Received
             arc = b""
             if seal:
@@ -165,6 +169,8 @@ def sender_verified(sender: str, results: AuthResults | None) -> bool:
         return True
     if results.dmarc != "pass" or not results.from_domain:
         return False
+    from .policy.authres import org_domain
+
     try:
         return org_domain(domain_of(sender)) == org_domain(results.from_domain)
     except (AddressError, ValueError):

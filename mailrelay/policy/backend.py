@@ -8,8 +8,7 @@ import errno
 import logging
 import ssl
 from collections.abc import Callable
-
-import dns.resolver
+from typing import TYPE_CHECKING
 
 from ..address import AddressError, domain_of, normalize, split
 from ..config import Config
@@ -22,10 +21,16 @@ from ..queue import Queue, QueueFullError, new_id
 from ..smtp.parse import Path
 from ..smtp.session import Envelope, SessionInfo
 from ..smtp.throttle import AuthThrottle
-from .authres import AuthResults, check_message, decide, strip_our_authentication_results
 from .router import Router
 from .senders import SenderPolicy
 from .users import Users
+
+if TYPE_CHECKING:
+    import dns.resolver
+
+    # The checks (dkimpy, pyspf, the public suffix list) load with the first message
+    # from outside: a server that only submits never pays for them.
+    from .authres import AuthResults
 
 log = logging.getLogger("mailrelay.smtp")
 
@@ -262,6 +267,8 @@ class PolicyBackend:
         """SPF, DKIM and DMARC of mail from outside: the results (and the body without
         forged Authentication-Results claiming to be ours), or the refusal reply."""
         settings = self.config.inbound
+
+        from .authres import check_message, decide, strip_our_authentication_results
 
         def run() -> tuple[AuthResults, bytes]:
             cleaned = strip_our_authentication_results(body, self.hostname, arc=True)
