@@ -169,20 +169,53 @@ class MetricsSettings:
     listen: tuple[str, int] | None = None
 
 
+LISTENER_KINDS = ("smtp", "submission", "submission_tls")  # smtp.session.Port values
+
+
+@dataclass(frozen=True)
+class KindLimitSettings:
+    """``limits.<kind>``: connection limits of one listener kind; None: the general one."""
+
+    max_connections: int | None = None
+    max_connections_per_ip: int | None = None
+
+
 @dataclass(frozen=True)
 class LimitSettings:
     max_message_size: int = 50 * 1024 * 1024
     max_recipients: int = 100
     command_timeout: float = 300.0
     max_errors: int = 10
+    # Each listener kind counts its own connections (port 25 cannot starve 587/465),
+    # per client: an IPv4 address or an IPv6 /64. limits.<kind> overrides these.
     max_connections: int = 1000
     max_connections_per_ip: int = 50
+    smtp: KindLimitSettings = field(default_factory=KindLimitSettings)
+    submission: KindLimitSettings = field(default_factory=KindLimitSettings)
+    submission_tls: KindLimitSettings = field(default_factory=KindLimitSettings)
     auth_failures_per_ip: int = 5
     auth_block_time: float = 600.0
     auth_failure_delay: float = 1.0
     # Back-pressure: answer 452 4.3.1 rather than accept what cannot be stored.
     max_queue_items: int = 100_000
     min_free_space: int = 100 * 1024 * 1024
+    # The TLS handshake on 465 and after STARTTLS must end within this.
+    tls_handshake_timeout: float = 30.0
+    # The whole DATA payload must arrive within this (each read: command_timeout).
+    data_timeout: float = 20 * 60.0
+    # Message bytes all sessions together may hold in memory; None: 4 x max_message_size.
+    max_data_in_flight: int | None = None
+
+    def connection_limits(self, kind: str) -> tuple[int, int]:
+        """(connections in all, per client) for listener ``kind``."""
+        own: KindLimitSettings = getattr(self, kind)
+        return (own.max_connections or self.max_connections,
+                own.max_connections_per_ip or self.max_connections_per_ip)
+
+    @property
+    def data_in_flight(self) -> int:
+        return (self.max_data_in_flight if self.max_data_in_flight is not None
+                else 4 * self.max_message_size)
 
 
 @dataclass(frozen=True)
@@ -521,7 +554,15 @@ def load_config(config_dir: Path | str) -> Config:
         "auth_failure_delay": _scalar_of(parse_duration),
         "max_queue_items": _scalar_of(_as_positive_int),
         "min_free_space": _scalar_of(parse_size),
+        "tls_handshake_timeout": _scalar_of(_as_timeout),
+        "data_timeout": _scalar_of(_as_timeout),
+        "max_data_in_flight": _scalar_of(parse_size),
+        **{kind: _kind_limits for kind in LISTENER_KINDS},
     }))
+    if limits.data_in_flight < limits.max_message_size:
+        raise reader.error(
+            f"limits.max_data_in_flight ({limits.data_in_flight} bytes) must be at least "
+            f"limits.max_message_size ({limits.max_message_size} bytes)", sub("limits"))
 
     senders = SenderSettings(**_section(reader, sub("senders"), "senders", {
         "restrict": _scalar_of(_as_bool),
@@ -698,6 +739,14 @@ def check_secret_file(path: Path, setting: str, config_path: Path | None = None)
     if mode & 0o077:
         raise ConfigError(f"{setting}: {path} is open to group or others (mode {mode:04o}); "
                           f"chmod 600 {path}", config_path)
+
+
+def _kind_limits(reader: _Reader, node: yaml.Node, name: str) -> KindLimitSettings:
+    """``limits.smtp: {max_connections: 500, max_connections_per_ip: 20}``."""
+    return KindLimitSettings(**_section(reader, node, name, {
+        "max_connections": _scalar_of(_as_positive_int),
+        "max_connections_per_ip": _scalar_of(_as_positive_int),
+    }))
 
 
 def _as_timeout(value: Any) -> float:

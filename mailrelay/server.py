@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from .fsutil import atomic_write
 from .intake import Intake
 from .message.dkim.keys import KeyRing
 from .message.dkim.outgoing import MessageSigner
+from .ops.activation import activated_sockets
 from .ops.control import ControlServer, socket_path
 from .ops.events import Events
 from .ops.metrics import MetricsServer
@@ -39,6 +41,7 @@ from .policy.users import Users
 from .queue import Queue, QueueItem
 from .smtp.listener import ConnectionLimits, Listeners, ListeningSocket, bind_all
 from .smtp.session import Port
+from .smtp.stream import DataBudget
 from .smtp.tls import CertificateStore
 
 log = logging.getLogger("mailrelay")
@@ -48,8 +51,12 @@ PID_FILE = "mailrelay.pid"
 
 
 class Server:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config,
+                 activated: dict[str, list[socket.socket]] | None = None):
+        """``activated``: listening sockets from systemd by listener kind (those kinds
+        are not bound from ``listen``)."""
         self.config = config
+        self.activated = activated or {}
         self.queue = Queue(config.data_dir / "queue", max_items=config.limits.max_queue_items,
                            min_free_bytes=config.limits.min_free_space)
         self.users = Users.load(config)
@@ -173,18 +180,34 @@ class Server:
     async def _start_listeners(self, tls_context: ssl.SSLContext | None) -> None:
         config = self.config
         listen = config.listen
-        self._bound = bind_all([
+        # Kinds systemd passed sockets for use them; the others are bound from listen.
+        self._bound = [ListeningSocket(Port(kind), sock)
+                       for kind, socks in self.activated.items() for sock in socks]
+        self._bound += bind_all([
             (port, host, number)
             for port, pairs in ((Port.SMTP, listen.smtp), (Port.SUBMISSION, listen.submission),
                                 (Port.SUBMISSION_TLS, listen.submission_tls))
+            if port.value not in self.activated
             for host, number in pairs])
         assert self.resolver is not None
         backend = PolicyBackend(config, self.is_local_domain, lambda: self.users, self.queue,
                                 self.intake,
                                 tls_context, SenderPolicy(config.senders, self.router.owners),
                                 self.router, blocking_twin(self.resolver), events=self.events)
-        self.listeners = Listeners(backend, ConnectionLimits(
-            config.limits.max_connections, config.limits.max_connections_per_ip))
+        backend.primary_domain_of = lambda: self.config.domains[0] if self.config.domains \
+            else None
+        await backend.start()
+        if self.control is not None:
+            self.control.throttle = backend.throttle  # for `mailrelay auth`
+        limits = config.limits
+        self.listeners = Listeners(
+            backend,
+            ConnectionLimits({port: limits.connection_limits(port.value)[0] for port in Port},
+                             {port: limits.connection_limits(port.value)[1] for port in Port}),
+            proxy_networks={port: config.proxy_protocol.trusted(port.value) for port in Port},
+            proxy_timeout=config.proxy_protocol.timeout,
+            tls_handshake_timeout=limits.tls_handshake_timeout,
+            data_budget=DataBudget(limits.data_in_flight))
         for listening in self._bound:
             await self.listeners.start(listening.port, listening.sock)
 
@@ -352,7 +375,14 @@ async def serve(config: Config) -> int:
     ``RELOADING=1`` … ``READY=1`` around a reload and ``STOPPING=1`` when told to stop.
     """
     notifier = Notifier()
-    server = Server(config)
+    try:
+        activated = activated_sockets()
+    except ConfigError as exc:
+        notifier.status(f"failed to start: {exc}")
+        raise
+    if activated:
+        log.info("systemd passed sockets for %s", ", ".join(sorted(activated)))
+    server = Server(config, activated)
     try:
         await server.start()
     except ConfigError as exc:
