@@ -126,9 +126,11 @@ async def test_guessing_is_slowed_then_blocked_per_ip(guarded, port, caplog):
                 and r.getMessage().startswith("auth-failed ")
                 and f'reason="{reason}"' in r.getMessage()]
 
-    blocked = auth_failed("454 4.7.0")
+    # Every blocked attempt above used a right password: the log says so (README).
+    blocked = auth_failed("454 4.7.0 right-password")
     assert blocked and all(r.levelno >= logging.WARNING for r in blocked)
     assert all(" ip=127.0.0.1 " in r.getMessage() for r in blocked)
+    assert not auth_failed("454 4.7.0")
     assert len(auth_failed("535 5.7.8")) == MAX_FAILURES
     assert_no_secrets(caplog)
 
