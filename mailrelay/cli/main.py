@@ -13,7 +13,7 @@ from ..errors import MailrelayError
 # Each module defines register(subparsers, common) and sets func on its parsers;
 # func(args) returns the exit code.
 COMMAND_MODULES = ("serve", "check", "user", "dkim", "aliases", "import_chasquid", "send", "dns",
-                   "queue", "init")
+                   "queue", "init", "auth")
 
 
 def common_options(default: object = argparse.SUPPRESS) -> argparse.ArgumentParser:
