@@ -146,7 +146,7 @@ class ControlServer:
                         line = await reader.readline()
                 except (ValueError, asyncio.LimitOverrunError):
                     # Too long to be a request; the rest of the line cannot be resynced.
-                    await _send(writer, _error(f"request too long (over {MAX_REQUEST} bytes)"))
+                    await _send(writer, _error("request too long"))
                     return
                 except TimeoutError:
                     await asyncio.wait_for(
@@ -166,7 +166,7 @@ class ControlServer:
     async def dispatch(self, line: bytes) -> dict[str, Any]:
         """One request line to its response; never raises for bad input."""
         if len(line) > MAX_REQUEST:
-            return _error(f"request too long (over {MAX_REQUEST} bytes)")
+            return _error("request too long")
         if json_depth(line) > MAX_DEPTH:
             return _error(f"bad request: JSON nested more than {MAX_DEPTH} deep")
         try:
