@@ -9,8 +9,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# Clients the throttle remembers at most (about 150 bytes each): see AuthThrottle.
-MAX_TRACKED = 100_000
+# Clients the throttle remembers at most (about 300 bytes each, 15 MB in all): see
+# AuthThrottle.
+MAX_TRACKED = 50_000
 
 
 def peer_address(ip: str) -> str:
