@@ -183,9 +183,12 @@ class SMTPStream:
                 size = base + index
                 if refused is None and size > max_size:
                     refused = TOO_BIG
+                if refused is None and not reservation.grow_to(out.tell() + index + 2):
+                    refused = NO_MEMORY
                 if refused is None and not _unstuff_into(out, tail, index + 2, first):
                     refused = NUL
                 if refused is not None:
+                    reservation.release()
                     return DataResult(None, size, refused)
                 del tail[:]
                 return DataResult(out.getvalue(), size)
@@ -193,7 +196,7 @@ class SMTPStream:
             # limit only once even that much is more than max_size.
             if refused is None and base + len(tail) - (len(END_OF_DATA) - 1) > max_size:
                 refused = TOO_BIG
-            if refused is None and len(tail) >= RUN_SIZE:
+            if refused is None and len(tail) >= max(RUN_SIZE, 8):
                 # Process all but what could start the marker, cut where processing in
                 # two runs gives what one would: not inside a CRLF, and not between a
                 # CRLF and a dot it stuffs (then before that CRLF).
