@@ -39,7 +39,14 @@ from .policy.senders import SenderPolicy
 from .policy.srs import SRS, load_or_create_secrets
 from .policy.users import Users
 from .queue import Queue, QueueItem
-from .smtp.listener import ConnectionLimits, Listeners, ListeningSocket, bind_all
+from .smtp.listener import (
+    ConnectionLimits,
+    Listeners,
+    ListeningSocket,
+    bind_all,
+    give_back_freed_memory,
+    open_files_budget,
+)
 from .smtp.session import Port
 from .smtp.stream import DataBudget
 from .smtp.tls import CertificateStore
@@ -207,7 +214,8 @@ class Server:
             proxy_networks={port: config.proxy_protocol.trusted(port.value) for port in Port},
             proxy_timeout=config.proxy_protocol.timeout,
             tls_handshake_timeout=limits.tls_handshake_timeout,
-            data_budget=DataBudget(limits.data_in_flight))
+            data_budget=DataBudget(limits.data_in_flight),
+            max_open=open_files_budget(config.delivery.max_connections))
         for listening in self._bound:
             await self.listeners.start(listening.port, listening.sock)
 
@@ -280,6 +288,7 @@ class Server:
 
     async def _watch_files(self) -> None:
         # Cheap polling: acme.sh renewals and `user add` take effect without a signal.
+        last_error, last_logged = "", 0.0
         while True:
             await asyncio.sleep(2.0)
             try:
@@ -289,6 +298,10 @@ class Server:
                 if self._domain_files_changed():
                     log.info("users, aliases or DKIM key files changed on disk, reloading")
                     self.reload()
+            except OSError as exc:  # out of descriptors, say: one line, no traceback
+                if str(exc) != last_error or time.monotonic() - last_logged > 60:
+                    log.error("file watcher: %s", exc)
+                    last_error, last_logged = str(exc), time.monotonic()
             except Exception:
                 log.exception("file watcher")
 
@@ -375,6 +388,7 @@ async def serve(config: Config) -> int:
     ``RELOADING=1`` … ``READY=1`` around a reload and ``STOPPING=1`` when told to stop.
     """
     notifier = Notifier()
+    give_back_freed_memory()
     try:
         activated = activated_sockets()
     except ConfigError as exc:

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import itertools
 import logging
 import os
+import resource
 import socket
 import ssl
 import time
@@ -38,6 +41,10 @@ TLS_HANDSHAKE_TIMEOUT = 30.0
 PROXY_HEADER_TIMEOUT = 5.0
 # Connections taken from the kernel's queue per wake-up (asyncio's own figure).
 ACCEPT_BATCH = 100
+# When the connections open fall back from at least TRIM_AFTER to a tenth of that, the
+# heap is trimmed (at most once per TRIM_INTERVAL): memory goes back after a flood.
+TRIM_AFTER = 100
+TRIM_INTERVAL = 10.0
 # Out of file descriptors (or kernel memory): accepting stops this long, and one line
 # per LOG_INTERVAL says so.
 ACCEPT_PAUSE = 1.0
@@ -178,7 +185,10 @@ class Listeners:
         proxy_timeout: float = PROXY_HEADER_TIMEOUT,
         tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
         data_budget: DataBudget | None = None,
+        max_open: int | None = None,
     ):
+        """``max_open``: connections in all, over every kind (the open-files limit less
+        what the rest of the server needs; see open_files_budget)."""
         self.backend = backend
         self.limits = limits
         self.proxy_networks = {port: tuple(networks)
@@ -186,6 +196,7 @@ class Listeners:
         self.proxy_timeout = proxy_timeout
         self.tls_handshake_timeout = tls_handshake_timeout
         self.data_budget = data_budget
+        self.max_open = max_open
         self.listening: list[tuple[Port, socket.socket]] = []
         # Every connection's task, from accept; its Session once it has one.
         self.sessions: dict[asyncio.Task[None], Session | None] = {}
@@ -196,6 +207,9 @@ class Listeners:
         self._resource_log = _OnceEvery(LOG_INTERVAL)
         self._accept_error_log = _OnceEvery(LOG_INTERVAL)
         self._proxy_log = _OnceEvery(1.0)
+        self._files_log = _OnceEvery(LOG_INTERVAL)
+        self._peak = 0  # connections open at most since the heap was last trimmed
+        self._trimmed = 0.0
 
     async def start(self, port: Port, sock: socket.socket) -> None:
         """Serve ``sock``, a listening socket from ``bind`` (or systemd)."""
@@ -253,6 +267,13 @@ class Listeners:
             # Anyone could claim any address in a PROXY header: only our proxies may.
             self._refuse(info, conn, "554 5.7.1 Connections only through the proxy")
             return
+        if self.max_open is not None and len(self.sessions) >= self.max_open:
+            if self._files_log.due():
+                log.warning("%d connections open: at the open-files limit (less a reserve "
+                            "for the queue, DNS and delivery); refusing more until some "
+                            "close; raise LimitNOFILE", len(self.sessions))
+            self._refuse(info, conn, "421 4.7.0 Too many connections, try again later")
+            return
         if not self.limits.take_slot(port):
             self._refuse(info, conn, "421 4.7.0 Too many connections, try again later")
             return
@@ -266,6 +287,7 @@ class Listeners:
                 return
         task = asyncio.get_running_loop().create_task(self._serve(info, conn, key, proxied))
         self.sessions[task] = None
+        self._peak = max(self._peak, len(self.sessions))
 
     def _refuse(self, info: SessionInfo, conn: socket.socket, reply: str) -> None:
         """Say why (not on 465: that would take a TLS handshake, what a flood wants) and
@@ -327,6 +349,14 @@ class Listeners:
                 # The session's info knows the user it authenticated as, if any.
                 self.backend.events.disconnected(session.info if session else info,
                                                  time.monotonic() - started)
+            if self._peak >= TRIM_AFTER and len(self.sessions) <= self._peak // 10:
+                self._after_a_crowd()
+
+    def _after_a_crowd(self) -> None:
+        now = time.monotonic()
+        if now - self._trimmed >= TRIM_INTERVAL:
+            self._peak, self._trimmed = 0, now
+            trim_heap()
 
     async def _read_proxy_header(self, info: SessionInfo, conn: socket.socket) -> bool:
         """Take the client's address from the PROXY header; False (logged) if none."""
@@ -389,6 +419,49 @@ class Listeners:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+
+
+def open_files_budget(outbound: int) -> int | None:
+    """Connections we may accept before the process runs out of descriptors: the soft
+    open-files limit, less ``outbound`` (delivery's connections) and 64 for queue
+    files, DNS, the control socket and the rest. None: no limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(1, soft - outbound - 64)
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if not name or "libc.so" not in name:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """glibc: hand the free memory at the heap's end and in its free pages back to the
+    kernel (after a flood of connections, whose small objects are gone)."""
+    libc = _libc()
+    if libc is not None:
+        with contextlib.suppress(AttributeError):
+            libc.malloc_trim(0)
+
+
+def give_back_freed_memory() -> None:
+    """glibc: allocations of 128 KiB or more get mappings of their own, returned to the
+    kernel when freed. asyncio gives each TLS connection a 256 KiB buffer from the
+    start of its handshake, and glibc raises its threshold after the first such buffer
+    is freed: a flood of connections then leaves the process hundreds of MiB larger for
+    good (issue 16, row 2). Setting the threshold turns that adjustment off. Elsewhere
+    (musl, macOS) nothing happens."""
+    libc = _libc()
+    if libc is not None:
+        with contextlib.suppress(AttributeError):
+            m_mmap_threshold = -3  # malloc.h
+            libc.mallopt(m_mmap_threshold, 128 * 1024)
 
 
 def _where(sock: socket.socket) -> str:

@@ -632,8 +632,10 @@ def describe_tls_error(exc: BaseException, timeout: float | None = None) -> str:
     """One line about a failed TLS handshake, never empty (``str()`` of a reset or a
     timeout is)."""
     if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or exc.strerror or str(exc)
-        return str(reason).replace("_", " ").lower() if exc.reason else str(reason)
+        reason = getattr(exc, "reason", None)
+        if reason:
+            return str(reason).replace("_", " ").lower()  # e.g. "wrong version number"
+        return str(exc).strip() or "TLS error"
     if isinstance(exc, TimeoutError) or (
             isinstance(exc, ConnectionAbortedError) and "longer than" in str(exc)):
         return (f"no handshake within {timeout:g}s" if timeout
