@@ -127,7 +127,7 @@ class Server:
         )
         self.delivery = DeliveryManager(
             self.queue, remote, Maildirs(config.data_dir / "mail"), self.is_local_domain,
-            local_mailbox=lambda address: self.users.mailbox_for(address),
+            local_mailbox=self._local_mailbox,
             enqueue=self.intake.generated,
             schedule=Schedule(tuple(config.delivery.retry_intervals),
                               config.delivery.give_up_after,
@@ -180,6 +180,15 @@ class Server:
         """Against the domains of now: a reload may add or remove some."""
         return self.config.is_local_domain(domain)
 
+    def _local_mailbox(self, address: str) -> str | None:
+        mailbox = self.users.mailbox_for(address)
+        if mailbox is None and self.config.auth.dovecot:
+            # Queued for a mailbox and no user of ours: dovecot's (checked at RCPT).
+            _, _, domain = address.rpartition("@")
+            if self.is_local_domain(domain):
+                return address
+        return mailbox
+
     def _schedule(self, item: QueueItem) -> None:
         assert self.delivery is not None
         self.delivery.schedule(item)
@@ -204,6 +213,7 @@ class Server:
         backend.primary_domain_of = lambda: self.config.domains[0] if self.config.domains \
             else None
         await backend.start()
+        self.router.also_user = backend.dovecot_users  # recipients dovecot knows
         if self.control is not None:
             self.control.throttle = backend.throttle  # for `mailrelay auth`
         limits = config.limits

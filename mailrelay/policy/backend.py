@@ -10,6 +10,8 @@ import logging
 import math
 import os
 import ssl
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import dns.resolver
@@ -44,12 +46,34 @@ def credentials_digest(username: str, password: str) -> bytes:
     return hmac.digest(_CREDENTIALS_KEY, data, "sha256")
 
 
+class KnownUsers:
+    """Addresses dovecot said exist (at RCPT), for the router to route as local users
+    when the message is queued a moment later. Bounded in size and time."""
+
+    def __init__(self, ttl: float = 3600.0, max_entries: int = 10_000):
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._until: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, address: str) -> None:
+        key = address.lower()
+        self._until.pop(key, None)
+        self._until[key] = time.monotonic() + self.ttl
+        while len(self._until) > self.max_entries:
+            self._until.popitem(last=False)
+
+    def __call__(self, address: str) -> bool:
+        until = self._until.get(address.lower())
+        return until is not None and until > time.monotonic()
+
+
 def blocked_reply(remaining: float) -> str:
     """454, saying when the block ends (rounded up: never too early)."""
-    if remaining < 60:
-        when = f"{max(1, math.ceil(remaining))} seconds"
+    seconds = max(1, math.ceil(remaining))
+    if seconds < 60:
+        when = f"{seconds} seconds"
     else:
-        minutes = math.ceil(remaining / 60)
+        minutes = math.ceil(seconds / 60)
         when = f"{minutes} minute{'s' if minutes != 1 else ''}"
     return f"454 4.7.0 Too many failed logins, try again in {when}"
 
@@ -100,6 +124,8 @@ class PolicyBackend:
                                    auth.dovecot_timeout) if auth.dovecot else None
         # Clients blocked by the throttle whose password is being checked (for the log).
         self._checking_blocked: set[str] = set()
+        # Recipients dovecot knows (the router takes them for users: Server wires it).
+        self.dovecot_users = KnownUsers()
 
     async def start(self) -> None:
         """Say at start what will not work (the server runs anyway)."""
@@ -213,7 +239,17 @@ class PolicyBackend:
         except AddressError:
             return f"550 5.1.2 <{address}>: address literals are not accepted"
         if self.is_local_domain(domain):
-            return self.router.check_recipient(f"{local}@{domain}")
+            address = f"{local}@{domain}"
+            if self.dovecot is not None and not self.router.takes_without_catch_all(address):
+                # No alias, no user of ours: dovecot's user, before the catch-all.
+                exists = await self.dovecot.exists(address)
+                if exists is None:
+                    return (f"451 4.3.0 <{address}>: cannot check the recipient now, "
+                            "try again later")
+                if exists:
+                    self.dovecot_users.add(address)
+                    return None
+            return self.router.check_recipient(address)
         if info.user is not None:
             return None
         return f"554 5.7.1 <{address}>: Relay access denied"
