@@ -203,7 +203,7 @@ class LimitSettings:
     tls_handshake_timeout: float = 30.0
     # The whole DATA payload must arrive within this (each read: command_timeout).
     data_timeout: float = 20 * 60.0
-    # Message bytes all sessions together may hold in memory; None: 4 x max_message_size.
+    # Message bytes all sessions together may hold in memory; None: 2 x max_message_size.
     max_data_in_flight: int | None = None
 
     def connection_limits(self, kind: str) -> tuple[int, int]:
@@ -215,7 +215,7 @@ class LimitSettings:
     @property
     def data_in_flight(self) -> int:
         return (self.max_data_in_flight if self.max_data_in_flight is not None
-                else 4 * self.max_message_size)
+                else 2 * self.max_message_size)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ FOREIGN_VERBS = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "
 LOGGED_REFUSALS = frozenset({"MAIL", "RCPT", "DATA"})
 TLS_HANDSHAKE_TIMEOUT = 30.0
 STORAGE_REPLY = "452 4.3.1 Insufficient system storage, try again later"
+# DATA is refused at once (before 354) with less room than this in the in-flight budget.
+DATA_ROOM = 64 * 1024
 
 
 class Port(Enum):
@@ -506,6 +508,10 @@ class Session:
                     return "501 5.5.4 Bad SIZE value"
                 if int(value) > self.backend.max_message_size:
                     return "552 5.3.4 Message size exceeds fixed maximum message size"
+                if self.data_budget is not None and int(value) > self.data_budget.available():
+                    # RFC 1870 6.1: room for it, not now (messages in flight).
+                    self._log_no_memory()
+                    return STORAGE_REPLY
             elif key == "BODY":
                 if (value or "").upper() not in ("7BIT", "8BITMIME"):
                     return "501 5.5.4 BODY must be 7BIT or 8BITMIME"
@@ -588,7 +594,8 @@ class Session:
         if not self.envelope.recipients:
             self.send("554 5.5.1 No valid recipients")
             return
-        if self.data_budget is not None and self.data_budget.available() <= 0:
+        if self.data_budget is not None and self.data_budget.available() < min(
+                self.backend.max_message_size, DATA_ROOM):
             self._log_no_memory()
             self.send(STORAGE_REPLY)
             return

@@ -50,6 +50,7 @@ class DataBudget:
     def __init__(self, limit: int):
         self.limit = limit
         self.used = 0
+        self.taken = 0  # bytes taken in all, ever
 
     def available(self) -> int:
         return self.limit - self.used
@@ -73,6 +74,7 @@ class Reservation:
         if self.budget.used + more > self.budget.limit:
             return False
         self.budget.used += more
+        self.budget.taken += more
         self.held = size
         return True
 
