@@ -207,7 +207,6 @@ class Listeners:
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}"
         self._closed = False
-        self._paused: set[int] = set()
         self._resource_log = _OnceEvery(LOG_INTERVAL)
         self._accept_error_log = _OnceEvery(LOG_INTERVAL)
         self._proxy_log = _OnceEvery(1.0)
@@ -226,7 +225,6 @@ class Listeners:
     # -- accepting ---------------------------------------------------------------------
 
     def _resume(self, port: Port, sock: socket.socket) -> None:
-        self._paused.discard(sock.fileno())
         if not self._closed and sock.fileno() >= 0:
             asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, port, sock)
 
@@ -250,7 +248,6 @@ class Listeners:
     def _pause(self, port: Port, sock: socket.socket, exc: OSError) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(sock.fileno())
-        self._paused.add(sock.fileno())
         loop.call_later(ACCEPT_PAUSE, self._resume, port, sock)
         if self._resource_log.due():
             missed = self._resource_log.take_suppressed()
@@ -405,6 +402,7 @@ class Listeners:
         for _, sock in self.listening:
             if sock.fileno() >= 0:
                 loop.remove_reader(sock.fileno())
+                sock.close()  # new clients are refused at once, as asyncio's close did
         for session in self.sessions.values():
             if session is not None:
                 session.shutdown()
