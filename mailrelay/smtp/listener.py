@@ -475,9 +475,10 @@ class HeapTrimmer:
         self.trimmed = time.monotonic()
         if self.budget is not None:
             self.taken_at_trim = self.budget.taken
-        # Garbage in reference cycles (a traceback holding a frame that holds a message)
-        # waits for the collector, which an idle server does not run.
-        gc.collect()
+        # Garbage in reference cycles waits for the collector, which an idle server does
+        # not run; the young generations hold it and are quick to collect (a full
+        # collection walks every object, the queue's too).
+        gc.collect(1)
         trim_heap()
         size = resident_size()
         if size is not None:
