@@ -186,14 +186,30 @@ class MetricsSettings:
     listen: tuple[str, int] | None = None
 
 
+LISTENER_KINDS = ("smtp", "submission", "submission_tls")  # smtp.session.Port values
+
+
+@dataclass(frozen=True)
+class KindLimitSettings:
+    """``limits.<kind>``: connection limits of one listener kind; None: the general one."""
+
+    max_connections: int | None = None
+    max_connections_per_ip: int | None = None
+
+
 @dataclass(frozen=True)
 class LimitSettings:
     max_message_size: int = 50 * 1024 * 1024
     max_recipients: int = 100
     command_timeout: float = 300.0
     max_errors: int = 10
+    # Each listener kind counts its own connections (port 25 cannot starve 587/465),
+    # per client: an IPv4 address or an IPv6 /64. limits.<kind> overrides these.
     max_connections: int = 1000
     max_connections_per_ip: int = 50
+    smtp: KindLimitSettings = field(default_factory=KindLimitSettings)
+    submission: KindLimitSettings = field(default_factory=KindLimitSettings)
+    submission_tls: KindLimitSettings = field(default_factory=KindLimitSettings)
     auth_failures_per_ip: int = 5
     auth_block_time: float = 600.0
     auth_failure_delay: float = 1.0
@@ -205,6 +221,23 @@ class LimitSettings:
     max_header_fields: int = 1000
     # Received: fields, ours included, at which a message is refused as a loop (554 5.4.6).
     max_hops: int = 50
+    # The TLS handshake on 465 and after STARTTLS must end within this.
+    tls_handshake_timeout: float = 30.0
+    # The whole DATA payload must arrive within this (each read: command_timeout).
+    data_timeout: float = 20 * 60.0
+    # Message bytes all sessions together may hold in memory; None: 2 x max_message_size.
+    max_data_in_flight: int | None = None
+
+    def connection_limits(self, kind: str) -> tuple[int, int]:
+        """(connections in all, per client) for listener ``kind``."""
+        own: KindLimitSettings = getattr(self, kind)
+        return (own.max_connections or self.max_connections,
+                own.max_connections_per_ip or self.max_connections_per_ip)
+
+    @property
+    def data_in_flight(self) -> int:
+        return (self.max_data_in_flight if self.max_data_in_flight is not None
+                else 2 * self.max_message_size)
 
 
 @dataclass(frozen=True)
@@ -587,7 +620,15 @@ def load_config(config_dir: Path | str) -> Config:
         "max_header_size": _scalar_of(parse_size),
         "max_header_fields": _scalar_of(_as_positive_int),
         "max_hops": _scalar_of(_as_positive_int),
+        "tls_handshake_timeout": _scalar_of(_as_timeout),
+        "data_timeout": _scalar_of(_as_timeout),
+        "max_data_in_flight": _scalar_of(lambda v: None if v is None else parse_size(v)),
+        **{kind: _kind_limits for kind in LISTENER_KINDS},
     }))
+    if limits.data_in_flight < limits.max_message_size:
+        raise reader.error(
+            f"limits.max_data_in_flight ({limits.data_in_flight} bytes) must be at least "
+            f"limits.max_message_size ({limits.max_message_size} bytes)", sub("limits"))
 
     senders = SenderSettings(**_section(reader, sub("senders"), "senders", {
         "restrict": _scalar_of(_as_bool),
@@ -785,6 +826,14 @@ def _as_metrics_listen(value: Any) -> tuple[str, int] | None:
             raise
         raise ValueError(f"{text!r} has no port: give host:port, e.g. "
                          "127.0.0.1:9125") from None
+
+def _kind_limits(reader: _Reader, node: yaml.Node, name: str) -> KindLimitSettings:
+    """``limits.smtp: {max_connections: 500, max_connections_per_ip: 20}``."""
+    optional = _scalar_of(lambda v: None if v is None else _as_positive_int(v))
+    return KindLimitSettings(**_section(reader, node, name, {
+        "max_connections": optional,  # null: the general limits.max_connections
+        "max_connections_per_ip": optional,
+    }))
 
 
 def _as_timeout(value: Any) -> float:

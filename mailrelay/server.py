@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from .intake import Intake
 from .message.dkim.keys import KeyRing
 from .message.dkim.outgoing import MessageSigner
 from .message.filters import Filters
+from .ops.activation import activated_sockets
 from .ops.control import ControlServer, socket_path
 from .ops.events import Events
 from .ops.metrics import MetricsServer
@@ -38,8 +40,16 @@ from .policy.senders import SenderPolicy
 from .policy.srs import SRS, load_or_create_secrets
 from .policy.users import Users
 from .queue import Queue, QueueItem
-from .smtp.listener import ConnectionLimits, Listeners, ListeningSocket, bind_all
+from .smtp.listener import (
+    ConnectionLimits,
+    Listeners,
+    ListeningSocket,
+    bind_all,
+    give_back_freed_memory,
+    open_files_budget,
+)
 from .smtp.session import Port
+from .smtp.stream import DataBudget
 from .smtp.tls import CertificateStore
 
 log = logging.getLogger("mailrelay")
@@ -49,8 +59,12 @@ PID_FILE = "mailrelay.pid"
 
 
 class Server:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config,
+                 activated: dict[str, list[socket.socket]] | None = None):
+        """``activated``: listening sockets from systemd by listener kind (those kinds
+        are not bound from ``listen``)."""
         self.config = config
+        self.activated = activated or {}
         self.queue = Queue(config.data_dir / "queue", max_items=config.limits.max_queue_items,
                            min_free_bytes=config.limits.min_free_space)
         # A broken users or aliases file stops the start (file:line), as `check` says:
@@ -123,7 +137,7 @@ class Server:
         )
         self.delivery = DeliveryManager(
             self.queue, remote, Maildirs(config.data_dir / "mail"), self.is_local_domain,
-            local_mailbox=lambda address: self.users.mailbox_for(address),
+            local_mailbox=self._local_mailbox,
             enqueue=self.intake.generated,
             schedule=Schedule(tuple(config.delivery.retry_intervals),
                               config.delivery.give_up_after,
@@ -177,6 +191,15 @@ class Server:
         """Against the domains of now: a reload may add or remove some."""
         return self.config.is_local_domain(domain)
 
+    def _local_mailbox(self, address: str) -> str | None:
+        mailbox = self.users.mailbox_for(address)
+        if mailbox is None and self.config.auth.dovecot:
+            # Queued for a mailbox and no user of ours: dovecot's (checked at RCPT).
+            _, _, domain = address.rpartition("@")
+            if self.is_local_domain(domain):
+                return address
+        return mailbox
+
     def _schedule(self, item: QueueItem) -> None:
         assert self.delivery is not None
         self.delivery.schedule(item)
@@ -184,10 +207,14 @@ class Server:
     async def _start_listeners(self, tls_context: ssl.SSLContext | None) -> None:
         config = self.config
         listen = config.listen
-        self._bound = bind_all([
+        # Kinds systemd passed sockets for use them; the others are bound from listen.
+        self._bound = [ListeningSocket(Port(kind), sock)
+                       for kind, socks in self.activated.items() for sock in socks]
+        self._bound += bind_all([
             (port, host, number)
             for port, pairs in ((Port.SMTP, listen.smtp), (Port.SUBMISSION, listen.submission),
                                 (Port.SUBMISSION_TLS, listen.submission_tls))
+            if port.value not in self.activated
             for host, number in pairs])
         assert self.resolver is not None
         backend = PolicyBackend(config, self.is_local_domain, lambda: self.users, self.queue,
@@ -195,8 +222,22 @@ class Server:
                                 tls_context, SenderPolicy(config.senders, self.router.owners),
                                 self.router, blocking_twin(self.resolver), events=self.events,
                                 filters=lambda: self.filters)
-        self.listeners = Listeners(backend, ConnectionLimits(
-            config.limits.max_connections, config.limits.max_connections_per_ip))
+        backend.primary_domain_of = lambda: self.config.domains[0] if self.config.domains \
+            else None
+        await backend.start()
+        self.router.also_user = backend.dovecot_users  # recipients dovecot knows
+        if self.control is not None:
+            self.control.throttle = backend.throttle  # for `mailrelay auth`
+        limits = config.limits
+        self.listeners = Listeners(
+            backend,
+            ConnectionLimits({port: limits.connection_limits(port.value)[0] for port in Port},
+                             {port: limits.connection_limits(port.value)[1] for port in Port}),
+            proxy_networks={port: config.proxy_protocol.trusted(port.value) for port in Port},
+            proxy_timeout=config.proxy_protocol.timeout,
+            tls_handshake_timeout=limits.tls_handshake_timeout,
+            data_budget=DataBudget(limits.data_in_flight),
+            max_open=open_files_budget(config.delivery.max_connections))
         for listening in self._bound:
             await self.listeners.start(listening.port, listening.sock)
 
@@ -292,6 +333,7 @@ class Server:
 
     async def _watch_files(self) -> None:
         # Cheap polling: acme.sh renewals and `user add` take effect without a signal.
+        last_error, last_logged = "", 0.0
         while True:
             await asyncio.sleep(2.0)
             try:
@@ -301,6 +343,10 @@ class Server:
                 if self._domain_files_changed():
                     log.info("users, aliases or DKIM key files changed on disk, reloading")
                     self.reload()
+            except OSError as exc:  # out of descriptors, say: one line, no traceback
+                if str(exc) != last_error or time.monotonic() - last_logged > 60:
+                    log.error("file watcher: %s", exc)
+                    last_error, last_logged = str(exc), time.monotonic()
             except Exception:
                 log.exception("file watcher")
 
@@ -389,7 +435,15 @@ async def serve(config: Config) -> int:
     ``RELOADING=1`` … ``READY=1`` around a reload and ``STOPPING=1`` when told to stop.
     """
     notifier = Notifier()
-    server = Server(config)
+    give_back_freed_memory()
+    try:
+        activated = activated_sockets()
+    except ConfigError as exc:
+        notifier.status(f"failed to start: {exc}")
+        raise
+    if activated:
+        log.info("systemd passed sockets for %s", ", ".join(sorted(activated)))
+    server = Server(config, activated)
     try:
         await server.start()
     except ConfigError as exc:

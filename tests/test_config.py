@@ -601,3 +601,44 @@ def test_bad_filters_settings(tmp_path, lines, line, words):
     error = config_error(tmp_path)
     assert_located(error, path.resolve(), line)
     assert words in error.message
+
+
+def test_connection_limits_per_listener_kind(tmp_path):
+    """Issue 16, row 8: each kind has its own limits; the general keys still work and
+    are the default of every kind."""
+    write_config(tmp_path, """
+        hostname: mail.example.com
+        limits:
+          max_connections: 300
+          max_connections_per_ip: 20
+          smtp:
+            max_connections: 800
+          submission_tls:
+            max_connections_per_ip: 5
+    """)
+    limits = load_config(tmp_path).limits
+    assert limits.connection_limits("smtp") == (800, 20)
+    assert limits.connection_limits("submission") == (300, 20)
+    assert limits.connection_limits("submission_tls") == (300, 5)
+    write_config(tmp_path, "hostname: mail.example.com\n")
+    limits = load_config(tmp_path).limits
+    assert [limits.connection_limits(k) for k in ("smtp", "submission", "submission_tls")] \
+        == [(1000, 50)] * 3
+    assert (limits.tls_handshake_timeout, limits.data_timeout) == (30.0, 1200.0)
+    assert limits.data_in_flight == 2 * limits.max_message_size
+
+
+@pytest.mark.parametrize("lines, line, words", [
+    ("  smtp:\n    max_connections: 0\n", 4, "limits.smtp.max_connections"),
+    ("  smtp:\n    max_sessions: 5\n", 4, "unknown setting limits.smtp.max_sessions"),
+    ("  pop3:\n    max_connections: 5\n", 3, "unknown setting limits.pop3"),
+    ("  max_message_size: 10MiB\n  max_data_in_flight: 5MiB\n", 3,
+     "limits.max_data_in_flight (5242880 bytes) must be at least"),
+    ("  data_timeout: 0s\n", 3, "limits.data_timeout"),
+    ("  tls_handshake_timeout: soon\n", 3, "limits.tls_handshake_timeout"),
+])
+def test_bad_limits(tmp_path, lines, line, words):
+    path = write_config(tmp_path, "hostname: mail.example.com\nlimits:\n" + lines)
+    error = config_error(tmp_path)
+    assert_located(error, path, line)
+    assert words in str(error)

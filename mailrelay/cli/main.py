@@ -25,6 +25,7 @@ COMMANDS = {
     "dns": ("dns", "the DNS records of a domain: what to publish, and a check"),
     "queue": ("queue", "inspect and manage the queue"),
     "send": ("send", "send a test message and show the SMTP dialogue"),
+    "auth": ("auth", "login blocks: list them, lift one"),
     "print-config": ("print_config",
                      "print the effective configuration (defaults filled in, as YAML)"),
     "import-chasquid": ("import_chasquid",

@@ -12,6 +12,9 @@ on one line back:
                                                                      "queued": bool}]}
     {"cmd": "remove", "id": ID, "bounce": false}   -> {"ok": true, "id": ID,
                                                        "bounced": [...], "dsn": ID|null}
+    {"cmd": "auth_blocks"}                         -> {"ok": true, "blocks": [{"client":
+                                                       K, "remaining": S, "failures": N}]}
+    {"cmd": "auth_unblock", "ip": IP}              -> {"ok": true, "unblocked": K|null}
     {"cmd": "users", "domain": D}                  -> {"ok": true, "digest": HEX|null,
                                                        "error": TEXT|null}
 
@@ -21,6 +24,9 @@ finished; ``queued``: recipients are left). ``users`` makes the server load that
 domain's users file now and says which version it uses (SHA-256 of the file's bytes).
 
 Anything wrong gets ``{"ok": false, "error": "one line"}`` and the connection stays open.
+Requests are bounded: at most ``MAX_REQUEST`` bytes, JSON nested at most ``MAX_DEPTH``
+deep (checked in one pass before parsing, so ``[[[[…`` is an error reply, not a
+RecursionError), and a connection idle for ``IDLE_TIMEOUT`` is closed.
 The client side (``request``) is plain blocking sockets: the CLI has no event loop.
 """
 
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -45,11 +52,15 @@ from ..errors import ConfigError, MailrelayError
 if TYPE_CHECKING:
     from ..delivery.manager import DeliveryManager
     from ..queue import Queue, QueueItem
+    from ..smtp.throttle import AuthThrottle
 
 log = logging.getLogger("mailrelay.control")
 
 SOCKET_NAME = "control.sock"
 MAX_REQUEST = 64 * 1024  # a request is a command and an id; anything longer is junk
+MAX_DEPTH = 4  # requests are flat objects
+IDLE_TIMEOUT = 60.0  # a client that sends nothing for this long is disconnected
+MAX_CLIENTS = 16  # connections at once; more are told so and closed
 MAX_HEADER_BYTES = 256 * 1024  # `show` reads this much of a message for its headers
 MAX_FLUSH_WAIT = 600.0
 
@@ -97,6 +108,8 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        # The login throttle, for `mailrelay auth` (set once the listeners exist).
+        self.throttle: AuthThrottle | None = None
 
     async def start(self) -> None:
         _clear_stale_socket(self.path)
@@ -132,38 +145,54 @@ class ControlServer:
                 os.unlink(self.path)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._writers) >= MAX_CLIENTS:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(_send(writer, _error("too many control connections")),
+                                       5)
+            writer.close()
+            return
         self._writers.add(writer)
         try:
             while True:
                 try:
-                    line = await reader.readline()
+                    async with asyncio.timeout(IDLE_TIMEOUT):
+                        line = await reader.readline()
                 except (ValueError, asyncio.LimitOverrunError):
                     # Too long to be a request; the rest of the line cannot be resynced.
                     await _send(writer, _error("request too long"))
+                    return
+                except TimeoutError:
+                    await asyncio.wait_for(
+                        _send(writer, _error(f"idle for {IDLE_TIMEOUT:g}s, closing")), 5)
                     return
                 if not line:
                     return
                 if not line.strip():
                     continue
-                await _send(writer, await self.dispatch(line))
-        except ConnectionError:
-            pass  # the client went away; nothing to tell it
+                await asyncio.wait_for(_send(writer, await self.dispatch(line)), IDLE_TIMEOUT)
+        except (ConnectionError, TimeoutError):
+            pass  # the client went away, or does not read; nothing to tell it
         finally:
             self._writers.discard(writer)
             writer.close()
 
     async def dispatch(self, line: bytes) -> dict[str, Any]:
         """One request line to its response; never raises for bad input."""
+        if len(line) > MAX_REQUEST:
+            return _error("request too long")
+        if json_depth(line) > MAX_DEPTH:
+            return _error(f"bad request: JSON nested more than {MAX_DEPTH} deep")
         try:
             request = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             return _error("bad request: not JSON")
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
             return _error('bad request: expected an object with "cmd"')
         command = request["cmd"]
         handler = getattr(self, f"_cmd_{command}", None)
         if handler is None:
-            return _error(f"unknown command {command!r} (list, show, flush, remove, users)")
+            return _error(f"unknown command {command[:40]!r} (list, show, flush, remove, "
+                          "users, auth_blocks, auth_unblock)")
         try:
             return {"ok": True, **await handler(request)}
         except _RequestError as exc:
@@ -241,6 +270,60 @@ class ControlServer:
             raise _RequestError(f"no message {item.id} in the queue "
                                 "(delivered while waiting for its attempt)") from None
         return {"id": item.id, "sender": item.sender, "bounced": bounced, "dsn": dsn_id}
+
+
+    async def _cmd_auth_blocks(self, request: dict[str, Any]) -> dict[str, Any]:
+        throttle = self._throttle()
+        return {"blocks": [{"client": block.key, "remaining": round(block.remaining, 1),
+                            "failures": block.failures} for block in throttle.blocks()]}
+
+    async def _cmd_auth_unblock(self, request: dict[str, Any]) -> dict[str, Any]:
+        throttle = self._throttle()
+        ip = request.get("ip")
+        if not isinstance(ip, str) or not ip:
+            raise _RequestError('"ip" is required (an address, or an IPv6 /64)')
+        try:
+            ipaddress.ip_network(ip.strip(), strict=False)
+        except ValueError:
+            raise _RequestError(f"{ip[:60]!r} is not an IP address") from None
+        key = throttle.unblock(ip.strip())
+        if key is not None:
+            log.info("control: login block of %s lifted", key)
+        return {"unblocked": key}
+
+    def _throttle(self) -> AuthThrottle:
+        if self.throttle is None:
+            raise _RequestError("the listeners are not running yet")
+        return self.throttle
+
+
+def json_depth(data: bytes) -> int:
+    """How deep ``[`` and ``{`` nest in ``data`` (outside strings), in one pass: what
+    json.loads would recurse into. Malformed input gets some number; json.loads then
+    says what is wrong with it."""
+    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
+        return data.count(b"[") + data.count(b"{")  # at most that deep, found in C
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_DEPTH:
+                    return deepest
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
 
 
 class _RequestError(Exception):

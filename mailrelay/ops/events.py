@@ -231,12 +231,15 @@ class Events:
                                 ("user", user), ("session", info.session_id)])
 
     def auth_failed(self, info: SessionInfo, username: str, reply: str,
-                    blocked: bool = False) -> None:
-        """A wrong login, or any login from a blocked IP: what fail2ban counts.
-        Only the name the client gave is written, never the password or AUTH data."""
+                    blocked: bool = False, note: str | None = None) -> None:
+        """A refused login. fail2ban counts those whose reason is the bare code (a wrong
+        password, a login from a blocked IP); a ``note`` after the code marks one it
+        must not count (README, "Mail log"). Only the name the client gave is written,
+        never the password or AUTH data."""
         self.auth.labels("blocked" if blocked else "failure").inc()
+        reason = reply_code(reply) + (f" {note}" if note else "")
         self._write("auth-failed", [("ip", info.peer_ip), ("port", info.port.value),
-                                    ("user", username), ("reason", reply_code(reply)),
+                                    ("user", username), ("reason", reason),
                                     ("session", info.session_id)], logging.WARNING)
 
     def rejected(self, info: SessionInfo, command: str, reply: str, sender: str | None = None,

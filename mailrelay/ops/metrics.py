@@ -35,6 +35,15 @@ class Registry:
         self.metrics: list[Metric] = []
         self.collectors: list[GaugeCollector] = []
 
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """The value of one series (``name`` as exposed, e.g. ``x_total``), or None."""
+        for metric in self.metrics:
+            if isinstance(metric, Metric) and metric.name == name:
+                key = tuple((labels or {}).get(label, "") for label in metric.label_names)
+                with metric._lock:
+                    return metric.values.get(key)
+        return None
+
     def exposition(self) -> bytes:
         lines: list[str] = []
         for metric in self.metrics:

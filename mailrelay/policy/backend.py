@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hmac
 import logging
+import math
+import os
 import ssl
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -20,7 +25,8 @@ from ..ops.events import Events
 from ..queue import Queue, QueueFullError, new_id
 from ..smtp.parse import Path
 from ..smtp.session import Envelope, SessionInfo
-from ..smtp.throttle import AuthThrottle
+from ..smtp.throttle import AuthThrottle, client_key
+from .dovecot import DovecotAuth
 from .router import Router
 from .senders import SenderPolicy
 from .users import Users
@@ -41,6 +47,49 @@ INLINE_HEADER = 16 * 1024
 # Copying more than this (the Message-ID/Date we add to a submission, in front of it)
 # happens in a thread.
 INLINE_COPY = 1024 * 1024
+
+# Keys the digests of credentials that failed in a session (SessionInfo.failed_logins):
+# they are compared, never stored, and mean nothing outside this process.
+_CREDENTIALS_KEY = os.urandom(32)
+INVALID_REPLY = "535 5.7.8 Authentication credentials invalid"
+UNAVAILABLE_REPLY = "454 4.7.0 Temporary authentication failure, try again later"
+
+
+def credentials_digest(username: str, password: str) -> bytes:
+    data = f"{username}\0{password}".encode("utf-8", "surrogatepass")
+    return hmac.digest(_CREDENTIALS_KEY, data, "sha256")
+
+
+class KnownUsers:
+    """Addresses dovecot said exist (at RCPT), for the router to route as local users
+    when the message is queued a moment later. Bounded in size and time."""
+
+    def __init__(self, ttl: float = 3600.0, max_entries: int = 10_000):
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._until: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, address: str) -> None:
+        key = address.lower()
+        self._until.pop(key, None)
+        self._until[key] = time.monotonic() + self.ttl
+        while len(self._until) > self.max_entries:
+            self._until.popitem(last=False)
+
+    def __call__(self, address: str) -> bool:
+        until = self._until.get(address.lower())
+        return until is not None and until > time.monotonic()
+
+
+def blocked_reply(remaining: float) -> str:
+    """454, saying when the block ends (rounded up: never too early)."""
+    seconds = max(1, math.ceil(remaining))
+    if seconds < 60:
+        when = f"{seconds} seconds"
+    else:
+        minutes = math.ceil(seconds / 60)
+        when = f"{minutes} minute{'s' if minutes != 1 else ''}"
+    return f"454 4.7.0 Too many failed logins, try again in {when}"
 
 
 class PolicyBackend:
@@ -67,7 +116,11 @@ class PolicyBackend:
         self.max_message_size = config.limits.max_message_size
         self.max_recipients = config.limits.max_recipients
         self.command_timeout = config.limits.command_timeout
+        self.data_timeout = config.limits.data_timeout
         self.max_errors = config.limits.max_errors
+        # Where RCPT TO:<postmaster> without a domain goes (the server sets the live one).
+        self.primary_domain_of: Callable[[], str | None] = (
+            lambda: config.domains[0] if config.domains else None)
         self._users = users
         self.queue = queue
         self.intake = intake
@@ -85,6 +138,29 @@ class PolicyBackend:
             config.limits.auth_failures_per_ip, config.limits.auth_block_time,
             delay_step=config.limits.auth_failure_delay,
         )
+        # Logins of users not in our users files (chasquid's dovecot_auth).
+        auth = config.auth
+        self.dovecot = DovecotAuth(auth.dovecot_userdb_path, auth.dovecot_client_path,
+                                   auth.dovecot_timeout) if auth.dovecot else None
+        # Clients blocked by the throttle whose password is being checked (for the log).
+        self._checking_blocked: set[str] = set()
+        # Recipients dovecot knows (the router takes them for users: Server wires it).
+        self.dovecot_users = KnownUsers()
+
+    async def start(self) -> None:
+        """Say at start what will not work (the server runs anyway)."""
+        if self.dovecot is not None:
+            problem = await self.dovecot.check()
+            if problem:
+                log.warning("auth.dovecot: %s; logins of users not in the users files get "
+                            "454 until dovecot answers", problem)
+            else:
+                log.info("auth.dovecot: userdb %s, auth-client %s", self.dovecot.userdb_path,
+                         self.dovecot.client_path)
+
+    @property
+    def primary_domain(self) -> str | None:
+        return self.primary_domain_of()
 
     def tls_context(self) -> ssl.SSLContext | None:
         return self._tls_context
@@ -92,29 +168,72 @@ class PolicyBackend:
     # -- AUTH -----------------------------------------------------------------
 
     async def authenticate(self, info: SessionInfo, username: str, password: str) -> str:
+        """A user of our users files, else (auth.dovecot) of dovecot. Wrong passwords
+        count against the client (AuthThrottle): growing delays, then a block, during
+        which every login gets 454 with the time left. The same wrong credentials tried
+        again in one session (another mechanism) count once."""
         ip = info.peer_ip
-        blocked = "454 4.7.0 Too many failed logins, try again later"
-        if self.throttle.blocked(ip):
-            self.events.auth_failed(info, username, blocked, blocked=True)
-            return blocked
-        # scrypt takes tens of milliseconds: keep it off the event loop.
-        user = await asyncio.to_thread(self._users().authenticate, username, password)
-        if self.throttle.blocked(ip):
+        remaining = self.throttle.blocked(ip)
+        if remaining:
+            return await self._refuse_blocked(info, username, password, remaining)
+        digest = credentials_digest(username, password)
+        if digest in info.failed_logins:
+            self.events.auth_failed(info, username, INVALID_REPLY, note="repeated")
+            return INVALID_REPLY
+        user = await self._check(info, username, password)
+        remaining = self.throttle.blocked(ip)
+        if remaining:
             # Blocked while this attempt was being checked (guesses sent at once on many
             # connections): its answer, right or wrong, would be one guess too many.
-            self.events.auth_failed(info, username, blocked, blocked=True)
-            return blocked
+            reply = blocked_reply(remaining)
+            self.events.auth_failed(info, username, reply, blocked=True,
+                                    note="right-password" if user else None)
+            return reply
         if user is None:
+            self.events.auth_failed(info, username, UNAVAILABLE_REPLY, note="unavailable")
+            return UNAVAILABLE_REPLY
+        if user is False:
+            info.failed_logins.add(digest)
             delay = self.throttle.failure(ip)
-            reply = "535 5.7.8 Authentication credentials invalid"
-            self.events.auth_failed(info, username, reply)
+            self.events.auth_failed(info, username, INVALID_REPLY)
             if delay:
                 await asyncio.sleep(delay)
-            return reply
+            return INVALID_REPLY
         self.throttle.success(ip)
         info.user = user
         self.events.auth_ok(info, user)
         return "235 2.7.0 Authentication successful"
+
+    async def _check(self, info: SessionInfo, username: str, password: str) -> str | bool | None:
+        """The user's address if the password is right; False if wrong; None if dovecot,
+        which had to be asked, could not answer."""
+        users = self._users()
+        if self.dovecot is None or users.exists(username):
+            # scrypt takes tens of milliseconds: keep it off the event loop.
+            user = await asyncio.to_thread(users.authenticate, username, password)
+            return user if user is not None else False
+        verdict = await self.dovecot.authenticate(username, password, remote_ip=info.peer_ip)
+        if verdict is None:
+            return None
+        return _login_name(username) if verdict else False
+
+    async def _refuse_blocked(self, info: SessionInfo, username: str, password: str,
+                              remaining: float) -> str:
+        """454 whatever the password; the log says when it was the right one (the owner,
+        locked out by a client with an old password, say). One check per client at a
+        time, so a blocked client cannot keep the password checks busy."""
+        reply = blocked_reply(remaining)
+        note = None
+        key = client_key(info.peer_ip)
+        if key not in self._checking_blocked:
+            self._checking_blocked.add(key)
+            try:
+                if await self._check(info, username, password):
+                    note = "right-password"
+            finally:
+                self._checking_blocked.discard(key)
+        self.events.auth_failed(info, username, reply, blocked=True, note=note)
+        return reply
 
     # -- envelope -------------------------------------------------------------
 
@@ -141,6 +260,15 @@ class PolicyBackend:
             return f"550 5.1.2 <{address}>: address literals are not accepted"
         if self.is_local_domain(domain):
             normal = f"{local}@{domain}"
+            if self.dovecot is not None and not self.router.takes_without_catch_all(normal):
+                # No alias, no user of ours: dovecot's user, before the catch-all.
+                exists = await self.dovecot.exists(normal)
+                if exists is None:
+                    return (f"451 4.3.0 <{normal}>: cannot check the recipient now, "
+                            "try again later")
+                if exists:
+                    self.dovecot_users.add(normal)
+                    return None
             reply = self.router.check_recipient(normal)
             if reply is not None and self.router.is_unknown(normal):
                 # Unknown to users and aliases (a catch-all included): the alias-resolve
@@ -288,3 +416,10 @@ class PolicyBackend:
         if reply is not None:
             return reply
         return results, cleaned
+
+
+def _login_name(username: str) -> str:
+    """A dovecot user as the session knows it: ``user@domain`` with the domain in lower
+    case (what sender rights compare), or a bare name as given."""
+    local, at, domain = username.rpartition("@")
+    return f"{local}@{domain.lower()}" if at else username

@@ -39,9 +39,24 @@ class Router:
         self._users = users
         self._aliases = aliases
         self.srs = srs
+        # Users known elsewhere (dovecot, asked at RCPT): users like those of the files.
+        self.also_user: Callable[[str], bool] | None = None
 
     def is_user(self, address: str) -> bool:
-        return self._users().exists(address)
+        return self._users().exists(address) or (
+            self.also_user is not None and self.also_user(address))
+
+    def takes_without_catch_all(self, address: str) -> bool:
+        """Whether an alias, a user or our SRS takes ``address`` (the catch-all aside):
+        before the catch-all, dovecot is asked about it (as chasquid does)."""
+        try:
+            if self._srs_reverse(address) is not None:
+                return True
+            return bool(self._aliases().resolve(address, self.is_user, self.is_local_domain,
+                                                warn=lambda message: None,
+                                                use_catch_all=False))
+        except (SRSError, AddressError):
+            return False
 
     def _srs_reverse(self, address: str) -> str | None:
         """The original sender an SRS address of ours stands for; None if it is not one.

@@ -20,7 +20,17 @@ from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from .parse import Path, SyntaxErrorReply, decode_xtext, parse_path, split_command
-from .stream import ClientGone, ClientTimeout, LineTooLong, SMTPStream
+from .stream import (
+    NO_MEMORY,
+    NUL,
+    ClientGone,
+    ClientTimeout,
+    DataBudget,
+    DataTimeout,
+    LineTooLong,
+    Reservation,
+    SMTPStream,
+)
 
 if TYPE_CHECKING:
     from ..ops.events import Events
@@ -34,6 +44,10 @@ FOREIGN_VERBS = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "
                            "USER", "PASS"})
 # Refusals of these go to the mail log (the others are protocol chatter).
 LOGGED_REFUSALS = frozenset({"MAIL", "RCPT", "DATA"})
+TLS_HANDSHAKE_TIMEOUT = 30.0
+STORAGE_REPLY = "452 4.3.1 Insufficient system storage, try again later"
+# DATA is refused at once (before 354) with less room than this in the in-flight budget.
+DATA_ROOM = 64 * 1024
 
 
 class Port(Enum):
@@ -71,6 +85,9 @@ class SessionInfo:
     tls_cipher: str | None = None
     user: str | None = None  # authenticated address
     session_id: str = ""
+    # Keyed digests of credentials that failed in this session: the same wrong password
+    # tried again (smtplib tries PLAIN, then LOGIN) is not counted twice.
+    failed_logins: set[bytes] = field(default_factory=set)
 
     @property
     def tls(self) -> bool:
@@ -84,6 +101,8 @@ class Backend(Protocol):
     command_timeout: float
     max_errors: int
     events: Events
+    # Optional: data_timeout (seconds for a whole DATA payload), primary_domain (where
+    # RCPT TO:<postmaster> without a domain goes, RFC 5321 4.5.1).
 
     def tls_context(self) -> ssl.SSLContext | None: ...
 
@@ -125,13 +144,20 @@ class Session:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         session_id: str,
+        *,
+        peer: tuple[str, int] | None = None,
+        data_budget: DataBudget | None = None,
+        tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
     ):
+        """``peer``: the client (from a PROXY header), else the socket's peer."""
         self.backend = backend
         self.stream = SMTPStream(reader, backend.command_timeout)
         self.writer = writer
-        peer = writer.get_extra_info("peername") or ("?", 0)
+        peer = peer or writer.get_extra_info("peername") or ("?", 0)
         self.info = SessionInfo(port=port, peer_ip=peer[0], peer_port=peer[1],
                                 session_id=session_id)
+        self.data_budget = data_budget
+        self.tls_handshake_timeout = tls_handshake_timeout
         self.envelope = Envelope()
         self.errors = 0
         self.events = backend.events
@@ -224,6 +250,10 @@ class Session:
                 self.send(close.reply)
         except ClientTimeout:
             self.send(f"421 4.4.2 {self.backend.hostname} Timeout, closing")
+        except DataTimeout:
+            log.info("session %s: DATA from %s not complete within %gs, closing",
+                     self.info.session_id, self.info.peer_ip, self._data_timeout())
+            self.send(f"421 4.4.2 {self.backend.hostname} DATA took too long, closing")
         except (ClientGone, ConnectionError, ssl.SSLError):
             pass
         except Exception:
@@ -347,10 +377,11 @@ class Session:
         self.send("220 2.0.0 Ready to start TLS")
         await self.flush()
         try:
-            await self.writer.start_tls(context, ssl_handshake_timeout=30)
-        except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
+            await self.writer.start_tls(context,
+                                        ssl_handshake_timeout=self.tls_handshake_timeout)
+        except (ssl.SSLError, ConnectionError, TimeoutError, OSError, EOFError) as exc:
             log.info("session %s: TLS handshake failed from %s: %s", self.info.session_id,
-                     self.info.peer_ip, exc)
+                     self.info.peer_ip, describe_tls_error(exc, self.tls_handshake_timeout))
             raise ClientGone() from None
         # RFC 3207 4.2: forget everything learned before TLS.
         self.stream.discard_buffer()
@@ -480,6 +511,10 @@ class Session:
                     return "501 5.5.4 Bad SIZE value"
                 if int(value) > self.backend.max_message_size:
                     return "552 5.3.4 Message size exceeds fixed maximum message size"
+                if self.data_budget is not None and int(value) > self.data_budget.available():
+                    # RFC 1870 6.1: room for it, not now (messages in flight).
+                    self._log_no_memory()
+                    return STORAGE_REPLY
             elif key == "BODY":
                 if (value or "").upper() not in ("7BIT", "8BITMIME"):
                     return "501 5.5.4 BODY must be 7BIT or 8BITMIME"
@@ -506,7 +541,8 @@ class Session:
             self.send("503 5.5.1 Need MAIL command first")
             return
         self._about_from = self.envelope.sender
-        path = parse_path(arg, "TO:", utf8_allowed=self.envelope.smtputf8, null_allowed=False)
+        path = parse_path(self._postmaster(arg), "TO:", utf8_allowed=self.envelope.smtputf8,
+                          null_allowed=False)
         self._about_to = [path.address]
         for key, value in path.params.items():
             if key == "NOTIFY":
@@ -536,6 +572,18 @@ class Session:
             self.envelope.recipient_params.append(path.params)
         self.send("250 2.1.5 Ok")
 
+    def _postmaster(self, arg: str) -> str:
+        """``TO:<Postmaster>`` without a domain (RFC 5321 4.5.1: must be accepted) as the
+        postmaster of our primary domain; any other argument unchanged."""
+        head, _, rest = arg.partition(">")
+        if head.replace(" ", "").lower() != "to:<postmaster" or rest[:1] not in ("", " "):
+            return arg
+        domain = getattr(self.backend, "primary_domain", None)
+        return f"TO:<postmaster@{domain}>{rest}" if domain else arg
+
+    def _data_timeout(self) -> float | None:
+        return getattr(self.backend, "data_timeout", None)
+
     async def cmd_DATA(self, arg: str) -> None:
         if not self._require_helo():
             return
@@ -549,16 +597,62 @@ class Session:
         if not self.envelope.recipients:
             self.send("554 5.5.1 No valid recipients")
             return
+        if self.data_budget is not None and self.data_budget.available() < min(
+                self.backend.max_message_size, DATA_ROOM):
+            self._log_no_memory()
+            self.send(STORAGE_REPLY)
+            return
         self.send("354 End data with <CR><LF>.<CR><LF>")
         await self.flush()
         started = time.monotonic()
-        # Each read waits at most command_timeout (the stream's idle timeout).
-        result = await self.stream.read_data(self.backend.max_message_size)
-        envelope, self.envelope = self.envelope, Envelope()
-        if result.body is None:
-            self.send("552 5.3.4 Message size exceeds fixed maximum message size")
-            return
-        reply = await self.backend.accept_message(self.info, envelope, result.body)
+        reservation = Reservation(self.data_budget)
+        try:
+            # Each read waits at most command_timeout (the stream's idle timeout), and
+            # the whole payload at most data_timeout.
+            result = await self.stream.read_data(self.backend.max_message_size, reservation,
+                                                 self._data_timeout())
+            envelope, self.envelope = self.envelope, Envelope()
+            if result.refused == NUL:
+                log.info("session %s: message from %s refused: a NUL byte in it",
+                         self.info.session_id, self.info.peer_ip)
+                self.send("554 5.6.0 Message contains NUL characters")
+                return
+            if result.refused == NO_MEMORY:
+                self._log_no_memory()
+                self.send(STORAGE_REPLY)
+                return
+            if result.body is None:
+                self.send("552 5.3.4 Message size exceeds fixed maximum message size")
+                return
+            reply = await self.backend.accept_message(self.info, envelope, result.body)
+        finally:
+            reservation.release()
         log.debug("session %s: DATA of %d bytes in %.3fs", self.info.session_id,
                   result.size, time.monotonic() - started)
         self.send(reply)
+
+    def _log_no_memory(self) -> None:
+        assert self.data_budget is not None
+        log.warning("session %s: message from %s refused for now: %d bytes of messages in "
+                    "flight reached limits.max_data_in_flight", self.info.session_id,
+                    self.info.peer_ip, self.data_budget.used)
+
+
+def describe_tls_error(exc: BaseException, timeout: float | None = None) -> str:
+    """One line about a failed TLS handshake, never empty (``str()`` of a reset or a
+    timeout is)."""
+    if isinstance(exc, ssl.SSLError):
+        reason = getattr(exc, "reason", None)
+        if reason:
+            return str(reason).replace("_", " ").lower()  # e.g. "wrong version number"
+        return str(exc).strip() or "TLS error"
+    if isinstance(exc, TimeoutError) or (
+            isinstance(exc, ConnectionAbortedError) and "longer than" in str(exc)):
+        return (f"no handshake within {timeout:g}s" if timeout
+                else "no handshake in time")
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset by the client"
+    if isinstance(exc, (EOFError, BrokenPipeError, ConnectionAbortedError)):
+        return "the client closed the connection"
+    text = str(exc).strip()
+    return text or type(exc).__name__

@@ -8,10 +8,14 @@ for the next command, and pipelined plaintext before STARTTLS can be detected an
 from __future__ import annotations
 
 import asyncio
+import io
 from dataclasses import dataclass
 
 READ_CHUNK = 256 * 1024
 END_OF_DATA = b"\r\n.\r\n"
+# DATA is processed (un-dot-stuffed, line endings normalised) a run of lines at a time
+# once this much is waiting: few enough steps, little memory on top of the message.
+RUN_SIZE = 64 * 1024
 
 
 class LineTooLong(Exception):
@@ -26,10 +30,65 @@ class ClientTimeout(Exception):
     """The client sent nothing for the idle timeout."""
 
 
+class DataTimeout(Exception):
+    """DATA took longer than its overall time limit (a client dripping bytes)."""
+
+
+# Why a message was read to its end but not kept (DataResult.refused).
+TOO_BIG = "size"  # over max_size
+NUL = "nul"  # a NUL byte in it (RFC 5322 2.3 forbids them in a message)
+NO_MEMORY = "memory"  # the budget for messages in flight is spent
+
+
+class DataBudget:
+    """The bytes of message data all sessions together may hold in memory.
+
+    Each DATA phase takes from it as its message grows, and gives it back once the
+    message is queued or refused (``Reservation``). Taking and giving are O(1).
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.taken = 0  # bytes taken in all, ever
+
+    def available(self) -> int:
+        return self.limit - self.used
+
+    def reservation(self) -> Reservation:
+        return Reservation(self)
+
+
+class Reservation:
+    """One message's share of a ``DataBudget`` (no budget: unlimited)."""
+
+    def __init__(self, budget: DataBudget | None = None):
+        self.budget = budget
+        self.held = 0
+
+    def grow_to(self, size: int) -> bool:
+        """Hold ``size`` bytes in all; False (and nothing more held) when over budget."""
+        more = size - self.held
+        if more <= 0 or self.budget is None:
+            return True
+        if self.budget.used + more > self.budget.limit:
+            return False
+        self.budget.used += more
+        self.budget.taken += more
+        self.held = size
+        return True
+
+    def release(self) -> None:
+        if self.budget is not None:
+            self.budget.used -= self.held
+        self.held = 0
+
+
 @dataclass
 class DataResult:
-    body: bytes | None  # None when the message was over the size limit (and discarded)
-    size: int  # bytes received, including what was discarded
+    body: bytes | None  # None when the message was refused and thrown away
+    size: int  # bytes received, including what was thrown away
+    refused: str | None = None  # TOO_BIG, NUL or NO_MEMORY when body is None
 
 
 class SMTPStream:
@@ -89,43 +148,110 @@ class SMTPStream:
             self.buffer.clear()
             await self._fill()
 
-    async def read_data(self, max_size: int) -> DataResult:
-        """Read a DATA payload up to the ``CRLF.CRLF`` end marker, un-dot-stuffed.
+    async def read_data(
+        self, max_size: int, reservation: Reservation | None = None,
+        time_limit: float | None = None,
+    ) -> DataResult:
+        """Read a DATA payload up to the ``CRLF.CRLF`` end marker, un-dot-stuffed, with
+        bare CR and LF turned into CRLF.
 
         Only the exact ``CRLF . CRLF`` sequence ends the message: ``LF.LF`` and similar
-        (SMTP smuggling) are content. Over ``max_size`` the data is still read to the end
-        marker, but thrown away as it arrives.
+        (SMTP smuggling) are content. A message over ``max_size``, with a NUL byte, or
+        more than ``reservation`` can hold is still read to the end marker, but thrown
+        away as it arrives (``DataResult.refused`` says why). ``time_limit``: seconds
+        for the whole payload (else DataTimeout), on top of each read's idle timeout.
+
+        The payload is processed as it arrives, a run of whole lines at a time, into
+        one buffer: what is held is about the size of the message, not a multiple.
         """
-        # A virtual CRLF in front lets an empty message (".\r\n" at once) match the marker.
-        data = bytearray(b"\r\n")
-        data += self.buffer
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + time_limit if time_limit else None
+        reservation = reservation or Reservation()
+        # BytesIO: its getvalue() hands over its buffer without a copy (CPython).
+        out = io.BytesIO()
+        # What is not processed yet; a virtual CRLF in front lets an empty message
+        # (".\r\n" at once) match the marker.
+        tail = bytearray(b"\r\n")
+        tail += self.buffer
         self.buffer.clear()
-        received = 0
-        search_from = 0
-        overflow = False
+        refused: str | None = None
+        base = 0  # bytes dropped from the front of tail so far, the virtual CRLF included
+        first = True
+        search_from = 0  # where the marker may start
         while True:
-            index = data.find(END_OF_DATA, search_from)
+            index = tail.find(END_OF_DATA, search_from)
             if index >= 0:
-                self.buffer += data[index + len(END_OF_DATA):]
-                received += index
-                if overflow or index > max_size:
-                    return DataResult(None, received)
-                body = bytes(data[2 : index + 2])
-                break
-            # Not found yet, so the marker starts at len(data) - 4 or later: over the
-            # limit only once even that much is more than max_size. From then on, throw
-            # data away as it arrives, keeping the tail that could start the end marker.
-            if overflow or len(data) - (len(END_OF_DATA) - 1) > max_size:
-                overflow = True
-                received += len(data) - len(END_OF_DATA)
-                del data[: len(data) - len(END_OF_DATA)]
-            search_from = max(0, len(data) - len(END_OF_DATA) + 1)
-            data += await self._read()
-        if b"\r\n." in body:
-            body = body.replace(b"\r\n.", b"\r\n")
-        if body.startswith(b"."):
-            body = body[1:]
-        return DataResult(normalize_line_endings(body), received)
+                self.buffer += tail[index + len(END_OF_DATA):]
+                size = base + index
+                if refused is None and size > max_size:
+                    refused = TOO_BIG
+                if refused is None and not reservation.grow_to(out.tell() + index + 2):
+                    refused = NO_MEMORY
+                if refused is None and not _unstuff_into(out, tail, index + 2, first):
+                    refused = NUL
+                if refused is not None:
+                    reservation.release()
+                    return DataResult(None, size, refused)
+                del tail[:]
+                return DataResult(out.getvalue(), size)
+            # Not found yet, so the marker starts at len(tail) - 4 or later: over the
+            # limit only once even that much is more than max_size.
+            if refused is None and base + len(tail) - (len(END_OF_DATA) - 1) > max_size:
+                refused = TOO_BIG
+            if refused is None and len(tail) >= max(RUN_SIZE, 8):
+                # Process all but what could start the marker, cut where processing in
+                # two runs gives what one would: not inside a CRLF, and not between a
+                # CRLF and a dot it stuffs (then before that CRLF).
+                cut = len(tail) - (len(END_OF_DATA) - 1)
+                if tail[cut - 1:cut + 1] == b"\r\n":
+                    cut -= 1
+                elif tail[cut - 2:cut + 1] == b"\r\n.":
+                    cut -= 2
+                if not _unstuff_into(out, tail, cut, first):
+                    refused = NUL
+                first = False
+                base += cut
+                del tail[:cut]
+            if refused is None and not reservation.grow_to(out.tell() + len(tail)):
+                refused = NO_MEMORY
+            if refused is not None:
+                # Throw data away as it arrives, keeping what could start the marker.
+                drop = len(tail) - (len(END_OF_DATA) - 1)
+                if drop > 0:
+                    base += drop
+                    del tail[:drop]
+                out = io.BytesIO()
+                reservation.release()
+            search_from = max(0, len(tail) - len(END_OF_DATA) + 1)
+            tail += await self._read_until(deadline)
+
+    async def _read_until(self, deadline: float | None) -> bytes:
+        if deadline is None:
+            return await self._read()
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._read()
+        except TimeoutError:
+            raise DataTimeout() from None
+
+
+def _unstuff_into(out: io.BytesIO, tail: bytearray, end: int, first: bool) -> bool:
+    """Append ``tail[:end]`` without dot-stuffing and with line endings normalised; the
+    ``first`` run starts with the virtual CRLF, which is left out. False, appending
+    nothing, when it holds a NUL byte."""
+    with memoryview(tail) as view:
+        run = bytes(view[:end])
+    if b"\x00" in run:
+        return False
+    if b"\r\n." in run:
+        run = run.replace(b"\r\n.", b"\r\n")
+    run = normalize_line_endings(run)
+    if first:
+        with memoryview(run) as view:
+            out.write(view[2:])
+    else:
+        out.write(run)
+    return True
 
 
 def normalize_line_endings(body: bytes) -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 import time
 
 import pytest
@@ -126,9 +127,11 @@ async def test_guessing_is_slowed_then_blocked_per_ip(guarded, port, caplog):
                 and r.getMessage().startswith("auth-failed ")
                 and f'reason="{reason}"' in r.getMessage()]
 
-    blocked = auth_failed("454 4.7.0")
+    # Every blocked attempt above used a right password: the log says so (README).
+    blocked = auth_failed("454 4.7.0 right-password")
     assert blocked and all(r.levelno >= logging.WARNING for r in blocked)
     assert all(" ip=127.0.0.1 " in r.getMessage() for r in blocked)
+    assert not auth_failed("454 4.7.0")
     assert len(auth_failed("535 5.7.8")) == MAX_FAILURES
     assert_no_secrets(caplog)
 
@@ -157,6 +160,58 @@ async def test_parallel_guesses_do_not_get_past_the_limit(guarded, caplog):
     assert_no_secrets(caplog)
     for client in clients:
         await client.close()
+
+
+async def test_the_per_ip_limit_holds_across_parallel_connections(guarded, caplog):
+    """Issue 18: 6 connections from one IP guess at once, 5 guesses each, PLAIN and LOGIN
+    in turn. At most auth_failures_per_ip guesses get an answer other than 454, whatever
+    the interleaving; each connection's answers carry the time left."""
+    env = guarded
+    caplog.set_level(logging.INFO)
+    clients = await asyncio.gather(*(connect(env, "submission_tls") for _ in range(6)))
+
+    async def guess_on(client: RawSMTP, number: int) -> list[tuple[int, list[str]]]:
+        answers = []
+        for guess in range(5):
+            password = f"guess {number}.{guess}"
+            if guess % 2:
+                answers.append(await auth_login(client, USER, password))
+            else:
+                answers.append(await client.auth_plain(USER, password))
+        return answers
+
+    answers = [a for each in await asyncio.gather(*(guess_on(c, n)
+                                                     for n, c in enumerate(clients)))
+               for a in each]
+    codes = [code for code, _ in answers]
+    assert len(codes) == 30 and set(codes) <= {535, 454}, codes
+    assert codes.count(535) == MAX_FAILURES, codes
+    assert all(re.search(r"try again in \d+ seconds$", lines[0])
+               for code, lines in answers if code == 454)
+    counted = [r for r in caplog.records if r.getMessage().startswith("auth-failed ")
+               and 'reason="535 5.7.8"' in r.getMessage()]
+    assert len(counted) == MAX_FAILURES
+    assert_no_secrets(caplog)
+    for client in clients:
+        await client.close()
+
+
+async def test_one_wrong_password_with_two_mechanisms_counts_once(guarded, caplog):
+    """Issue 18: smtplib tries PLAIN, then LOGIN, with the same wrong password: that is
+    one guess for the throttle (and for fail2ban: the second is logged as "repeated")."""
+    env = guarded
+    caplog.set_level(logging.INFO)
+    client = await connect(env, "submission")
+    for _ in range(MAX_FAILURES + 1):  # 8 refusals: under limits.max_errors (10)
+        assert (await client.auth_plain(USER, "the old password"))[0] == 535
+        assert (await auth_login(client, USER, "the old password"))[0] == 535
+    # Still not blocked: it was one guess. The right one works.
+    code, lines = await client.auth_plain(USER, PASSWORD)
+    assert code == 235, (code, lines)
+    reasons = [re.search(r'reason="([^"]*)"', r.getMessage()).group(1)
+               for r in caplog.records if r.getMessage().startswith("auth-failed ")]
+    assert reasons == ["535 5.7.8"] + ["535 5.7.8 repeated"] * (2 * MAX_FAILURES + 1)
+    await client.close()
 
 
 @pytest.mark.parametrize("starttls", [False, True])

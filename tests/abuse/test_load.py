@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
+import ssl
 import time
 
 import pytest
 
+from mailrelay.smtp.session import Port
 from tests.support.client import RawSMTP
 from tests.support.relay import HOSTNAME
 
@@ -119,29 +121,39 @@ async def test_thousand_idle_connections_do_not_starve_a_new_client(env, many_fi
     await wait_no_sessions(env)
 
 
-async def test_total_connection_limit(env):
-    env.write_config(limits={"max_connections": 50, "max_connections_per_ip": 100,
+async def test_connection_limits_per_listener_kind(env):
+    """Each listener kind has its own pool (issue 16, row 8): idle port-25 clients fill
+    port 25's and leave submission alone."""
+    env.write_config(limits={"max_connections": 20, "max_connections_per_ip": 100,
+                             "submission_tls": {"max_connections": 5},
                              "auth_failure_delay": "0s"})
     env.add_user()
     await env.start()
     ports = env.ports
+    pools = env.server.listeners.limits.pools
     clients: list[RawSMTP] = []
     try:
-        # The limit is shared by all listeners: 25 + 25 connections on two ports fill it.
-        for index in range(50):
-            clients.append(await connect(ports["smtp" if index % 2 else "submission"]))
-        assert env.server.listeners.limits.total == 50
-        for port in ("smtp", "submission"):
-            await refused(await connect(ports[port], greeting=False))
-        # Over implicit TLS the refusal comes after the handshake, encrypted.
-        await refused(await connect(ports["submission_tls"], greeting=False,
-                                    tls=env.client_tls()))
-        # Another client IP is refused as well: the limit is global.
-        await refused(await connect(ports["smtp"], source="127.0.0.2", greeting=False))
+        for index in range(20):  # from two addresses: the limit is the kind's, in all
+            clients.append(await connect(ports["smtp"], source=f"127.0.0.{1 + index % 2}"))
+        assert pools[Port.SMTP].total == 20
+        await refused(await connect(ports["smtp"], greeting=False))
+        await refused(await connect(ports["smtp"], source="127.0.0.3", greeting=False))
+        # Submission is not starved: its own 20, then refused too.
+        for _ in range(20):
+            clients.append(await connect(ports["submission"]))
+        await refused(await connect(ports["submission"], greeting=False))
+        # 465 has 5 (limits.submission_tls); the 6th is closed before any TLS handshake
+        # (a handshake is what a flood of silent connections wants from us).
+        for _ in range(5):
+            clients.append(await connect(ports["submission_tls"], tls=env.client_tls()))
+        with pytest.raises((ConnectionError, ssl.SSLError)):
+            await connect(ports["submission_tls"], tls=env.client_tls())
+        assert env.server.listeners.limits.total == 45
         # The slots taken are still fine.
         assert (await clients[0].cmd("NOOP"))[0] == 250
+        assert (await clients[-1].cmd("NOOP"))[0] == 250
         # One leaves: its slot is free again.
-        await clients.pop().close()
+        await clients.pop(0).close()
         await asyncio.sleep(0.2)
         clients.append(await connect(ports["smtp"]))
         await refused(await connect(ports["smtp"], greeting=False))

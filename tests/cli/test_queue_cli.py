@@ -320,7 +320,8 @@ async def test_control_protocol_bad_input(relay):
         assert await ask(reader, writer, b"[1, 2]") == \
             {"ok": False, "error": 'bad request: expected an object with "cmd"'}
         assert await ask(reader, writer, b'{"cmd": "explode"}') == \
-            {"ok": False, "error": "unknown command 'explode' (list, show, flush, remove, users)"}
+            {"ok": False, "error": "unknown command 'explode' (list, show, flush, remove, "
+                                   "users, auth_blocks, auth_unblock)"}
         assert await ask(reader, writer, b'{"cmd": "show"}') == \
             {"ok": False, "error": '"id" is required'}
         assert await ask(reader, writer, b'{"cmd": "remove", "id": "x"}') == \

@@ -1,10 +1,12 @@
 """The bundled fail2ban filter against the real server's log: the real ``fail2ban-regex``
-must find exactly the failed logins, with the right client IP, and no successful one;
-both as a log file and as the journal backend presents the lines."""
+must find exactly the failed logins, with the right client IP, and no successful one
+(nor the right password while blocked, nor a wrong one repeated with another
+mechanism); both as a log file and as the journal backend presents the lines."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import shutil
 import signal
@@ -54,6 +56,14 @@ def fail2ban_regex(log: Path) -> tuple[list[str], str]:
     return ips.stdout.split(), summary
 
 
+async def auth_login(client: RawSMTP, user: str, password: str) -> tuple[int, list[str]]:
+    for line in ("AUTH LOGIN", base64.b64encode(user.encode()).decode()):
+        code, lines = await client.cmd(line)
+        if code != 334:
+            return code, lines
+    return await client.cmd(base64.b64encode(password.encode()).decode())
+
+
 async def test_filter_matches_exactly_the_failed_logins(env, tmp_path):
     env.write_config(limits={"auth_failures_per_ip": MAX_FAILURES, "auth_block_time": "1m",
                              "auth_failure_delay": "0s"})
@@ -66,7 +76,10 @@ async def test_filter_matches_exactly_the_failed_logins(env, tmp_path):
         client = await connect(env)
         for i in range(MAX_FAILURES):
             assert (await client.auth_plain(USER, f"guess {i}"))[0] == 535
-        assert (await client.auth_plain(USER, PASSWORD))[0] == 454  # blocked: counted too
+            if i == 0:  # the same guess with LOGIN, as smtplib does: not a second guess
+                assert (await auth_login(client, USER, "guess 0"))[0] == 535
+        assert (await client.auth_plain(USER, "guess 9"))[0] == 454  # blocked: counted
+        assert (await client.auth_plain(USER, PASSWORD))[0] == 454  # the owner: not
         await client.close()
         # From another loopback address: the address logged is that of the connection.
         other = await connect(env, source="127.0.0.3")
@@ -80,7 +93,9 @@ async def test_filter_matches_exactly_the_failed_logins(env, tmp_path):
     lines = log.read_text().splitlines()
     failed = [line for line in lines if " mailrelay.mail: auth-failed " in line]
     succeeded = [line for line in lines if " mailrelay.mail: auth-ok " in line]
-    assert len(failed) == MAX_FAILURES + 2 and len(succeeded) == 2, lines
+    assert len(failed) == MAX_FAILURES + 4 and len(succeeded) == 2, lines
+    assert sum('reason="535 5.7.8 repeated"' in line for line in failed) == 1
+    assert sum('reason="454 4.7.0 right-password"' in line for line in failed) == 1
     assert not any("guess" in line or PASSWORD in line for line in lines)
 
     expected = ["127.0.0.1"] * (MAX_FAILURES + 1) + ["127.0.0.3"]

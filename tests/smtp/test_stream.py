@@ -6,10 +6,17 @@ import asyncio
 
 import pytest
 
+from mailrelay.smtp import stream as stream_module
 from mailrelay.smtp.stream import (
+    END_OF_DATA,
+    NO_MEMORY,
+    NUL,
     ClientGone,
+    DataBudget,
     DataResult,
+    DataTimeout,
     LineTooLong,
+    Reservation,
     SMTPStream,
     normalize_line_endings,
 )
@@ -397,3 +404,131 @@ def test_normalize_line_endings(raw, expected):
 def test_normalize_line_endings_returns_same_object_when_clean():
     body = b"x\r\ny\r\n"
     assert normalize_line_endings(body) is body
+
+
+# --- DATA processed as it arrives (issue 16, rows 13, 20, 11) ------------------------------
+
+hypothesis = pytest.importorskip("hypothesis")
+st = pytest.importorskip("hypothesis.strategies")
+
+
+def one_pass(wire: bytes) -> bytes:
+    """What DATA gives for ``wire`` (a payload without its end marker), processed in one
+    go as the reader did before it worked a run of lines at a time."""
+    body = wire
+    if b"\r\n." in body:
+        body = body.replace(b"\r\n.", b"\r\n")
+    if body.startswith(b"."):
+        body = body[1:]
+    return normalize_line_endings(body)
+
+
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(
+    pieces=st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b".", b"..", b"x", b"yz",
+                                     b"\r\n.", b"\n.", b"\r."]), max_size=60),
+    chunk=st.integers(1, 9), run_size=st.integers(1, 12))
+async def test_processing_in_runs_gives_what_one_pass_gives(pieces, chunk, run_size):
+    """Any cut the reader makes between runs (however small RUN_SIZE) and any way the
+    bytes arrive give the same body as processing the payload in one go."""
+    wire = b"".join(pieces)
+    end = b"" if wire.endswith(b"\r\n") or not wire else b"\r\n"
+    # The marker inside (".\r\n" first counts): not a payload.
+    hypothesis.assume(END_OF_DATA not in b"\r\n" + wire + end)
+    old = stream_module.RUN_SIZE
+    stream_module.RUN_SIZE = run_size
+    try:
+        stream = trickle_stream(wire + end + b".\r\nNOOP\r\n", chunk)
+        result = await stream.read_data(10_000)
+    finally:
+        stream_module.RUN_SIZE = old
+    assert result.body == one_pass(wire + end)
+    assert result.size == len(wire + end)
+    assert await stream.readline(100) == b"NOOP"
+
+
+async def test_a_nul_byte_refuses_the_message_and_the_session_goes_on():
+    message = b"Subject: x\r\n\r\nbinary \x00 here\r\n"
+    for chunk in (None, 1, 7):
+        wire = message + b".\r\nRSET\r\n"
+        stream = stream_of(wire) if chunk is None else trickle_stream(wire, chunk)
+        result = await stream.read_data(10_000)
+        assert (result.body, result.refused, result.size) == (None, NUL, len(message))
+        assert await stream.readline(100) == b"RSET"
+    # In a long message, after many runs; and a NUL after the end marker (the next
+    # command, already read) is not the message's.
+    big = b"x" * 70 + b"\r\n"
+    stream = stream_of(big * 3000 + b"\x00\r\n" + big + b".\r\n")
+    assert (await stream.read_data(10**6)).refused == NUL
+    stream = stream_of(big + b".\r\nNOOP \x00\r\n")
+    result = await stream.read_data(10_000)
+    assert result.body == big and result.refused is None
+
+
+async def test_the_in_flight_budget_is_shared_and_given_back():
+    budget = DataBudget(300_000)
+    first, second = Reservation(budget), Reservation(budget)
+    big = (b"y" * 98 + b"\r\n") * 2000  # 200,000 bytes
+    result = await stream_of(big + b".\r\n").read_data(10**6, first)
+    assert result.body == big
+    assert budget.used >= len(big) and first.held == budget.used
+    # The first message is still held (being queued): the second does not fit.
+    stream = stream_of(big + b".\r\nQUIT\r\n")
+    result = await stream.read_data(10**6, second)
+    assert (result.body, result.refused, result.size) == (None, NO_MEMORY, len(big))
+    assert second.held == 0
+    assert await stream.readline(100) == b"QUIT"
+    first.release()
+    assert budget.used == 0
+    # Now it fits.
+    assert (await stream_of(big + b".\r\n").read_data(10**6, second)).body == big
+    second.release()
+    assert budget.used == 0
+
+
+async def test_the_whole_payload_has_a_time_limit():
+    reader = asyncio.StreamReader()
+    stream = SMTPStream(reader, 30)  # each read may wait 30 s: the drip never waits that
+    task = asyncio.create_task(stream.read_data(10_000, time_limit=0.3))
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(DataTimeout):
+        while not task.done():
+            reader.feed_data(b"x")
+            await asyncio.sleep(0.02)
+        await task
+    assert 0.25 < asyncio.get_running_loop().time() - started < 1.0
+
+
+async def test_a_message_costs_about_its_size_in_memory():
+    """Peak memory of reading a 4 MiB message, with dots to unstuff and bare LFs to
+    normalise: it was 3 to 4 times the message (a bytearray, a slice, a bytes copy,
+    one per replace); now one buffer and a run of lines."""
+    tracemalloc = pytest.importorskip("tracemalloc")
+    for line in (b"x" * 76 + b"\r\n", b".x" + b"x" * 74 + b"\r\n", b"x" * 77 + b"\n"):
+        message = line * (4 * 1024 * 1024 // len(line)) + b"\r\n"
+        stream = trickle_stream(message + b".\r\n", 65536)
+        tracemalloc.start()
+        try:
+            result = await stream.read_data(10**8)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert result.body is not None
+        ratio = peak / len(result.body)
+        assert ratio < 2.0, f"peak {ratio:.2f}x the message for lines like {line[:4]!r}"
+        del message, result, stream
+
+
+@pytest.mark.parametrize("pieces", [1460, 65536])
+async def test_one_long_line_is_read_in_linear_time(pieces):
+    """A payload with no CRLF at all (or only bare LFs) is cut into runs too: 1x, 10x and
+    100x the size take about 1x, 10x and 100x the time."""
+    timings = []
+    for size in (50_000, 500_000, 5_000_000):
+        stream = trickle_stream(b"z" * size + b"\n" * 10 + b"\r\n.\r\n", pieces)
+        started = asyncio.get_running_loop().time()
+        result = await stream.read_data(10**8)
+        timings.append(asyncio.get_running_loop().time() - started)
+        assert len(result.body) == size + 22
+    assert timings[2] < 2.0, timings
+    assert timings[2] < 300 * max(timings[0], 1e-3), timings

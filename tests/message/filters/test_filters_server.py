@@ -65,13 +65,13 @@ def filter_lines(caplog, level: int = logging.INFO) -> list[logging.LogRecord]:
 
 
 def runs(env, name: str, action: str) -> float:
-    value = env.server.events.registry.get_sample_value(
+    value = env.server.events.registry.sample(
         "mailrelay_filter_runs_total", {"filter": name, "action": action})
     return value or 0.0
 
 
 def errors(env, name: str, error: str) -> float:
-    value = env.server.events.registry.get_sample_value(
+    value = env.server.events.registry.sample(
         "mailrelay_filter_errors_total", {"filter": name, "error": error})
     return value or 0.0
 
