@@ -12,16 +12,12 @@ import socket
 import ssl
 import time
 from pathlib import Path
-
-import dns.asyncresolver
+from typing import TYPE_CHECKING
 
 from .config import Config, load_config
 from .delivery.local import Maildirs
 from .delivery.manager import DeliveryManager, Schedule
-from .delivery.mta_sts import MTASTS
-from .delivery.relay import relay_from_config
-from .delivery.remote import RemoteDelivery, verifying_tls_context
-from .dnsresolver import blocking_twin, make_resolver
+from .delivery.results import verifying_tls_context
 from .errors import ConfigError
 from .fsutil import atomic_write
 from .intake import Intake
@@ -51,6 +47,13 @@ from .smtp.listener import (
 from .smtp.session import Port
 from .smtp.stream import DataBudget
 from .smtp.tls import CertificateStore
+
+if TYPE_CHECKING:
+    import dns.asyncresolver
+    import dns.resolver
+
+    from .delivery.mta_sts import MTASTS
+    from .delivery.remote import RemoteDelivery
 
 log = logging.getLogger("mailrelay")
 
@@ -88,7 +91,8 @@ class Server:
         self.intake = Intake(self.queue, self.router, self.signer, lambda: self.srs,
                              lambda: self.config.domains[0] if self.config.domains else None,
                              config.hostname, config.dns, self._schedule)
-        self.resolver: dns.asyncresolver.Resolver | None = None
+        self._resolver: dns.asyncresolver.Resolver | None = None
+        self._verify_context: ssl.SSLContext | None = None
         self.certificates = CertificateStore(config.tls, config.hostname,
                                              config.data_dir / "selfsigned")
         self.listeners: Listeners | None = None
@@ -114,29 +118,10 @@ class Server:
         self.certificates.load()
         tls_context = self.certificates.server_context()
 
-        resolver = self.resolver = make_resolver(config.dns)
-        # MX hosts and MTA-STS policy hosts (RFC 8461 3.3) are checked against one store.
-        verify_context = verifying_tls_context(config.delivery.ca_file)
-        if config.delivery.mta_sts:
-            self.mta_sts = MTASTS(resolver, config.data_dir / "mta-sts", verify_context,
-                                  port=config.delivery.mta_sts_port)
-        remote = RemoteDelivery(
-            config.hostname, resolver, smtp_port=config.delivery.smtp_port,
-            max_mx_hosts=config.delivery.max_mx_hosts,
-            connect_timeout=config.delivery.connect_timeout,
-            command_timeout=config.delivery.command_timeout,
-            max_connections=config.delivery.max_connections,
-            max_connections_per_domain=config.delivery.max_connections_per_domain,
-            connection_idle_time=config.delivery.connection_idle_time,
-            tls_fallback_plain=config.delivery.tls_fallback_plain,
-            verify_context=verify_context,
-            policies=self.mta_sts,
-            relay=relay_from_config(config, verify_context),
-            source_ipv4=config.delivery.source_ipv4, source_ipv6=config.delivery.source_ipv6,
-            ip_families=config.delivery.ip_families,
-        )
+        # A bad delivery.ca_file stops the start (ConfigError), as check says.
+        self._verify_context = verifying_tls_context(config.delivery.ca_file)
         self.delivery = DeliveryManager(
-            self.queue, remote, Maildirs(config.data_dir / "mail"), self.is_local_domain,
+            self.queue, self._outbound, Maildirs(config.data_dir / "mail"), self.is_local_domain,
             local_mailbox=self._local_mailbox,
             enqueue=self.intake.generated,
             schedule=Schedule(tuple(config.delivery.retry_intervals),
@@ -153,8 +138,6 @@ class Server:
         if items:
             log.info("queue: resumed %d message(s)", len(items))
         self.delivery.start()
-        if self.mta_sts:
-            self.mta_sts.start()
         # For `mailrelay queue`. Without it mail still flows, so only a second server on
         # this data_dir (ConfigError) stops the start.
         self.control = ControlServer(socket_path(config.data_dir), self.queue, self.delivery,
@@ -187,6 +170,52 @@ class Server:
         self._last_domain_stamp = self._domain_files_stamp()
         self._watch_task = asyncio.create_task(self._watch_files(), name="file-watcher")
 
+    def resolver(self) -> dns.asyncresolver.Resolver:
+        """The server's one caching resolver, made (dnspython loaded) at first use."""
+        if self._resolver is None:
+            from .dnsresolver import make_resolver
+
+            self._resolver = make_resolver(self.config.dns)
+        return self._resolver
+
+    def blocking_resolver(self) -> dns.resolver.Resolver:
+        """The same resolver and cache, for the checks of inbound mail (in threads)."""
+        from .dnsresolver import blocking_twin
+
+        return blocking_twin(self.resolver())
+
+    def _outbound(self) -> RemoteDelivery:
+        """The SMTP client side, made for the first remote delivery (aiosmtplib,
+        dnspython and MTA-STS are loaded then, not at start)."""
+        from .delivery.mta_sts import MTASTS
+        from .delivery.relay import relay_from_config
+        from .delivery.remote import RemoteDelivery
+
+        config = self.config
+        verify_context = self._verify_context or verifying_tls_context(config.delivery.ca_file)
+        resolver = self.resolver()
+        if config.delivery.mta_sts and self.mta_sts is None:
+            # MX hosts and MTA-STS policy hosts (RFC 8461 3.3) are checked against one
+            # store.
+            self.mta_sts = MTASTS(resolver, config.data_dir / "mta-sts", verify_context,
+                                  port=config.delivery.mta_sts_port)
+            self.mta_sts.start()
+        return RemoteDelivery(
+            config.hostname, resolver, smtp_port=config.delivery.smtp_port,
+            max_mx_hosts=config.delivery.max_mx_hosts,
+            connect_timeout=config.delivery.connect_timeout,
+            command_timeout=config.delivery.command_timeout,
+            max_connections=config.delivery.max_connections,
+            max_connections_per_domain=config.delivery.max_connections_per_domain,
+            connection_idle_time=config.delivery.connection_idle_time,
+            tls_fallback_plain=config.delivery.tls_fallback_plain,
+            verify_context=verify_context,
+            policies=self.mta_sts,
+            relay=relay_from_config(config, verify_context),
+            source_ipv4=config.delivery.source_ipv4, source_ipv6=config.delivery.source_ipv6,
+            ip_families=config.delivery.ip_families,
+        )
+
     def is_local_domain(self, domain: str) -> bool:
         """Against the domains of now: a reload may add or remove some."""
         return self.config.is_local_domain(domain)
@@ -216,11 +245,10 @@ class Server:
                                 (Port.SUBMISSION_TLS, listen.submission_tls))
             if port.value not in self.activated
             for host, number in pairs])
-        assert self.resolver is not None
         backend = PolicyBackend(config, self.is_local_domain, lambda: self.users, self.queue,
                                 self.intake,
                                 tls_context, SenderPolicy(config.senders, self.router.owners),
-                                self.router, blocking_twin(self.resolver), events=self.events,
+                                self.router, self.blocking_resolver, events=self.events,
                                 filters=lambda: self.filters)
         backend.primary_domain_of = lambda: self.config.domains[0] if self.config.domains \
             else None
@@ -402,7 +430,6 @@ class Server:
         self._bound = []
         if self.delivery:
             await self.delivery.stop(grace)
-            await self.delivery.remote.close()  # the idle outbound connections
         if self.mta_sts:
             # After delivery: attempts still finishing may be waiting for a policy.
             await self.mta_sts.stop()

@@ -37,7 +37,7 @@ from pathlib import Path
 from ..config import CONFIG_FILE, Config, load_config, setting_line
 from ..delivery.manager import mda_command
 from ..delivery.relay import RelayFailure, relay_from_config
-from ..delivery.remote import verifying_tls_context
+from ..delivery.results import verifying_tls_context
 from ..dnsresolver import make_resolver
 from ..errors import ConfigError, MailrelayError
 from ..fsutil import write_all

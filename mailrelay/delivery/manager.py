@@ -13,6 +13,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..address import domain_of
 from ..ops.events import Events
@@ -30,7 +31,10 @@ from ..queue import (
 from .dsn import FailedRecipient, build_dsn, is_auto_generated
 from .local import Maildirs
 from .pipe import SpooledMessage, run_pipe
-from .remote import COMMAND, LOCAL, MX, RELAY, Outcome, RecipientResult, RemoteDelivery
+from .results import COMMAND, LOCAL, MX, RELAY, Outcome, RecipientResult
+
+if TYPE_CHECKING:
+    from .remote import RemoteDelivery
 
 log = logging.getLogger("mailrelay.delivery")
 
@@ -75,7 +79,7 @@ class DeliveryManager:
     def __init__(
         self,
         queue: Queue,
-        remote: RemoteDelivery,
+        remote: Callable[[], RemoteDelivery],
         maildirs: Maildirs,
         is_local_domain: Callable[[str], bool],
         local_mailbox: Callable[[str], str | None],
@@ -90,7 +94,11 @@ class DeliveryManager:
     ):
         self.queue = queue
         self.events = events if events is not None else Events()
-        self.remote = remote
+        # The SMTP client (aiosmtplib, dnspython, MTA-STS) is made for the first remote
+        # delivery: a server that has delivered only locally, or nothing yet, does not
+        # carry it.
+        self._make_remote = remote
+        self._remote: RemoteDelivery | None = None
         self.maildirs = maildirs
         self.is_local_domain = is_local_domain
         self.local_mailbox = local_mailbox
@@ -207,8 +215,14 @@ class DeliveryManager:
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="delivery-scheduler")
 
+    def remote(self) -> RemoteDelivery:
+        if self._remote is None:
+            self._remote = self._make_remote()
+        return self._remote
+
     async def stop(self, timeout: float = 30.0) -> None:
-        """Stop starting attempts; wait (bounded) for attempts in flight."""
+        """Stop starting attempts; wait (bounded) for attempts in flight, then close the
+        idle outbound connections."""
         self._stopping = True
         self._wakeup.set()
         if self._runner:
@@ -219,6 +233,8 @@ class DeliveryManager:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        if self._remote is not None:
+            await self._remote.close()
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -316,7 +332,7 @@ class DeliveryManager:
     async def _deliver_remote(self, item: QueueItem, domain: str, addresses: list[str],
                               data: bytes) -> list[RecipientResult]:
         try:
-            return await self.remote.deliver(domain, item.sender, addresses, data)
+            return await self.remote().deliver(domain, item.sender, addresses, data)
         except Exception as exc:
             return _unexpected(item, exc, addresses, MX)
 

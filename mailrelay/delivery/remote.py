@@ -32,31 +32,30 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from enum import Enum
-from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
 import aiosmtplib.protocol
 import aiosmtplib.smtp
 
-from ..errors import ConfigError
 from .dsn import header_section
 from .mx import MXHost, PermanentDNSError, TemporaryDNSError, resolve_mx
 from .relay import Relay, RelayFailure
+from .results import (  # noqa: F401 (Outcome, RecipientResult: this module's API too)
+    COMMAND,
+    LOCAL,
+    MX,
+    NOT_CONNECTED,
+    PLAIN,
+    RELAY,
+    UNVERIFIED,
+    VERIFIED,
+    Outcome,
+    RecipientResult,
+    verifying_tls_context,
+)
 
 log = logging.getLogger("mailrelay.delivery")
-
-VERIFIED = "verified"
-UNVERIFIED = "unverified"
-PLAIN = "plain"
-NOT_CONNECTED = "-"  # the TLS state of a result from a host we never talked to
-
-# How a recipient was reached (RecipientResult.via, the mail log's via=, the metrics' via).
-MX = "mx"  # an MX host of the recipient's domain (remote_host names it)
-RELAY = "relay"  # the smarthost of delivery.relay (remote_host names it)
-LOCAL = "local"  # a local mailbox: its Maildir, or delivery.local_mda
-COMMAND = "pipe"  # the command of an alias "| command"
 
 # How long a host whose certificate does not verify goes straight to unverified TLS,
 # so it does not cost two connections per message; and how many such hosts we remember.
@@ -105,25 +104,6 @@ class _LinearReplyProtocol(aiosmtplib.protocol.SMTPProtocol):
 
 # aiosmtplib.SMTP makes its protocol by this module-level name.
 aiosmtplib.smtp.SMTPProtocol = _LinearReplyProtocol  # type: ignore[misc]
-
-
-class Outcome(Enum):
-    SENT = "sent"
-    TEMPORARY = "temporary"
-    PERMANENT = "permanent"
-
-
-@dataclass(frozen=True)
-class RecipientResult:
-    """One recipient's outcome of one delivery attempt, whatever delivered it."""
-
-    address: str
-    outcome: Outcome
-    reply: str  # the remote reply ("550 5.1.1 no such user") or our own reason
-    remote_host: str | None = None  # the MX host or relay that answered; None: none did
-    tls: str = PLAIN  # plain | unverified | verified (| "-": not connected)
-    tls_version: str | None = None  # "TLSv1.3"; None in the clear
-    via: str = MX  # MX | RELAY | LOCAL | COMMAND
 
 
 class STSPolicy(Protocol):
@@ -187,17 +167,6 @@ def _opportunistic_tls_context() -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
-
-
-def verifying_tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    """Trust anchors from ``delivery.ca_file`` (or the system's), for MX hosts and MTA-STS
-    policy hosts alike. create_default_context: CERT_REQUIRED and check_hostname."""
-    try:
-        if ca_file is None:
-            return ssl.create_default_context()
-        return ssl.create_default_context(cafile=str(ca_file))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"delivery.ca_file {ca_file}: {exc}") from None
 
 
 class _Limits:

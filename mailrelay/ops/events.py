@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .metrics import Counter, Gauge, Histogram, Registry
 
 if TYPE_CHECKING:
-    from ..delivery.remote import RecipientResult
+    from ..delivery.results import RecipientResult
     from ..policy.authres import AuthResults
     from ..queue import Queue, QueueItem, Recipient
     from ..smtp.session import SessionInfo

@@ -106,7 +106,7 @@ class PolicyBackend:
         tls_context: ssl.SSLContext | None,
         senders: SenderPolicy,
         router: Router,
-        dns_resolver: dns.resolver.Resolver,
+        dns_resolver: Callable[[], dns.resolver.Resolver],
         events: Events | None = None,
         filters: Callable[[], Filters] | None = None,
     ):
@@ -128,7 +128,7 @@ class PolicyBackend:
         self.senders = senders
         self.router = router
         self.events = events if events is not None else Events()
-        self._dns = dns_resolver
+        self._dns = dns_resolver  # made at the first message from outside
         # The filters of the configuration now (a reload rebuilds them); none by default.
         if filters is None:
             no_filters = Filters(Hooks(cwd=config.config_dir))
@@ -398,11 +398,13 @@ class PolicyBackend:
 
         from .authres import check_message, decide, strip_our_authentication_results
 
+        resolver = self._dns()
+
         def run() -> tuple[AuthResults, bytes]:
             cleaned = strip_our_authentication_results(body, self.hostname, arc=True)
             results = check_message(cleaned, client_ip=info.peer_ip, helo=info.helo,
                                     mail_from=sender, authserv_id=self.hostname,
-                                    dns=self.config.dns, resolver=self._dns, fields=fields)
+                                    dns=self.config.dns, resolver=resolver, fields=fields)
             return results, cleaned
 
         # In a thread: lookups block, and parsing and hashing take time on big messages.
