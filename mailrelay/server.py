@@ -24,6 +24,7 @@ from .intake import Intake
 from .message.dkim.keys import KeyRing
 from .message.dkim.outgoing import MessageSigner
 from .message.filters import Filters
+from .ops import memory
 from .ops.activation import activated_sockets
 from .ops.control import ControlServer, socket_path
 from .ops.events import Events
@@ -41,7 +42,6 @@ from .smtp.listener import (
     Listeners,
     ListeningSocket,
     bind_all,
-    give_back_freed_memory,
     open_files_budget,
 )
 from .smtp.session import Port
@@ -462,7 +462,7 @@ async def serve(config: Config) -> int:
     ``RELOADING=1`` … ``READY=1`` around a reload and ``STOPPING=1`` when told to stop.
     """
     notifier = Notifier()
-    give_back_freed_memory()
+    memory.give_back_big_buffers()
     try:
         activated = activated_sockets()
     except ConfigError as exc:

@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import errno
-import functools
-import gc
 import itertools
 import logging
 import os
@@ -32,6 +28,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ..ops import memory
 from .proxy import IPNetwork, ProxyError, is_trusted, read_proxy_header_from_socket
 from .session import Backend, Port, Session, SessionInfo, describe_tls_error
 from .stream import DataBudget
@@ -43,12 +40,9 @@ TLS_HANDSHAKE_TIMEOUT = 30.0
 PROXY_HEADER_TIMEOUT = 5.0
 # Connections taken from the kernel's queue per wake-up (asyncio's own figure).
 ACCEPT_BATCH = 100
-# HeapTrimmer: see there.
-TRIM_AFTER = 100
-TRIM_DATA = 16 * 1024 * 1024
-TRIM_INTERVAL = 10.0
-TRIM_SLACK = 16 * 1024 * 1024
-WATCH_INTERVAL = 30.0
+# After this many connections at once, the heap is trimmed when the last one closes
+# (ops/memory.py).
+CROWD = 100
 # Out of file descriptors (or kernel memory): accepting stops this long, and one line
 # per LOG_INTERVAL says so.
 ACCEPT_PAUSE = 1.0
@@ -211,7 +205,7 @@ class Listeners:
         self._accept_error_log = _OnceEvery(LOG_INTERVAL)
         self._proxy_log = _OnceEvery(1.0)
         self._files_log = _OnceEvery(LOG_INTERVAL)
-        self.trimmer = HeapTrimmer(data_budget)
+        self._crowd = False  # CROWD connections or more since the last trim
 
     async def start(self, port: Port, sock: socket.socket) -> None:
         """Serve ``sock``, a listening socket from ``bind`` (or systemd)."""
@@ -220,7 +214,6 @@ class Listeners:
         sock.setblocking(False)
         self.listening.append((port, sock))
         self._resume(port, sock)
-        self.trimmer.start()
 
     # -- accepting ---------------------------------------------------------------------
 
@@ -288,7 +281,7 @@ class Listeners:
                 return
         task = asyncio.get_running_loop().create_task(self._serve(info, conn, key, proxied))
         self.sessions[task] = None
-        self.trimmer.opened(len(self.sessions))
+        self._crowd = self._crowd or len(self.sessions) >= CROWD
 
     def _refuse(self, info: SessionInfo, conn: socket.socket, reply: str) -> None:
         """Say why (not on 465: that would take a TLS handshake, what a flood wants) and
@@ -350,7 +343,9 @@ class Listeners:
                 # The session's info knows the user it authenticated as, if any.
                 self.backend.events.disconnected(session.info if session else info,
                                                  time.monotonic() - started)
-            self.trimmer.closed(len(self.sessions))
+            if self._crowd and not self.sessions:
+                self._crowd = False
+                memory.trim()
 
     async def _read_proxy_header(self, info: SessionInfo, conn: socket.socket) -> bool:
         """Take the client's address from the PROXY header; False (logged) if none."""
@@ -397,7 +392,6 @@ class Listeners:
         """Stop accepting new connections. Sessions between transactions are closed with
         421; those in a transaction go on (see drain)."""
         self._closed = True
-        self.trimmer.stop()
         loop = asyncio.get_running_loop()
         for _, sock in self.listening:
             if sock.fileno() >= 0:
@@ -417,92 +411,6 @@ class Listeners:
                 await asyncio.wait(pending, timeout=5)
 
 
-class HeapTrimmer:
-    """Gives memory the process no longer uses back to the kernel, which glibc does not
-    do by itself for memory in the middle of its heap (issue 16, rows 2 and 20: after a
-    flood the process stayed at 1.3 GiB).
-
-    The heap is trimmed when the connections open fall back from at least TRIM_AFTER to
-    a tenth of that, or when no message is in flight any more after TRIM_DATA bytes of
-    them (at most once per TRIM_INTERVAL); and every WATCH_INTERVAL when the resident
-    size is TRIM_SLACK above the lowest seen, at start or after a trim (delivery reads
-    messages too).
-    A trim takes milliseconds. Elsewhere than with glibc nothing happens.
-    """
-
-    def __init__(self, budget: DataBudget | None):
-        self.budget = budget
-        self.peak = 0  # connections open at most since the last trim
-        self.trimmed = -TRIM_INTERVAL
-        self.taken_at_trim = 0
-        self.pending = False
-        self.floor: int | None = None  # the lowest resident size, at start or trimmed
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None and _libc() is not None:
-            self.floor = resident_size()
-            self._task = asyncio.get_running_loop().create_task(self._watch())
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-
-    def opened(self, sessions: int) -> None:
-        self.peak = max(self.peak, sessions)
-
-    def closed(self, sessions: int) -> None:
-        budget = self.budget
-        crowd = self.peak >= TRIM_AFTER and sessions <= self.peak // 10
-        big_data = (budget is not None and budget.used == 0
-                    and budget.taken - self.taken_at_trim >= TRIM_DATA)
-        if not (crowd or big_data) or self.pending:
-            return
-        wait = self.trimmed + TRIM_INTERVAL - time.monotonic()
-        if wait > 0:  # trimmed a moment ago: once more when the interval is over
-            self.pending = True
-            asyncio.get_running_loop().call_later(wait, self._later, sessions)
-            return
-        self.peak = sessions
-        self.trim("after a crowd" if crowd else "after big messages")
-
-    def _later(self, sessions: int) -> None:
-        self.pending = False
-        self.closed(sessions)
-
-    def trim(self, why: str) -> None:
-        self.trimmed = time.monotonic()
-        if self.budget is not None:
-            self.taken_at_trim = self.budget.taken
-        # Garbage in reference cycles waits for the collector, which an idle server does
-        # not run; the young generations hold it and are quick to collect (a full
-        # collection walks every object, the queue's too).
-        gc.collect(1)
-        trim_heap()
-        size = resident_size()
-        if size is not None:
-            self.floor = size if self.floor is None else min(self.floor, size)
-        log.debug("heap trimmed (%s): %s", why,
-                  f"{size / 2**20:.0f} MiB resident" if size is not None else "?")
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(WATCH_INTERVAL)
-            size = resident_size()
-            if size is not None and (self.floor is None or size > self.floor + TRIM_SLACK):
-                self.trim("resident size up")
-
-
-def resident_size() -> int | None:
-    """This process's resident memory in bytes (Linux), or None."""
-    try:
-        with open("/proc/self/statm", "rb") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def open_files_budget(outbound: int) -> int | None:
     """Connections we may accept before the process runs out of descriptors: the soft
     open-files limit, less ``outbound`` (delivery's connections) and 64 for queue
@@ -511,40 +419,6 @@ def open_files_budget(outbound: int) -> int | None:
     if soft == resource.RLIM_INFINITY:
         return None
     return max(1, soft - outbound - 64)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if not name or "libc.so" not in name:
-        return None
-    try:
-        return ctypes.CDLL(name)
-    except OSError:
-        return None
-
-
-def trim_heap() -> None:
-    """glibc: hand the free memory at the heap's end and in its free pages back to the
-    kernel (after a flood of connections, whose small objects are gone)."""
-    libc = _libc()
-    if libc is not None:
-        with contextlib.suppress(AttributeError):
-            libc.malloc_trim(0)
-
-
-def give_back_freed_memory() -> None:
-    """glibc: allocations of 128 KiB or more get mappings of their own, returned to the
-    kernel when freed. asyncio gives each TLS connection a 256 KiB buffer from the
-    start of its handshake, and glibc raises its threshold after the first such buffer
-    is freed: a flood of connections then leaves the process hundreds of MiB larger for
-    good (issue 16, row 2). Setting the threshold turns that adjustment off. Elsewhere
-    (musl, macOS) nothing happens."""
-    libc = _libc()
-    if libc is not None:
-        with contextlib.suppress(AttributeError):
-            m_mmap_threshold = -3  # malloc.h
-            libc.mallopt(m_mmap_threshold, 128 * 1024)
 
 
 def _where(sock: socket.socket) -> str:
