@@ -132,10 +132,10 @@ def test_read_header_caps_size_and_fields():
 
 def test_read_header_of_a_huge_message_without_a_blank_line_is_quick():
     data = b"Subject: x\r\n" + b" y\r\n" * 12_000_000  # 48 MB, never a blank line
-    started = time.perf_counter()
+    started = time.thread_time()
     with pytest.raises(HeaderError):
         read_header(data)
-    elapsed = time.perf_counter() - started
+    elapsed = time.thread_time() - started
     assert elapsed < 0.5, elapsed
 
 

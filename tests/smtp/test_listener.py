@@ -86,10 +86,16 @@ async def test_a_flood_of_silent_connections_to_465(env, tmp_path):
         for _ in range(60):
             sockets += await asyncio.gather(*(open_silent(env.ports["submission_tls"], s)
                                               for s in sources))
-        await asyncio.sleep(0.5)
-        refused = [s for s in sockets if closed_by_server(s)]
-        fds_peak, rss_peak = fd_count(server.pid), rss_mib(server.pid)
         assert time.monotonic() - started < timeout, "the flood took too long to open"
+        # The server takes them from the kernel's queue as fast as it can: on a loaded
+        # machine that can take a moment, so the count is awaited, not sampled once.
+        settle = time.monotonic() + timeout * 0.8
+        while True:
+            refused = [s for s in sockets if closed_by_server(s)]
+            if len(refused) >= len(sockets) - 200 or time.monotonic() > settle:
+                break
+            await asyncio.sleep(0.05)
+        fds_peak, rss_peak = fd_count(server.pid), rss_mib(server.pid)
         assert len(refused) == len(sockets) - 200, (len(refused), len(sockets))
         assert fds_peak - fds_before <= 200 + 5, (fds_before, fds_peak)
 

@@ -122,9 +122,9 @@ def test_each_failure_is_constant_time(tracked):
     for n in range(tracked):
         throttle.failure(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}")
     assert len(throttle) == tracked
-    started = time.perf_counter()
+    started = time.thread_time()  # CPU time: other processes do not add to it
     for n in range(10_000):  # new clients at the cap: each evicts one
         throttle.failure(f"11.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}")
-    per_failure = (time.perf_counter() - started) / 10_000
+    per_failure = (time.thread_time() - started) / 10_000
     assert len(throttle) == tracked
     assert per_failure < 50e-6, f"{per_failure * 1e6:.1f} µs per failure at {tracked} clients"
