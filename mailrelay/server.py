@@ -62,6 +62,12 @@ PID_FILE = "mailrelay.pid"
 
 
 class Server:
+    """The running server, wired in one place: the configuration and what it loads
+    (users, aliases, DKIM keys, certificates), the queue and its delivery, the listeners
+    with the policy behind them and the intake, the control socket and metrics. It
+    reloads on SIGHUP and when files change, and stops in order (listeners, sessions in
+    flight, delivery)."""
+
     def __init__(self, config: Config,
                  activated: dict[str, list[socket.socket]] | None = None):
         """``activated``: listening sockets from systemd by listener kind (those kinds

@@ -99,6 +99,10 @@ def read_headers(item: QueueItem, limit: int = MAX_HEADER_BYTES) -> str:
 # -- the server side ---------------------------------------------------------------------
 
 class ControlServer:
+    """The unix socket ``mailrelay queue`` and ``mailrelay auth`` talk to: one JSON
+    request per line, bounded in size, nesting and time; answers from the running
+    queue, delivery and login throttle."""
+
     def __init__(self, path: Path, queue: Queue, delivery: DeliveryManager,
                  users: Callable[[str], dict[str, str | None]] | None = None):
         self.path = Path(path)

@@ -158,6 +158,8 @@ class _Token:
 
 
 class _Lexer:
+    """Tokens of protobuf's text format, with their line numbers for errors."""
+
     def __init__(self, data: bytes, path: Path | None):
         self.data = data
         self.path = path

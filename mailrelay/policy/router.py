@@ -28,6 +28,10 @@ class Expansion:
 
 
 class Router:
+    """Where each envelope recipient goes: our users' mailboxes, aliases (and their
+    pipes and forwards), SRS addresses of ours back to the original sender, and the
+    catch-all last. RCPT asks it whether an address exists; the intake, where to."""
+
     def __init__(
         self,
         is_local_domain: Callable[[str], bool],
