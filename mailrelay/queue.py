@@ -44,6 +44,7 @@ class QueueFullError(Exception):
     """The queue refuses new messages (size cap or disk floor): tell the client 452."""
 
 
+# Recipient kinds (also an alias target's): the one place they are defined.
 EMAIL = "email"  # an address, remote (SMTP) or of a local user
 MAILBOX = "mailbox"  # a local user's Maildir
 PIPE = "pipe"  # a command, from an alias "| command"

@@ -193,10 +193,6 @@ def format_result(result: CheckResult) -> str:
     return "\n".join(lines)
 
 
-def format_results(domain: str, results: list[CheckResult]) -> str:
-    return "\n".join([*map(format_result, results), format_summary(domain, results)])
-
-
 def format_summary(domain: str, results: list[CheckResult], down: str | None = None) -> str:
     lines = []
     to_fix = [r for r in results if not r.good and r.status != ERROR]

@@ -16,10 +16,9 @@ import secrets
 import textwrap
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import format_datetime
 
-from ..message.headers import parse_headers
+from ..message.headers import parse_headers, split_message, to_crlf
+from ..message.received import rfc5322_date
 
 ACTIONS = frozenset({"failed", "delayed", "delivered", "relayed", "expanded"})
 
@@ -30,8 +29,6 @@ _STATUS_RE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 # "smtp; ...", "x-mailrelay; ...": the caller already chose a diagnostic-type.
 _TYPED_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]*;")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
-_NEWLINE_RE = re.compile(rb"\r\n|\r|\n")
-_BLANK_LINE_RE = re.compile(rb"(?:^|\n)(\r?\n)")
 
 # Keep folded field lines comfortably below the 998-octet limit of RFC 5322.
 _FOLD_WIDTH = 78
@@ -49,15 +46,11 @@ class FailedRecipient:
     relay: bool = False  # remote_mta is our smarthost (delivery.relay), not the recipient's MX
 
 
-def header_section(message: bytes) -> bytes:
-    """The bytes up to and including the first empty line (CRLF or LF).
-
-    A message without an empty line is all header, so it is returned whole.
-    """
-    match = _BLANK_LINE_RE.search(message)
-    if match is None:
-        return message
-    return message[: match.end(1)]
+def returned_headers(message: bytes) -> bytes:
+    """What a DSN with RET=HDRS returns: the header section and the empty line after it
+    (a message without one is all header, returned whole)."""
+    head, rest = split_message(message)
+    return head + rest[:2 if rest.startswith(b"\r\n") else 1]
 
 
 def _unfolded_headers(message: bytes) -> list[tuple[str, str]]:
@@ -107,18 +100,6 @@ def _fold(name: str, value: str) -> str:
     return "\r\n".join(lines)
 
 
-def _crlf(data: bytes) -> bytes:
-    """Normalise line endings to CRLF; untouched (same object) when already clean."""
-    if re.search(rb"\r(?!\n)|(?<!\r)\n", data) is None:
-        return data
-    return _NEWLINE_RE.sub(b"\r\n", data)
-
-
-def _date(ts: float) -> str:
-    # Numeric zone (+0000): "GMT" is only an obsolete form in RFC 5322.
-    return format_datetime(datetime.fromtimestamp(ts, UTC))
-
-
 def _address_field(address: str) -> str:
     """Address with its RFC 3464 address-type; RFC 6533 "utf-8" when it is not ASCII."""
     address = _clean(address)
@@ -162,7 +143,7 @@ def _delivery_status(
     if envid:
         per_message.append(_fold("Original-Envelope-Id", _clean(envid)))
     if arrival_date is not None:
-        per_message.append(f"Arrival-Date: {_date(arrival_date)}")
+        per_message.append(f"Arrival-Date: {rfc5322_date(arrival_date)}")
     blocks = ["\r\n".join(per_message)]
     for rcpt in recipients:
         fields: list[str] = []
@@ -178,7 +159,7 @@ def _delivery_status(
             fields.append(_fold("Remote-MTA", f"dns; {_clean(rcpt.remote_mta)}"))
         if _clean(rcpt.diagnostic):
             fields.append(_fold("Diagnostic-Code", _diagnostic_field(rcpt.diagnostic)))
-        fields.append(f"Last-Attempt-Date: {_date(now)}")
+        fields.append(f"Last-Attempt-Date: {rfc5322_date(now)}")
         blocks.append("\r\n".join(fields))
     # Blocks are separated by one blank line; the part ends with a line break.
     return "\r\n\r\n".join(blocks) + "\r\n"
@@ -269,9 +250,9 @@ def build_dsn(
         raise ValueError("reporting_mta is required")
 
     # SMTP requires CRLF; a message with bare LFs is the only case where we alter bytes.
-    original = _crlf(original_message)
+    original = to_crlf(original_message)
     full = return_full and len(original) <= max_returned_bytes
-    returned = original if full else header_section(original)
+    returned = original if full else returned_headers(original)
     # RFC 6533 message/global(-headers) would claim the headers are UTF-8, which raw 8-bit
     # headers from non-SMTPUTF8 clients often are not; the 8bit CTE is the honest label.
     returned_type = "message/rfc822" if full else "text/rfc822-headers"
@@ -317,7 +298,7 @@ def build_dsn(
         f"To: <{sender}>",
         "Subject: "
         + (SUBJECT_DELAYED if all(r.action == "delayed" for r in recipients) else SUBJECT_FAILED),
-        f"Date: {_date(now)}",
+        f"Date: {rfc5322_date(now)}",
         f"Message-ID: <{secrets.token_hex(16)}@{mta}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",

@@ -38,7 +38,7 @@ import aiosmtplib
 import aiosmtplib.protocol
 import aiosmtplib.smtp
 
-from .dsn import header_section
+from ..message.headers import header_section
 from .mx import MXHost, PermanentDNSError, TemporaryDNSError, resolve_mx
 from .relay import Relay, RelayFailure
 from .results import (  # noqa: F401 (Outcome, RecipientResult: this module's API too)

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..address import AddressError, normalize_domain
-from ..delivery.dsn import header_section
+from ..delivery.dsn import returned_headers
 from ..errors import ConfigError, MailrelayError
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ def read_headers(item: QueueItem, limit: int = MAX_HEADER_BYTES) -> str:
         handle.seek(item.body_offset)
         head = handle.read(limit)
     # Headers are ASCII or (SMTPUTF8) UTF-8; anything else still shows, replaced.
-    return header_section(head).decode("utf-8", "replace")
+    return returned_headers(head).decode("utf-8", "replace")
 
 
 # -- the server side ---------------------------------------------------------------------

@@ -38,10 +38,6 @@ class Notifier:
             log.warning("NOTIFY_SOCKET=%s: unsupported address, not notifying systemd", value)
         self._socket: socket.socket | None = None
 
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
     def notify(self, **fields: object) -> bool:
         """Send ``notify(READY=1, STATUS="…")``; True when sent. Never raises: systemd
         being gone must not take the mail server down with it."""

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from ..address import AddressError, normalize_domain, normalize_local, split, strip_suffix
 from ..config import AliasSettings
 from ..errors import ConfigError
+from ..queue import EMAIL, MAILBOX, PIPE
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -42,9 +43,9 @@ log = logging.getLogger("mailrelay.aliases")
 ALIASES_FILE = "aliases"
 CATCH_ALL = "*"
 
-EMAIL = "email"  # an address: remote, or local but final (never re-resolved)
-PIPE = "pipe"  # a command line, the message on its stdin
-MAILBOX = "mailbox"  # a local user
+# What a target is (the queue's recipient kinds): EMAIL an address, remote or local but
+# final (never re-resolved); PIPE a command line, the message on its stdin; MAILBOX a
+# local user.
 
 # One resolution may visit at most this many addresses: fan-out across ten levels
 # could otherwise take exponential time on every RCPT.

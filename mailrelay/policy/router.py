@@ -8,10 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..address import AddressError, normalize_domain, split
-from ..queue import EMAIL, Recipient
-from ..queue import MAILBOX as QUEUE_MAILBOX
-from ..queue import PIPE as QUEUE_PIPE
-from .aliases import MAILBOX, PIPE, Aliases, Target
+from ..queue import EMAIL, MAILBOX, PIPE, Recipient
+from .aliases import Aliases, Target
 from .srs import SRS, SRSError
 from .users import Users
 
@@ -151,10 +149,10 @@ class Router:
                        else self._aliases().resolve(address, self.is_user, self.is_local_domain))
             for target in targets:
                 if target.kind == PIPE:
-                    add(Recipient(address, kind=QUEUE_PIPE, command=target.value,
+                    add(Recipient(address, kind=PIPE, command=target.value,
                                   params=dict(rcpt_params)), address)
                 elif target.kind == MAILBOX:
-                    add(Recipient(target.value, kind=QUEUE_MAILBOX, params=dict(rcpt_params)),
+                    add(Recipient(target.value, kind=MAILBOX, params=dict(rcpt_params)),
                         address)
                 else:
                     add(Recipient(target.value, params=dict(rcpt_params)), address)

@@ -11,6 +11,8 @@ import asyncio
 import io
 from dataclasses import dataclass
 
+from ..message.headers import to_crlf
+
 READ_CHUNK = 256 * 1024
 END_OF_DATA = b"\r\n.\r\n"
 # DATA is processed (un-dot-stuffed, line endings normalised) a run of lines at a time
@@ -245,7 +247,7 @@ def _unstuff_into(out: io.BytesIO, tail: bytearray, end: int, first: bool) -> bo
         return False
     if b"\r\n." in run:
         run = run.replace(b"\r\n.", b"\r\n")
-    run = normalize_line_endings(run)
+    run = to_crlf(run)
     if first:
         with memoryview(run) as view:
             out.write(view[2:])
@@ -254,9 +256,3 @@ def _unstuff_into(out: io.BytesIO, tail: bytearray, end: int, first: bool) -> bo
     return True
 
 
-def normalize_line_endings(body: bytes) -> bytes:
-    """Turn bare LF and bare CR into CRLF (RFC 5321 2.3.8: only CRLF ends a line)."""
-    crlf = body.count(b"\r\n")
-    if body.count(b"\n") == crlf and body.count(b"\r") == crlf:
-        return body
-    return body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")

@@ -11,7 +11,7 @@ from email.utils import parsedate_to_datetime
 import pytest
 
 from mailrelay.delivery import dsn
-from mailrelay.delivery.dsn import FailedRecipient, build_dsn, header_section, is_auto_generated
+from mailrelay.delivery.dsn import FailedRecipient, build_dsn, is_auto_generated, returned_headers
 from tests.support.linear import assert_linear
 
 ORIGINAL_HEADERS = (
@@ -415,7 +415,7 @@ def test_rejects_unknown_action() -> None:
         bounce(recipients=[FailedRecipient("b@remote.test", "5.0.0", "x", action="bounced")])
 
 
-# -- header_section ------------------------------------------------------------------------
+# -- returned_headers ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -430,8 +430,8 @@ def test_rejects_unknown_action() -> None:
         (b"A: 1\r\n \r\nB: 2\r\n\r\nbody", b"A: 1\r\n \r\nB: 2\r\n\r\n"),  # whitespace != empty
     ],
 )
-def test_header_section(message: bytes, expected: bytes) -> None:
-    assert header_section(message) == expected
+def test_returned_headers(message: bytes, expected: bytes) -> None:
+    assert returned_headers(message) == expected
 
 
 # -- is_auto_generated ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from mailrelay.message.headers import to_crlf
 from mailrelay.smtp import stream as stream_module
 from mailrelay.smtp.stream import (
     END_OF_DATA,
@@ -18,7 +19,6 @@ from mailrelay.smtp.stream import (
     LineTooLong,
     Reservation,
     SMTPStream,
-    normalize_line_endings,
 )
 
 
@@ -397,13 +397,13 @@ async def test_read_data_normalises_bare_line_endings():
         (b"a\r\r\nb", b"a\r\n\r\nb"),  # bare CR then CRLF
     ],
 )
-def test_normalize_line_endings(raw, expected):
-    assert normalize_line_endings(raw) == expected
+def test_to_crlf(raw, expected):
+    assert to_crlf(raw) == expected
 
 
 def test_normalize_line_endings_returns_same_object_when_clean():
     body = b"x\r\ny\r\n"
-    assert normalize_line_endings(body) is body
+    assert to_crlf(body) is body
 
 
 # --- DATA processed as it arrives (issue 16, rows 13, 20, 11) ------------------------------
@@ -420,7 +420,7 @@ def one_pass(wire: bytes) -> bytes:
         body = body.replace(b"\r\n.", b"\r\n")
     if body.startswith(b"."):
         body = body[1:]
-    return normalize_line_endings(body)
+    return to_crlf(body)
 
 
 @hypothesis.settings(max_examples=400, deadline=None)

@@ -24,6 +24,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
+from ..headers import split_message, to_crlf
+
 RSA_SHA256 = "rsa-sha256"
 ED25519_SHA256 = "ed25519-sha256"
 
@@ -79,7 +81,6 @@ _SIGNED_B = tuple(name.encode() for name in SIGNED_HEADERS)
 _SIGNED_FIELD = re.compile(
     rb"\n((?i:" + b"|".join(map(re.escape, _SIGNED_B)) + rb"|list-[\x21-\x39\x3b-\x7e]*))"
     rb"[ \t]*:[ \t]*(?:\r\n[ \t]+)*(.*+(?:\n[ \t].*+)*+)")
-_NOT_CR_LF = bytes(b for b in range(256) if b not in b"\r\n")
 _WIDTH = 78  # fold the signature field's lines at this many characters
 _PKCS1 = padding.PKCS1v15()
 _SHA256 = hashes.SHA256()
@@ -90,7 +91,7 @@ def sign(message: bytes, keys: Sequence[DKIMKey], *, timestamp: int | None = Non
     to be put in front of the message."""
     if not keys:
         return b""
-    header_block, body = _split(_crlf(message))
+    header_block, body = _split(to_crlf(message))
     body_hash = binascii.b2a_base64(_body_hash(body), newline=False)
     layout, canonical_headers = _header_fields(header_block)
     when = int(time.time()) if timestamp is None else int(timestamp)
@@ -98,24 +99,12 @@ def sign(message: bytes, keys: Sequence[DKIMKey], *, timestamp: int | None = Non
                      for key in keys])
 
 
-def _crlf(message: bytes) -> bytes:
-    """The message with every line ending as CRLF, as it goes on the wire: our SMTP
-    input and aiosmtplib's output both turn a bare LF or bare CR into CRLF."""
-    # Fast check (SMTP input is already clean): one CR and one LF per CRLF, no others.
-    # (Measured: faster than comparing the counts of CR, LF and CRLF.)
-    if len(message.translate(None, _NOT_CR_LF)) == 2 * message.count(b"\r\n"):
-        return message
-    return message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-
-
 def _split(message: bytes) -> tuple[bytes, bytes]:
-    """Header section and body (without the empty line between them)."""
-    if message.startswith(b"\r\n"):
-        return b"", message[2:]
-    end = message.find(b"\r\n\r\n")
-    if end < 0:
+    """Header section and body of a CRLF message (without the empty line between them)."""
+    head, rest = split_message(message)
+    if not rest:
         return message, b""
-    return message[:end], message[end + 4:]
+    return head[:-2], rest[2:]
 
 
 def _relaxed_body(body: bytes) -> bytes:
@@ -166,19 +155,11 @@ class _Layout:
     h_canonical: bytes  # and its canonical form
 
 
-def _signed_headers(header_block: bytes) -> tuple[tuple[bytes, ...], bytes]:
-    """The h= names and the relaxed canonical form of the fields they select.
-
-    h= lists each signed field as often as it occurs (in order of first appearance) and
-    each OVERSIGNED one once more; repeated fields are taken from the last instance
-    upwards (RFC 6376 5.4.2).
-    """
-    layout, canonical = _header_fields(header_block)
-    return layout.names, canonical
-
-
 def _header_fields(header_block: bytes) -> tuple[_Layout, bytes]:
-    """_signed_headers, with the layout the signature field needs."""
+    """The layout of the signed fields (h= and the field's shape) and the relaxed
+    canonical form of the fields h= selects (RFC 6376 3.4.2, 5.4.2): each signed field as
+    often as it occurs, each OVERSIGNED one once more, repeated fields from the last
+    instance upwards."""
     # One C-level pass finds the signed fields; the trailing CRLF makes every value end
     # with the CR of a CRLF, like all but the last field's do already.
     fields = _SIGNED_FIELD.findall(b"\n" + header_block + b"\r\n")

@@ -11,10 +11,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..headers import split_message
+
 Action = Literal["accept", "reject", "tempfail"]
 
 _FIELD_START = re.compile(rb"[!-9;-~]+:")  # RFC 5322 2.2: printable ASCII except ":"
-_BLANK_LINE = re.compile(rb"(\r?\n)\r?\n")
 _ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}(?: +|$)")
 _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
 _MAX_REPLY_TEXT = 400
@@ -61,10 +62,6 @@ class Verdict:
     def accepted(self) -> bool:
         return self.action == "accept"
 
-    @property
-    def changes_message(self) -> bool:
-        return bool(self.headers or self.subject is not None or self.remove_headers)
-
 
 def smtp_reply(code: int, enhanced: str, text: str, fallback: str) -> str:
     """``code`` and a filter's text, with an enhanced status code of the right class.
@@ -107,16 +104,6 @@ def _fields(section: bytes) -> list[bytes]:
     return _RAW_FIELD.findall(section)
 
 
-def _split(message: bytes) -> tuple[bytes, bytes]:
-    """(header section with its last line ending, the blank line and body)."""
-    if message.startswith((b"\r\n", b"\n")):
-        return b"", message
-    match = _BLANK_LINE.search(message)
-    if match is None:
-        return message, b""
-    return message[:match.end(1)], message[match.end(1):]
-
-
 def _field_name(raw: bytes) -> bytes | None:
     match = _FIELD_START.match(raw)
     return match.group()[:-1].lower() if match else None
@@ -129,7 +116,7 @@ def apply_verdict(message: bytes, verdict: Verdict) -> bytes:
     field is removed or the Subject replaced, and only prepended to otherwise).
     """
     if verdict.remove_headers or verdict.subject is not None:
-        section, rest = _split(message)
+        section, rest = split_message(message)
         fields = _fields(section)
         names = [_field_name(raw) for raw in fields]
         drop: set[int] = set()
@@ -166,7 +153,7 @@ def apply_verdict(message: bytes, verdict: Verdict) -> bytes:
 
 def subject_of(message: bytes, limit: int = 64 * 1024) -> str | None:
     """The first Subject: value (unfolded, as written) in the first ``limit`` bytes."""
-    section, _ = _split(message[:limit])
+    section, _ = split_message(message[:limit])
     for raw in _fields(section):
         if _field_name(raw) == b"subject":
             value = raw.split(b":", 1)[1]

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from mailrelay.message.dkim import signer
 from mailrelay.message.dkim.keys import dns_record
 from mailrelay.message.dkim.signer import OVERSIGNED, DKIMKey, sign
+from mailrelay.message.headers import to_crlf
 from tests.message.dkim.dkimtools import (
     opendkim_unavailable,
     publish,
@@ -50,6 +51,12 @@ def dnsfunc(dns_server, rsa_key, ed_key):
 @pytest.fixture(params=["rsa", "ed25519"])
 def key(request, rsa_key, ed_key) -> DKIMKey:
     return rsa_key if request.param == "rsa" else ed_key
+
+
+def signed_headers(header_block: bytes) -> tuple[tuple[bytes, ...], bytes]:
+    """The h= names and the relaxed canonical form of the fields they select."""
+    layout, canonical = signer._header_fields(header_block)
+    return layout.names, canonical
 
 
 def verify(message: bytes, dnsfunc, idx: int = 0) -> bool:
@@ -194,14 +201,14 @@ def test_wrong_key_fails(dnsfunc):
 # -- canonicalisation against RFC 6376 ------------------------------------------------------
 
 def canonical_body(body: bytes) -> bytes:
-    stripped = signer._relaxed_body(signer._crlf(body))
+    stripped = signer._relaxed_body(to_crlf(body))
     return stripped + b"\r\n" if stripped else b""
 
 
 def test_rfc6376_example_3_4_5():
     # RFC 6376 3.4.5, relaxed: "A: X\r\nB : Y\t\r\n\tZ  \r\n" -> "a:X\r\nb:Y Z\r\n";
     # the body " C \r\nD \t E\r\n\r\n\r\n" -> " C\r\nD E\r\n". Our fields stand in for A, B.
-    names, canonical = signer._signed_headers(b"From: X\r\nSubject : Y\t\r\n\tZ  ")
+    names, canonical = signed_headers(b"From: X\r\nSubject : Y\t\r\n\tZ  ")
     assert canonical == b"from:X\r\nsubject:Y Z\r\n"
     assert names == (b"from", b"from", b"subject", b"subject", b"date", b"to", b"cc",
                      b"message-id")
@@ -222,19 +229,19 @@ def test_body_edge_cases():
 
 def test_header_edge_cases():
     # Bottom-up selection of repeated fields; VT and FF in a value are not whitespace.
-    _, canonical = signer._signed_headers(b"To: 1\r\nTo:  2 \r\nSubject: a\x0b \x0c \t b ")
+    _, canonical = signed_headers(b"To: 1\r\nTo:  2 \r\nSubject: a\x0b \x0c \t b ")
     assert canonical == b"to:2\r\nto:1\r\nsubject:a\x0b \x0c b\r\n"
-    _, canonical = signer._signed_headers(b"Subject: a\x0b\r\n \tb \r\nTo: x")
+    _, canonical = signed_headers(b"Subject: a\x0b\r\n \tb \r\nTo: x")
     assert canonical == b"subject:a\x0b b\r\nto:x\r\n"
     # Field names with bytes outside printable ASCII are never listed in h=.
-    names, _ = signer._signed_headers(b"From: a\r\nList-\xe9: x\r\nList-Id: y")
+    names, _ = signed_headers(b"From: a\r\nList-\xe9: x\r\nList-Id: y")
     assert b"list-id" in names and all(name.isascii() for name in names)
 
 
 def test_header_names_and_folding_edge_cases():
     # A name folded away from its colon makes no field; "List-" alone is a list-* name;
     # a value's leading folding goes; VT is not WSP.
-    names, canonical = signer._signed_headers(
+    names, canonical = signed_headers(
         b"Subject\r\n : x\r\nList-: y\r\nTo:\r\n \r\n\tz \r\nFROM : a\x0b\r\n b")
     assert canonical == b"list-:y\r\nto:z\r\nfrom:a\x0b b\r\n"
     assert names[:5] == (b"list-", b"to", b"to", b"from", b"from")
@@ -269,7 +276,7 @@ def bodies(draw) -> bytes:
 
 @given(bodies())
 def test_body_canonicalisation_matches_dkimpy(body):
-    assert canonical_body(body) == Relaxed.canonicalize_body(signer._crlf(body))
+    assert canonical_body(body) == Relaxed.canonicalize_body(to_crlf(body))
 
 
 # -- property: random messages verify --------------------------------------------------
