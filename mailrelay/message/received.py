@@ -50,8 +50,12 @@ def submission_fixups(
     fields: list[tuple[str, str]], domain: str, now: float | None = None
 ) -> bytes:
     """Headers a submitted message lacks and receivers insist on (Gmail rejects mail
-    without Message-ID): RFC 6409 8.2 and 8.3 let a submission server add them."""
+    without Message-ID): RFC 6409 8.2 and 8.3 let a submission server add them. Not to
+    a message that is DKIM-signed already: its signature may cover their absence (h=
+    lists a field once more than it occurs), and adding one would break it."""
     present = {name.lower() for name, _ in fields}
+    if "dkim-signature" in present:
+        return b""
     added = b""
     if "message-id" not in present:
         added += f"Message-ID: {email.utils.make_msgid(domain=domain)}\r\n".encode()

@@ -44,3 +44,9 @@ def test_submission_fixups_add_a_missing_date_and_message_id_only():
     assert f"Date: {rfc5322_date(WHEN)}\r\n" in added
     assert added.startswith("Message-ID: <") and added.count("@example.com>") == 1
     assert submission_fixups([("DATE", "x"), ("message-id", "<y@z>")], "example.com") == b""
+
+
+def test_a_message_signed_already_gets_nothing_added():
+    fields = [("DKIM-Signature", "v=1; a=ed25519-sha256; h=from:date:message-id:date"),
+              ("From", "me@example.com")]
+    assert submission_fixups(fields, "example.com") == b""

@@ -10,6 +10,8 @@ import aiosmtplib
 import dkim
 import pytest
 
+from mailrelay.message.dkim.keys import load_key
+from mailrelay.message.dkim.signer import sign
 from mailrelay.message.headers import get_all, parse_headers
 from tests.support.client import RawSMTP
 from tests.support.dkim_dns import dnsfunc_for, publish_new_key
@@ -96,6 +98,24 @@ async def test_missing_message_id_and_date_are_added_and_signed(signing_relay):
     for signature in signatures(received.data):
         assert "message-id" in signature.replace(" ", "").lower()
     assert verify_all(received.data, env.dns) == [True, True]
+
+
+async def test_a_message_signed_before_submission_keeps_its_signature(signing_relay, tmp_path):
+    """A client (or a mailing list) signed it already, without Message-ID and Date but
+    with h= listing them: adding them would break that signature, so nothing is added
+    (chasquid's t-21-dkim)."""
+    env = signing_relay
+    outside = publish_new_key(env.dns, tmp_path / "keys", "example.com", "client", "ed25519")
+    key = load_key(outside, "example.com", "client")
+    bare = b"From: me@example.com\r\nTo: friend@remote.test\r\nSubject: pre\r\n\r\nhi\r\n"
+    presigned = sign(bare, [key]) + bare
+    h_tag = presigned.replace(b"\r\n ", b"").lower().split(b"h=", 1)[1].split(b";", 1)[0]
+    assert {b"date", b"message-id"} <= set(h_tag.split(b":"))
+    await env.submit(["friend@remote.test"], presigned)
+    [received] = await env.sink.until(1)
+    header = received.data.split(b"\r\n\r\n", 1)[0]
+    assert not re.search(rb"^(Message-ID|Date):", header, flags=re.M | re.I)
+    assert verify_all(received.data, env.dns) == [True, True, True]  # ours two, theirs
 
 
 async def test_dsn_generated_by_the_queue_is_signed(signing_relay):
