@@ -124,8 +124,16 @@ class Server:
         self.certificates.load()
         tls_context = self.certificates.server_context()
 
-        # A bad delivery.ca_file stops the start (ConfigError), as check says.
+        # A bad delivery.ca_file stops the start (ConfigError), as check says; so does a
+        # policy cache the client made at the first remote delivery could not use.
         self._verify_context = verifying_tls_context(config.delivery.ca_file)
+        if config.delivery.mta_sts:
+            try:
+                (config.data_dir / "mta-sts").mkdir(mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot create the MTA-STS policy cache: "
+                                  f"{exc.strerror or exc}", config.data_dir / "mta-sts"
+                                  ) from None
         self.delivery = DeliveryManager(
             self.queue, self._outbound, Maildirs(config.data_dir / "mail"), self.is_local_domain,
             local_mailbox=self._local_mailbox,

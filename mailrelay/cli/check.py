@@ -405,7 +405,10 @@ def _check_data_dir(config: Config, report: Report) -> None:
         return
     for name in DATA_SUBDIRS:
         sub = data_dir / name
-        if sub.is_dir() and (reason := _probe_file(sub)):
+        if sub.exists() and not sub.is_dir():
+            report.error("is not a directory, so the server refuses to start: move it "
+                         "aside", sub)
+        elif sub.is_dir() and (reason := _probe_file(sub)):
             report.error(f"cannot create files in it ({reason}); chown -R the data_dir to "
                          "the server's user", sub)
     queue = data_dir / "queue"
