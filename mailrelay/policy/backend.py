@@ -26,6 +26,7 @@ from ..queue import Queue, QueueFullError, new_id
 from ..smtp.parse import Path
 from ..smtp.session import Envelope, SessionInfo
 from ..smtp.throttle import AuthThrottle, client_key
+from .aliases import normalize_name
 from .dovecot import DovecotAuth
 from .router import Router
 from .senders import SenderPolicy
@@ -272,13 +273,18 @@ class PolicyBackend:
             reply = self.router.check_recipient(normal)
             if reply is not None and self.router.is_unknown(normal):
                 # Unknown to users and aliases (a catch-all included): the alias-resolve
-                # hook's turn, if there is one. Its targets are routed with the message.
-                targets = await self._filters().resolve(normal)
-                if targets is None:
-                    return f"451 4.3.0 <{address}>: cannot look the address up now, try again"
-                if targets:
-                    envelope.alias_targets[address] = targets
-                    return None
+                # hook's turn, if there is one, with the address as written and then, as
+                # chasquid asks it, without its suffix and drop characters. Its targets
+                # are routed with the message.
+                cleaned = f"{normalize_name(local, self.config.aliases)}@{domain}"
+                for name in dict.fromkeys((normal, cleaned)):
+                    targets = await self._filters().resolve(name)
+                    if targets is None:
+                        return (f"451 4.3.0 <{address}>: cannot look the address up now, "
+                                "try again")
+                    if targets:
+                        envelope.alias_targets[address] = targets
+                        return None
             return reply
         if info.user is not None:
             return None

@@ -332,6 +332,22 @@ async def test_alias_resolve_hook_answers_for_addresses_the_aliases_do_not_know(
     no_tracebacks(caplog)
 
 
+async def test_alias_resolve_hook_is_asked_without_suffix_and_drop_characters(world, caplog,
+                                                                            tmp_path):
+    """As chasquid: the address as written first, then its lookup form (chasquid's
+    t-04 alias-resolve with "vi.cu.ña+abc@")."""
+    env = world
+    asked = tmp_path / "asked"
+    write_hook(env.config_dir / "hooks" / "alias-resolve",
+               f'#!/bin/sh\necho "$1" >> {asked}\n'
+               '[ "$1" = "dyn@example.com" ] && echo "me"\nexit 0\n')
+    await start(env, caplog, aliases="postmaster: me\n")
+    assert (await port_25(env, CLEAN, rcpt="d.y.n+abc@example.com"))[0] == 250
+    await env.wait_mailbox(1)
+    assert asked.read_text().split() == ["d.y.n+abc@example.com", "dyn@example.com"]
+    no_tracebacks(caplog)
+
+
 async def test_alias_resolve_hook_is_not_asked_where_a_catch_all_answers(world, caplog,
                                                                         tmp_path):
     env = world
