@@ -199,6 +199,8 @@ class KindLimitSettings:
 
 @dataclass(frozen=True)
 class LimitSettings:
+    """``limits:``: what one client, and all together, may make the server do."""
+
     max_message_size: int = 50 * 1024 * 1024
     max_recipients: int = 100
     command_timeout: float = 300.0
@@ -678,6 +680,11 @@ def load_config(config_dir: Path | str) -> Config:
         line = top["workers"][0].start_mark.line + 1
         warnings.append(f"{path}:{line}: workers: no longer used, mailrelay runs as one "
                         "process; delete this line")
+    if not (listen.smtp or listen.submission or listen.submission_tls):
+        line = top["listen"][0].start_mark.line + 1 if "listen" in top else None
+        where = f"{path}:{line}" if line else str(path)
+        warnings.append(f"{where}: listen: no address at all: the server takes no mail "
+                        "(unless systemd passes it sockets), it only delivers its queue")
 
     domains = discover_domains(config_dir)
     if delivery.relay is not None:

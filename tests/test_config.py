@@ -642,3 +642,10 @@ def test_bad_limits(tmp_path, lines, line, words):
     error = config_error(tmp_path)
     assert_located(error, path, line)
     assert words in str(error)
+
+
+def test_a_configuration_that_listens_nowhere_loads_with_a_warning(tmp_path):
+    path = write_config(tmp_path, "hostname: h.test\nlisten:\n  smtp: []\n  submission: []\n"
+                                  "  submission_tls: []\n")
+    [warning] = load_config(tmp_path).warnings
+    assert warning.startswith(f"{path.resolve()}:2: listen: no address at all")
