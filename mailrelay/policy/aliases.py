@@ -11,9 +11,11 @@ Names on the left lose drop characters ('.'), the suffix ('+tag') and case; a ta
 without ``@`` is in the file's domain; ``*`` is the catch-all of the domain; a pipe
 (everything after ``|``) must be the only target.
 
-A later line for the same name replaces an earlier one (chasquid's behaviour). Unlike
-chasquid, which skips lines it cannot read, every malformed line is an error naming the
-file and line.
+A later line for the same name replaces an earlier one (chasquid's behaviour). As in
+chasquid (internal/aliases/aliases.go), a malformed line makes the whole file an error
+(chasquid then refuses to start); here every malformed line is reported with its file
+and line. Comments are whole lines: chasquid takes a ``#`` after a target as part of
+the address, so such a line is refused rather than read differently from chasquid.
 
 Resolution of a local address (normalised: drop characters removed, suffix cut,
 NFC+casefold): an exact alias, else a user, else the domain's catch-all, else nothing.

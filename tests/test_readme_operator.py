@@ -1,0 +1,42 @@
+"""README.md as an operator follows it: what it shows must be what mailrelay does
+(the findings of an outside operator who followed it step by step on a fresh machine)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from mailrelay.policy.aliases import CATCH_ALL, parse_text
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def readme() -> str:
+    return (REPO / "README.md").read_text()
+
+
+def block_after(marker: str, fence: str = "```") -> str:
+    """The first fenced block after ``marker`` in README."""
+    text = readme()
+    start = text.index(marker)
+    match = re.compile(re.escape(fence) + r"[a-z]*\n(.*?)```", re.S).search(text, start)
+    assert match, f"no block after {marker!r}"
+    return match.group(1)
+
+
+def test_the_aliases_example_loads_as_written():
+    """Its catch-all line had a trailing comment, which mailrelay (like chasquid, which
+    takes it as part of the address) refuses: a copied example left the domain without
+    aliases."""
+    example = block_after("Each domain may have an aliases file")
+    table, errors = parse_text(example, "example.com")
+    assert errors == []
+    assert CATCH_ALL in table and {"sales", "team", "archive"} <= set(table)
+
+
+def test_a_trailing_comment_is_refused_with_file_and_line():
+    _, errors = parse_text("sales: me\n*: me@gmail.com   # catch-all\n", "example.com",
+                           Path("/etc/mailrelay/domains/example.com/aliases"))
+    [error] = errors
+    assert str(error).startswith("/etc/mailrelay/domains/example.com/aliases:2: ")
+    assert "comments must be on their own line" in str(error)
