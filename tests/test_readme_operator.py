@@ -40,3 +40,18 @@ def test_a_trailing_comment_is_refused_with_file_and_line():
     [error] = errors
     assert str(error).startswith("/etc/mailrelay/domains/example.com/aliases:2: ")
     assert "comments must be on their own line" in str(error)
+
+
+def test_every_reloadcmd_is_try_reload_or_restart():
+    """The unit's comment said `systemctl reload`, README `try-reload-or-restart`: the
+    first --install-cert runs before the server ever started, and reloading a stopped
+    unit fails (acme.sh then reports the installation as failed)."""
+    sources = {"README.md": readme(),
+               "systemd/mailrelay.service": (REPO / "systemd/mailrelay.service").read_text()}
+    found = 0
+    for name, text in sources.items():
+        for command in re.findall(r"--reloadcmd[ \\\n#]*[\"']([^\"']+)[\"']", text):
+            found += 1
+            assert "systemctl try-reload-or-restart mailrelay" in command, (name, command)
+            assert "systemctl reload" not in command, (name, command)
+    assert found >= 2
