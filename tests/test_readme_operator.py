@@ -55,3 +55,55 @@ def test_every_reloadcmd_is_try_reload_or_restart():
             assert "systemctl try-reload-or-restart mailrelay" in command, (name, command)
             assert "systemctl reload" not in command, (name, command)
     assert found >= 2
+
+
+def documented_settings() -> set[str]:
+    """The settings README's "All settings" table names (`a.b` / `c`: a.b and a.c)."""
+    text = readme()
+    table = text[text.index("All settings, with their defaults:"):]
+    table = table[:table.index("\n\n", table.index("| setting |"))]
+    names: set[str] = set()
+    for row in table.splitlines():
+        cell = row.split("|")[1] if row.startswith("| `") else ""
+        words = re.findall(r"`([^`]+)`", cell)
+        if not words:
+            continue
+        prefix = words[0].rpartition(".")[0]
+        names.add(words[0])
+        names.update(w if "." in w or not prefix else f"{prefix}.{w}" for w in words[1:])
+    return names
+
+
+def setting_names() -> list[str]:
+    """Every setting of mailrelay.yaml, from config.py's dataclasses (as print-config
+    walks them), nested sections included."""
+    import dataclasses
+    import types
+    import typing
+
+    from mailrelay import config as config_mod
+
+    def walk(cls: type, prefix: str) -> list[str]:
+        found = []
+        hints = typing.get_type_hints(cls, vars(config_mod))
+        for item in dataclasses.fields(cls):
+            kind = hints[item.name]
+            if isinstance(kind, types.UnionType):  # e.g. RelaySettings | None
+                kind = next((k for k in kind.__args__ if dataclasses.is_dataclass(k)), kind)
+            dotted = f"{prefix}{item.name}"
+            found.append(dotted)
+            if dataclasses.is_dataclass(kind):
+                found += walk(kind, f"{dotted}.")
+        return found
+
+    skip = {"config_dir", "domains", "warnings"}
+    return [name for name in walk(config_mod.Config, "") if name.split(".")[0] not in skip]
+
+
+def test_every_setting_is_in_the_settings_table():
+    """delivery.mta_sts_port and aliases.max_depth were missing from it."""
+    documented = documented_settings()
+    missing = [name for name in setting_names()
+               if not any(name == d or name.startswith(f"{d}.") for d in documented)
+               and not any(d.startswith(f"{name}.") for d in documented)]
+    assert missing == []
