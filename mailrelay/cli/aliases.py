@@ -73,7 +73,17 @@ def register(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -
 
 
 def _editor() -> list[str]:
-    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    """$VISUAL or $EDITOR, as given (a script may name one); else, only when someone sits
+    at a terminal, the system's editor (Debian's ``editor`` alternative, or vi). Without
+    a terminal and without either variable, a full-screen editor would only hang or fail
+    half-way, so that is a one-line error instead."""
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR")
+    if not editor:
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            raise MailrelayError("no editor to run: standard input or output is not a "
+                                 "terminal and neither VISUAL nor EDITOR is set (set one, or "
+                                 "change one alias with `mailrelay aliases add` or `remove`)")
+        editor = "editor" if shutil.which("editor") else "vi"
     try:
         return shlex.split(editor)
     except ValueError as exc:

@@ -305,7 +305,10 @@ def plan_init(args: argparse.Namespace) -> Plan:
         raise _fail(f"--user {args.user}: {exc}") from None
     forward_local, forward_domain = _address("--forward-to", args.forward_to)
     forward_to = f"{forward_local}@{forward_domain}"
-    ips = [str(ip) for ip in parse_ips(args.ip)]
+    try:
+        ips = [str(ip) for ip in parse_ips(args.ip)]
+    except MailrelayError as exc:
+        raise _fail(str(exc)) from None
 
     as_root = os.geteuid() == 0
     me = str(os.geteuid())

@@ -341,3 +341,24 @@ def test_command_line_edit(confdir, editor):
     assert result.returncode == 1
     assert "line 1: expected 'name: target" in result.stderr
     assert aliases_file(confdir).read_text() == "info: me,\n"
+
+
+def test_edit_without_an_editor_or_a_terminal_is_one_line(confdir, tmp_path):
+    """No VISUAL, no EDITOR and no terminal (a script, cron, ssh without -t): it ran vi,
+    which cannot work there. Now it refuses in one line and runs nothing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ran = tmp_path / "ran"
+    for name in ("vi", "vim", "editor", "sensible-editor", "nano"):
+        (bin_dir / name).write_text(f"#!/bin/sh\necho {name} >> {ran}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("VISUAL", "EDITOR")}
+    env["PATH"] = f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}"
+    result = subprocess.run([sys.executable, "-m", "mailrelay.cli.main", "aliases", "edit",
+                             "example.com", "-c", str(confdir)], capture_output=True,
+                            text=True, timeout=60, stdin=subprocess.DEVNULL, env=env)
+    assert result.returncode == 1 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("mailrelay: no editor to run") and "EDITOR" in line
+    assert not ran.exists()
+    assert not aliases_file(confdir).exists()

@@ -336,6 +336,15 @@ def test_bad_input_is_one_line_and_writes_nothing(workdir, change, expected):
     assert list(workdir.iterdir()) == []
 
 
+def test_a_bad_ip_is_one_line_and_writes_nothing(workdir):
+    result = mailrelay(*init_args(workdir, "--password-stdin", "--ip", "203.0.113.300"),
+                       stdin="a good password\n", prefix=as_unprivileged())
+    line = one_line_error(result)
+    assert "--ip 203.0.113.300: not an IPv4 or IPv6 address" in line
+    assert line.endswith("(nothing was written)")
+    assert list(workdir.iterdir()) == []
+
+
 def test_an_existing_different_configuration_is_refused(workdir):
     prefix = as_unprivileged()
     assert mailrelay(*init_args(workdir, "--password-stdin"), stdin="password-one\n",
