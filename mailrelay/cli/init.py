@@ -228,7 +228,9 @@ def _directory(plan: Plan, path: Path, mode: int, *, own: bool = False) -> None:
 
 def _file(plan: Plan, path: Path, data: bytes, mode: int, what: str) -> None:
     if path.exists():
-        plan.add("keep", path, f"{what}; not replaced")
+        # Only "not replaced": what init would have written (`what`) need not be what
+        # the kept file says (the owner may have changed the ports since).
+        plan.add("keep", path, "not replaced")
         return
 
     def write() -> list[Path]:
@@ -250,15 +252,17 @@ def _ipv6_available() -> bool:
     return True
 
 
-def config_text(hostname: str, data_dir: Path, ipv6: bool) -> str:
+def config_text(hostname: str, data_dir: Path, ipv6: bool, systemd: bool = True) -> str:
     def addresses(port: int) -> str:
         found = [f'"0.0.0.0:{port}"'] + ([f'"[::]:{port}"'] if ipv6 else [])
         return "[" + ", ".join(found) + "]"
 
+    restart = ("`systemctl restart mailrelay`" if systemd else
+               "stop `mailrelay serve` (SIGTERM) and start it again")
     return f"""\
 # mailrelay configuration, written by `mailrelay init` on {dt.date.today():%Y-%m-%d}.
 # Every setting and its default: README.md, "Configuration". After a change:
-# `mailrelay check`, then `systemctl restart mailrelay`.
+# `mailrelay check`, then {restart}.
 
 # The name this server greets with: the MX of your domains, the PTR of its address
 # and the name on its certificate.
@@ -431,7 +435,7 @@ def _plan_files(plan: Plan, args: argparse.Namespace) -> None:
     _directory(plan, plan.data_dir, DATA_DIR_MODE, own=True)
     # Last of the configuration: a run that fails before it leaves no mailrelay.yaml.
     _file(plan, config_dir / CONFIG_FILE,
-          config_text(plan.hostname, plan.data_dir, _ipv6_available()).encode(),
+          config_text(plan.hostname, plan.data_dir, _ipv6_available(), plan.systemd).encode(),
           CONFIG_MODE, "ports 25, 587 and 465")
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..address import AddressError, normalize_domain
+from ..cli.print_config import duration
 from ..config import CONFIG_FILE, AliasSettings, TLSSettings, parse_hostport
 from ..errors import ConfigError, MailrelayError
 from ..fsutil import atomic_write, make_dirs
@@ -32,6 +33,7 @@ from ..policy.users import RECEIVE_ONLY, USERS_FILE, chasquid_entry, check_local
 from ..smtp.tls import find_certificates
 
 CHASQUID_CONF = "chasquid.conf"
+CONFIG_MODE = 0o640  # mailrelay.yaml, as init writes it: the server's group may read it
 NEW_DATA_DIR = "/var/lib/mailrelay"
 
 # chasquid.conf settings (chasquid 1.11 plus two later ones) and their types.
@@ -118,7 +120,8 @@ class Plan:
 
     def all_files(self) -> list[PlannedFile]:
         """Every file, mailrelay.yaml last (a half-finished import has none)."""
-        return [*self.files, PlannedFile(Path(CONFIG_FILE), self.config_text.encode(), 0o644)]
+        return [*self.files, PlannedFile(Path(CONFIG_FILE), self.config_text.encode(),
+                                         CONFIG_MODE)]
 
 
 @dataclass
@@ -389,8 +392,10 @@ def _delivery(conf: _Conf, plan: Plan, which: Callable[[str], str | None]) -> li
             plan.not_converted.append(f"give_up_send_after ({conf.where('give_up_send_after')}):"
                                       f" {exc}: set delivery.give_up_after by hand")
         else:
-            lines.append(f"  give_up_after: {max(1, round(seconds))}s")
-            plan.converted.append(f"delivery.give_up_after: {max(1, round(seconds))}s "
+            # In the largest unit that holds it: 72h is written 3d, not 259200s.
+            value = duration(float(max(1, round(seconds))))
+            lines.append(f"  give_up_after: {value}")
+            plan.converted.append(f"delivery.give_up_after: {value} "
                                   f"(from give_up_send_after {give_up!r})")
     binary = conf.text("mail_delivery_agent_bin")
     args = conf.strings("mail_delivery_agent_args")

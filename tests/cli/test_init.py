@@ -291,9 +291,15 @@ def test_run_again_adds_only_what_is_missing(workdir):
                       prefix=prefix)
     assert first.returncode == 0, first.stderr
     domain_dir = workdir / "etc" / "domains" / "example.com"
+    yaml_path = workdir / "etc" / "mailrelay.yaml"
+    # Made with --no-systemd: nothing in it may send the owner to systemctl.
+    assert "systemctl" not in yaml_path.read_text()
+    assert "stop `mailrelay serve` (SIGTERM) and start it again" in yaml_path.read_text()
     [ed_key] = domain_dir.glob("dkim:*-ed25519.pem")
     ed_key.unlink()
     (domain_dir / "aliases").write_text("postmaster: me\n")
+    # The owner moved the ports: the kept file is not said to have 25, 587 and 465.
+    yaml_path.write_text(yaml_path.read_text().replace(":25\"", ":2525\""))
     kept = {p: p.read_bytes() for p in (domain_dir / "users", domain_dir / "aliases",
                                         workdir / "etc" / "mailrelay.yaml")}
     again = mailrelay(*init_args(workdir), prefix=prefix)
@@ -302,6 +308,7 @@ def test_run_again_adds_only_what_is_missing(workdir):
     assert len(created) == 1 and "-ed25519.pem (DKIM ed25519 key" in created[0], created
     assert f"kept           {domain_dir / 'aliases'} (not replaced; it has no abuse, *" \
         in again.stdout
+    assert f"kept           {yaml_path} (not replaced)\n" in again.stdout
     assert {p: p.read_bytes() for p in kept} == kept
 
 

@@ -205,7 +205,7 @@ def test_dry_run_writes_nothing(chasquid, tmp_path, capsys):
     code, out, _ = run_import(capsys, str(chasquid), "-c", str(new), "--dry-run")
     assert code == 0
     assert not new.exists()
-    assert f"would write {new / 'mailrelay.yaml'} (mode 0644)" in out
+    assert f"would write {new / 'mailrelay.yaml'} (mode 0640)" in out  # as init writes it
     assert f"would write {new / 'domains' / 'example.com' / 'users'} (mode 0600)" in out
     assert 'hostname: "mail.example.com"' in out  # the YAML it would write
     assert out.rstrip().endswith("dry run: nothing written")
@@ -291,7 +291,7 @@ def test_later_chasquid_settings_and_unknown_ones(tmp_path, capsys):
     (chasquid / "chasquid.conf").write_text(
         'hostname: "MX.Example.COM."\n'
         "max_queue_items: 300\n"
-        'give_up_send_after: "1h30m"\n'
+        'give_up_send_after: "72h"\n'
         'smtp_address: "0.0.0.0:smtp"\n'
         'suffix_separators: ""\n'
         "future_setting: 3\n"
@@ -302,7 +302,9 @@ def test_later_chasquid_settings_and_unknown_ones(tmp_path, capsys):
     config = load_config(new)
     assert config.hostname == "mx.example.com"
     assert config.limits.max_queue_items == 300
-    assert config.delivery.give_up_after == 5400
+    assert config.delivery.give_up_after == 72 * 3600
+    assert "  give_up_after: 3d\n" in (new / "mailrelay.yaml").read_text()  # not 259200s
+    assert stat.S_IMODE((new / "mailrelay.yaml").stat().st_mode) == 0o640
     assert config.listen.smtp == [("0.0.0.0", 25)]  # the unusable one is reported instead
     assert config.aliases.suffix_separators == ""
     missing = lines_starting(out, "not converted: ")
