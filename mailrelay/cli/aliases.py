@@ -205,12 +205,8 @@ def _problems(config: Config, domain: str, text: bytes | None,
     aliases = Aliases.load(config)[0]
     aliases.tables[domain] = table
     users = Users.load(config)
-    problems = _dead_ends(aliases, domain, table, users, config)
-    postmaster = f"postmaster@{domain}"
-    if not aliases.resolve(postmaster, users.exists, config.is_local_domain):
-        problems.append(f"{postmaster} is refused: RFC 5321 4.5.1 requires it to deliver "
-                        "(`mailrelay check` says the same)")
-    return problems
+    return list(dict.fromkeys(problem for _, problem in
+                              domain_problems(aliases, domain, table, users, config)))
 
 
 def cmd_add(args: argparse.Namespace) -> int:
@@ -344,6 +340,8 @@ def _describe(targets: list[Target]) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """The aliases part of ``mailrelay check``, with the same rule (domain_problems) and
+    the same verdict: each problem is an error, and any error makes the exit status 1."""
     config = load_config(args.config)
     domains = [local_domain(config, args.domain)] if args.domain else list(config.domains)
     users = Users.load(config)
@@ -351,35 +349,51 @@ def cmd_check(args: argparse.Namespace) -> int:
     failed = False
     for domain in domains:
         path = aliases_path(config, domain)
+        lines: dict[str, int] = {}
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
             print(f"{domain}: no aliases file")
-            continue
+            table: dict[str, list[Target]] = {}
         except OSError as exc:
-            print(ConfigError(f"cannot read: {exc.strerror or exc}", path), file=sys.stderr)
+            print(f"error: {ConfigError(f'cannot read: {exc.strerror or exc}', path)}",
+                  file=sys.stderr)
             failed = True
             continue
-        table, errors = parse_text(raw, domain, path, config.aliases)
-        if errors:
-            for error in errors:
-                print(error, file=sys.stderr)
+        else:
+            table, errors = parse_text(raw, domain, path, config.aliases, lines)
+            if errors:
+                for error in errors:
+                    print(f"error: {error}", file=sys.stderr)
+                failed = True
+                continue
+            count = sum(1 for name in table if name != CATCH_ALL)
+            catch_all = (f"catch-all → {_describe(table[CATCH_ALL])}" if CATCH_ALL in table
+                         else "no catch-all")
+            print(f"{domain}: {count} alias{'es' if count != 1 else ''}, {catch_all}")
+        for name, problem in domain_problems(aliases, domain, table, users, config):
+            where = ConfigError(problem, path, lines.get(name) if name else None)
+            print(f"error: {where}", file=sys.stderr)
             failed = True
-            continue
-        count = sum(1 for name in table if name != CATCH_ALL)
-        catch_all = (f"catch-all → {_describe(table[CATCH_ALL])}" if CATCH_ALL in table
-                     else "no catch-all")
-        print(f"{domain}: {count} alias{'es' if count != 1 else ''}, {catch_all}")
-        for warning in _dead_ends(aliases, domain, table, users, config):
-            print(f"warning: {warning}", file=sys.stderr)
     return 1 if failed else 0
 
 
-def _dead_ends(aliases: Aliases, domain: str, table: dict[str, list[Target]],
-               users: Users, config: Config) -> list[str]:
-    """Aliases that deliver nowhere (so RCPT refuses them), loops and too-deep chains."""
-    return list(dict.fromkeys(problem for _, problem in
-                              alias_problems(aliases, domain, table, users, config)))
+def domain_problems(aliases: Aliases, domain: str, table: dict[str, list[Target]],
+                    users: Users, config: Config) -> list[tuple[str | None, str]]:
+    """The one rule of what is wrong with a domain's (loadable) aliases, for ``mailrelay
+    check`` and ``aliases check`` alike, where each is an error (``aliases add`` and
+    ``remove`` warn about those a change brings): (alias name, or None for the domain;
+    the problem). An alias or catch-all that delivers nowhere (RCPT refuses it), a
+    loop, a chain deeper than aliases.max_depth, and postmaster@ refused (RFC 5321
+    4.5.1 requires it to reach a person)."""
+    problems: list[tuple[str | None, str]] = list(
+        alias_problems(aliases, domain, table, users, config))
+    postmaster = f"postmaster@{domain}"
+    if not aliases.exists(postmaster, users.exists, config.is_local_domain):
+        problems.append((None, f"{postmaster} is refused (550 5.1.1), but RFC 5321 4.5.1 "
+                               "requires it to reach a person: add `postmaster: <user>` "
+                               f"(`mailrelay aliases edit {domain}`)"))
+    return problems
 
 
 def alias_problems(aliases: Aliases, domain: str, table: dict[str, list[Target]],

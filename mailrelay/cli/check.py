@@ -43,11 +43,10 @@ from ..errors import ConfigError, MailrelayError
 from ..fsutil import write_all
 from ..message.dkim.keys import KeyRing
 from ..policy.aliases import Aliases, aliases_path, parse_text
-from ..policy.router import Router
 from ..policy.srs import SECRET_FILE, load_or_create_secrets
 from ..policy.users import USERS_FILE, UserDB, Users
 from ..smtp.tls import inspect_certificates
-from .aliases import alias_problems
+from .aliases import domain_problems
 
 EXPIRY_WARNING = dt.timedelta(days=14)
 # Directories of data_dir the server writes into, beside data_dir itself.
@@ -474,7 +473,6 @@ def _check_aliases(config: Config, report: Report, users: Users) -> Aliases:
     for error in errors:
         report.add(error)
     broken = {str(e.path) for e in errors}
-    router = Router(config.is_local_domain, lambda: users, lambda: aliases, None)
     for domain in config.domains:
         path = aliases_path(config, domain)
         if str(path) in broken:
@@ -484,13 +482,9 @@ def _check_aliases(config: Config, report: Report, users: Users) -> Aliases:
             table, _ = parse_text(path.read_bytes(), domain, path, config.aliases, lines)
         except FileNotFoundError:
             table = {}
-        for name, problem in alias_problems(aliases, domain, table, users, config):
-            report.error(problem, path, lines.get(name))
-        postmaster = f"postmaster@{domain}"
-        if router.check_recipient(postmaster) is not None:
-            report.error(f"{postmaster} is refused (550 5.1.1), but RFC 5321 4.5.1 requires "
-                         "it to reach a person: add `postmaster: <user>` "
-                         f"(`mailrelay aliases edit {domain}`)", path)
+        # The same rule as `aliases check` (one place: cli/aliases.py).
+        for name, problem in domain_problems(aliases, domain, table, users, config):
+            report.error(problem, path, lines.get(name) if name else None)
     return aliases
 
 
