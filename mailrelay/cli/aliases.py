@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import shlex
 import shutil
@@ -149,8 +150,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     atomic_write(path, edited, mode=mode)
     print(f"installed {path}")
-    _notify_server(config)
-    return 0
+    return _tell_server(config, domain, path, edited)
 
 
 def _read_current(config: Config, domain: str) -> tuple[Path, bytes | None, int]:
@@ -177,7 +177,7 @@ def _defined_by(raw_line: str, domain: str, config: Config) -> str | None:
 
 
 def _install(config: Config, domain: str, path: Path, original: bytes | None, new: bytes,
-             mode: int, what: str) -> None:
+             mode: int, what: str) -> int:
     """Validate and write ``new`` as ``aliases edit`` does, then make the server reload."""
     table, errors = parse_text(new, domain, path, config.aliases)
     if errors:  # cannot happen for a line that parsed on its own; never install it anyway
@@ -194,7 +194,7 @@ def _install(config: Config, domain: str, path: Path, original: bytes | None, ne
     for problem in _problems(config, domain, new, table):
         if problem not in before:
             print(f"warning: {problem}", file=sys.stderr)
-    _notify_server(config)
+    return _tell_server(config, domain, path, new)
 
 
 def _problems(config: Config, domain: str, text: bytes | None,
@@ -238,9 +238,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     else:
         lines.append(line)
         what = f"added {shown} to"
-    _install(config, domain, path, original, ("\n".join(lines) + "\n").encode("utf-8"),
-             mode, what)
-    return 0
+    return _install(config, domain, path, original,
+                    ("\n".join(lines) + "\n").encode("utf-8"), mode, what)
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
@@ -264,9 +263,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
     kept = [raw for raw in lines if _defined_by(raw, domain, config) != name]
     if len(kept) == len(lines):
         raise MailrelayError(f"no alias {shown} in {path}")
-    _install(config, domain, path, original, "\n".join(kept).encode("utf-8"), mode,
-             f"removed {shown} from")
-    return 0
+    return _install(config, domain, path, original, "\n".join(kept).encode("utf-8"), mode,
+                    f"removed {shown} from")
 
 
 def _server_pid(config: Config) -> int | None:
@@ -288,6 +286,33 @@ def _server_pid(config: Config) -> int | None:
         if b"mailrelay" not in Path(f"/proc/{pid}/cmdline").read_bytes():
             return None
     return pid
+
+
+def _tell_server(config: Config, domain: str, path: Path, written: bytes) -> int:
+    """Have the running server load the aliases just written and check that it took this
+    version of the file (through data_dir/control.sock, as `mailrelay user` does): 1,
+    with a warning, when it did not (say, a file root wrote that the server's user cannot
+    read: it keeps the aliases it had). A server that has no control socket gets SIGHUP
+    (an older one), and without a server there is nothing to do."""
+    from ..ops.control import ServerNotRunning, request
+
+    try:
+        answer = request(config.data_dir, {"cmd": "aliases", "domain": domain})
+    except ServerNotRunning:
+        _notify_server(config)
+        return 0
+    except MailrelayError as exc:
+        print(f"warning: could not ask the running server whether it took the change "
+              f"(it reloads changed files by itself within seconds): {exc}", file=sys.stderr)
+        return 0
+    if answer.get("digest") == hashlib.sha256(written).hexdigest():
+        print("the running server took it")
+        return 0
+    reason = answer.get("error") or "it has another version of the file"
+    print(f"warning: {path} is saved, but the running server did not take it: {reason}. "
+          f"It keeps the aliases of {domain} it had; fix the file (`mailrelay check`).",
+          file=sys.stderr)
+    return 1
 
 
 def _notify_server(config: Config) -> None:

@@ -25,6 +25,7 @@ user wins, because the suffix is cut before users are looked up.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Callable, Iterable
@@ -189,9 +190,13 @@ class Aliases:
     """The aliases of every local domain."""
 
     def __init__(self, tables: dict[str, dict[str, list[Target]]] | None = None,
-                 settings: AliasSettings = DEFAULT_SETTINGS):
+                 settings: AliasSettings = DEFAULT_SETTINGS,
+                 digests: dict[str, str | None] | None = None):
         self.tables = {normalize_domain(d): t for d, t in (tables or {}).items()}
         self.settings = settings
+        # SHA-256 of each domain's file as loaded (None: no file): which version of it is
+        # in use, for `mailrelay aliases` to ask the running server.
+        self.digests = dict(digests or {})
 
     @classmethod
     def load(cls, config: Config,
@@ -202,13 +207,14 @@ class Aliases:
         the other domains load regardless.
         """
         tables: dict[str, dict[str, list[Target]]] = {}
+        digests: dict[str, str | None] = {}
         errors: list[ConfigError] = []
         for domain in config.domains:
             path = aliases_path(config, domain)
             try:
                 raw = path.read_bytes()
             except FileNotFoundError:
-                tables[domain] = {}
+                tables[domain], digests[domain] = {}, None
                 continue
             except OSError as exc:
                 file_errors = [ConfigError(f"cannot read: {exc.strerror or exc}", path)]
@@ -216,10 +222,12 @@ class Aliases:
                 table, file_errors = parse_text(raw, domain, path, config.aliases)
                 if not file_errors:
                     tables[domain] = table
+                    digests[domain] = hashlib.sha256(raw).hexdigest()
                     continue
             errors.extend(file_errors)
             tables[domain] = previous.tables.get(domain, {}) if previous else {}
-        return cls(tables, config.aliases), errors
+            digests[domain] = previous.digests.get(domain) if previous else None
+        return cls(tables, config.aliases, digests), errors
 
     @classmethod
     def parse(cls, text: str | bytes, domain: str, path: Path | None = None,
