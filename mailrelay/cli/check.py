@@ -188,7 +188,13 @@ def _collect_as(who: Identity, config_dir: Path) -> Report:
             os.setgroups(list(who.groups))
             os.setgid(who.gid)
             os.setuid(who.uid)
-            payload = collect(config_dir).to_json()
+            report = collect(config_dir)
+            # Forked, not exec'd: that this process runs says nothing about whether the
+            # user could start this mailrelay (a venv under /root).
+            problem = program_problem()
+            if problem:
+                report.error(problem)
+            payload = report.to_json()
             code = 0
         except BaseException as exc:
             payload = json.dumps({"crash": f"{type(exc).__name__}: {exc}"})
@@ -211,6 +217,29 @@ def _collect_as(who: Identity, config_dir: Path) -> Report:
     if crash:
         raise MailrelayError(f"the check as {who} failed: {crash}")
     return Report.from_json(data)
+
+
+def program_problem() -> str | None:
+    """None if this process's user can execute this mailrelay's Python (sys.executable,
+    through its symlinks), else why not, naming the first directory on the way that it
+    cannot search or the file it cannot execute."""
+    executable = os.path.abspath(sys.executable)
+    if os.access(executable, os.X_OK):
+        return None
+    real = os.path.realpath(executable)
+    blocked = f"it cannot execute {real}"
+    for path in dict.fromkeys([executable, real]):
+        for directory in reversed(Path(path).parents):
+            if not os.access(directory, os.X_OK):
+                blocked = f"it cannot search {directory}"
+                break
+        else:
+            continue
+        break
+    shown = executable if real == executable else f"{executable} ({real})"
+    return (f"the server's user cannot run this mailrelay: {blocked}, on the way to its "
+            f"Python {shown}, so the server cannot start as this user; install mailrelay "
+            "where it can (README: /opt/mailrelay, \"Install on your server\")")
 
 
 def collect(config_dir: Path) -> Report:

@@ -14,7 +14,6 @@ import datetime as dt
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from mailrelay.message.dkim.keys import generate_key, write_key
 from mailrelay.policy import users as users_mod
 from mailrelay.policy.users import UserDB
 from tests.delivery.test_relay import RELAY_PASSWORD, configure_relay, start_relay
+from tests.support.process import make_python, python_for_other_users
 from tests.support.relay import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,15 +39,20 @@ def fast_scrypt(monkeypatch):
     monkeypatch.setattr(users_mod, "SCRYPT_LN", 4)
 
 
-def mailrelay(*argv: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+def mailrelay(*argv: str, prefix: tuple[str, ...] = (),
+              python: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The real command. Its Python is one the checked user (4242) may execute, as on a
+    server (this test interpreter may be root's alone: check reports that, see
+    test_a_python_the_service_user_cannot_run_is_an_error)."""
     return subprocess.run(
-        [*prefix, sys.executable, "-m", "mailrelay.cli.main", *argv],
+        [*prefix, python or python_for_other_users(), "-m", "mailrelay.cli.main", *argv],
         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd="/",
     )
 
 
-def check(confdir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return mailrelay("check", "-c", str(confdir), *extra)
+def check(confdir: Path, *extra: str,
+          python: str | None = None) -> subprocess.CompletedProcess[str]:
+    return mailrelay("check", "-c", str(confdir), *extra, python=python)
 
 
 def findings(result: subprocess.CompletedProcess[str]) -> tuple[list[str], list[str]]:
@@ -620,3 +625,20 @@ async def test_check_refuses_a_password_file_others_can_read(env):
     (env.config_dir / "relay.password").unlink()
     line = one_line_error(await asyncio.to_thread(check, env.config_dir))
     assert "relay.password does not exist" in line
+
+
+@needs_root
+def test_a_python_the_service_user_cannot_run_is_an_error(confdir, open_dir):
+    """check switches uid without exec'ing, so it said ok for a service user that could
+    not even start mailrelay's Python (a venv under /root, mode 0700)."""
+    shutil.copytree(confdir, open_dir / "conf")
+    chown_tree(open_dir / "conf")
+    private = open_dir / "root-only"
+    private.mkdir(mode=0o700)
+    python = make_python(private / "venv")
+    error = only_error(check(open_dir / "conf", python=python))
+    assert error.startswith("the server's user cannot run this mailrelay: it cannot search "
+                            f"{private}, on the way to its Python {python}")
+    # The same configuration with a Python it may run: nothing to say.
+    errors, _ = findings(check(open_dir / "conf"))
+    assert errors == []
