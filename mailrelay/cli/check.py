@@ -197,7 +197,9 @@ def _collect_as(who: Identity, config_dir: Path) -> Report:
             payload = report.to_json()
             code = 0
         except BaseException as exc:
-            payload = json.dumps({"crash": f"{type(exc).__name__}: {exc}"})
+            # A MailrelayError's text is the one line (a ConfigError's with file:line).
+            text = str(exc) if isinstance(exc, MailrelayError) else f"{type(exc).__name__}: {exc}"
+            payload = json.dumps({"crash": text})
         finally:
             try:
                 write_all(write_end, payload.encode())
@@ -256,13 +258,9 @@ def collect(config_dir: Path) -> Report:
     _check_modes(config, report)
     _check_certificates(config, report)
     _check_data_dir(config, report)
-    _check_delivery(config, report)
+    trust_ok = _check_delivery(config, report)
     if config.delivery.relay is not None:
-        status = relay_status(config)
-        if status.startswith("warning: "):
-            report.warning(status.removeprefix("warning: "))
-        else:
-            report.info.append(status)
+        _check_relay(config, report, trust_ok)
     users = _check_users(config, report)
     aliases = _check_aliases(config, report, users)
     keyring, key_errors = KeyRing.load(config)
@@ -459,16 +457,19 @@ def _check_data_dir(config: Config, report: Report) -> None:
 # -- delivery ------------------------------------------------------------------------------
 
 
-def _check_delivery(config: Config, report: Report) -> None:
+def _check_delivery(config: Config, report: Report) -> bool:
+    """delivery.ca_file and delivery.local_mda; whether the trust anchors load."""
     yaml_path = config.config_dir / CONFIG_FILE
+    trust_ok = True
     try:
         verifying_tls_context(config.delivery.ca_file)
     except ConfigError as exc:
+        trust_ok = False
         report.error(exc.message, yaml_path,
                      setting_line(config.config_dir, "delivery.ca_file"))
     template = config.delivery.local_mda
     if template is None:
-        return
+        return trust_ok
     line = setting_line(config.config_dir, "delivery.local_mda")
     sample = f"postmaster@{config.domains[0] if config.domains else 'example.com'}"
     # Its placeholders were checked by load_config, as for serve; filled in as delivery
@@ -482,6 +483,35 @@ def _check_delivery(config: Config, report: Report) -> None:
     if shutil.which(program) is None:
         report.error(f"delivery.local_mda: {program} is not an executable program for this "
                      "user, so every local delivery fails", yaml_path, line)
+    return trust_ok
+
+
+def _check_relay(config: Config, report: Report, trust_ok: bool) -> None:
+    """delivery.relay: its password file must be readable by the server's user (an
+    error: every relay login fails without it, and mail waits until give_up_after), then
+    a login (a warning only when it fails: the network or the relay may be down)."""
+    settings = config.delivery.relay
+    assert settings is not None
+    readable = True
+    if settings.password_file is not None:
+        try:
+            with open(settings.password_file, "rb"):
+                pass
+        except OSError as exc:
+            readable = False
+            report.error(f"the relay password file cannot be read ({exc.strerror or exc}): "
+                         "every login to the relay fails and remote mail waits in the queue;"
+                         " the server's user must read it (chown it to that user, mode 0600)",
+                         settings.password_file)
+    if not (trust_ok and readable):
+        report.info.append(f"relay {settings.host}:{settings.port}: login not tried "
+                           "(see the errors)")
+        return
+    status = relay_status(config)
+    if status.startswith("warning: "):
+        report.warning(status.removeprefix("warning: "))
+    else:
+        report.info.append(status)
 
 
 # -- users and aliases ---------------------------------------------------------------------

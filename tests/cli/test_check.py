@@ -642,3 +642,50 @@ def test_a_python_the_service_user_cannot_run_is_an_error(confdir, open_dir):
     # The same configuration with a Python it may run: nothing to say.
     errors, _ = findings(check(open_dir / "conf"))
     assert errors == []
+
+
+def relay_config(conf: Path, extra: str = "") -> Path:
+    """delivery.relay to a port where nothing listens, with its password file."""
+    password = conf / "relay.password"
+    password.write_text("the-relay-secret\n")
+    password.chmod(0o600)
+    write_config(conf, "tls: {self_signed: true}\ndelivery:\n"
+                       f"  relay: {{host: 127.0.0.1, port: {free_port()}, username: me,"
+                       f" password_file: relay.password}}\n{extra}")
+    return password
+
+
+@needs_root
+def test_a_relay_password_file_the_service_user_cannot_read_is_an_error(confdir, open_dir):
+    """README's check table: what the server's user cannot read is an error. The relay
+    password file root wrote (not chowned) was only a warning (the login failed), so
+    check passed and every relay login of the server failed."""
+    conf = open_dir / "conf"
+    shutil.copytree(confdir, conf)
+    password = relay_config(conf)
+    chown_tree(conf)
+    os.chown(password, 0, 0)
+    result = check(conf)
+    error = only_error(result)
+    assert error.startswith(f"{password}: the relay password file cannot be read "
+                            "(Permission denied)")
+    assert "the-relay-secret" not in result.stdout + result.stderr
+    assert "login not tried" in result.stdout  # one finding, not a login warning as well
+    os.chown(password, *SERVICE)
+    errors, warnings = findings(check(conf))
+    assert errors == [] and any("451 4.4.1 connection to relay" in w for w in warnings)
+
+
+@needs_root
+def test_a_missing_ca_file_is_one_error_with_file_and_line(confdir, open_dir):
+    """With a relay, a delivery.ca_file that does not exist ended the check as the service
+    user with "the check as … failed: ConfigError: …", without file and line."""
+    conf = open_dir / "conf"
+    shutil.copytree(confdir, conf)
+    relay_config(conf, "  ca_file: missing-ca.pem\n")
+    chown_tree(conf)
+    result = check(conf)
+    error = only_error(result)
+    assert error.startswith(f"{conf / 'mailrelay.yaml'}:6: delivery.ca_file "
+                            f"{conf / 'missing-ca.pem'}: ")
+    assert "failed" not in result.stderr.split("error:")[0]
