@@ -270,14 +270,18 @@ def collect(config_dir: Path) -> Report:
         report.warning(f"no domains: create {config.domains_dir}/<domain>/")
     for domain in config.domains:
         keys = keyring.keys_for(domain)
-        if not keys:
+        files = list(config.domain_dir(domain).glob("dkim:*.pem"))
+        if not files:
             report.warning(f"no DKIM key: mail from {domain} leaves unsigned and fails DMARC "
                            f"at Gmail (`mailrelay dkim keygen {domain}`)",
                            config.domain_dir(domain))
+        # Key files that do not load are errors above: keygen would not be the fix.
         db = users.domain(domain)
         catch_all = " + catch-all" if aliases.catch_all(domain) else ""
         dkim_note = (f"{len(keys)} DKIM key(s) ({', '.join(k.selector for k in keys)})"
                      if keys else "no DKIM keys")
+        if len(files) > len(keys):
+            dkim_note += f" ({len(files) - len(keys)} key file(s) that do not load)"
         report.info.append(f"domain {domain}: {len(db) if db else 0} user(s), "
                            f"{aliases.count(domain)} alias(es){catch_all}, {dkim_note}")
     return report

@@ -412,6 +412,23 @@ def test_dkim_key_written_by_root_is_unreadable_for_the_service(confdir, open_di
 
 
 @needs_root
+def test_an_unreadable_key_is_not_called_missing(confdir, open_dir):
+    """The domain's only key is root's: check said both "cannot read DKIM key" and "no
+    DKIM key … run dkim keygen", which would not help (the key exists)."""
+    conf = open_dir / "conf"
+    shutil.copytree(confdir, conf)
+    chown_tree(conf)
+    [key] = (conf / "domains" / "example.org").glob("dkim:*.pem")
+    os.chown(key, 0, 0)
+    result = check(conf)
+    assert only_error(result) == f"{key}: cannot read DKIM key: Permission denied"
+    _, warnings = findings(result)
+    assert not [w for w in warnings if "no DKIM key" in w or "keygen" in w], warnings
+    assert ("domain example.org: 0 user(s), 1 alias(es), no DKIM keys (1 key file(s) that "
+            "do not load)") in result.stdout.splitlines()
+
+
+@needs_root
 def test_check_as_the_user_option(confdir, open_dir):
     conf = open_dir / "conf"
     shutil.copytree(confdir, conf)
