@@ -30,6 +30,7 @@ import dns.asyncresolver
 
 from ..config import Config, RelaySettings
 from .mx import _host_addresses, _is_ip_literal
+from .results import NOT_CONNECTED, PLAIN, VERIFIED
 
 log = logging.getLogger("mailrelay.delivery")
 
@@ -38,11 +39,16 @@ _MAX_PASSWORD = 4096
 
 
 class RelayFailure(Exception):
-    """The relay could not be reached, would not talk TLS we trust, or refused our login."""
+    """The relay could not be reached, would not talk TLS we trust, or refused our login.
 
-    def __init__(self, reply: str):
+    ``tls`` is how far the connection got (the mail log's ``tls=``): ``-`` when nothing
+    was said with the relay, ``plain`` when it failed in the clear (before or during
+    STARTTLS), ``verified`` when TLS was up (a refused login, say)."""
+
+    def __init__(self, reply: str, tls: str = NOT_CONNECTED):
         super().__init__(reply)
         self.reply = reply
+        self.tls = tls
 
 
 def read_password(path: Path) -> str:
@@ -143,23 +149,31 @@ class Relay:
             timeout=self.command_timeout, use_tls=implicit, start_tls=False,
             tls_context=self.verify_context,
         )
+        # What the mail log's tls= says if this fails (RelayFailure.tls).
+        state = NOT_CONNECTED
         try:
             try:
                 await smtp.connect(timeout=self.connect_timeout)
             except aiosmtplib.SMTPConnectResponseError as exc:
+                state = VERIFIED if implicit else PLAIN
                 raise RelayFailure(f"451 4.4.1 {where}: greeting "
                                    f"{_reply(exc.code, exc.message)}") from None
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 raise RelayFailure(f"451 4.7.5 {where}: {_tls_reason(exc)}"
                                    if implicit else
                                    f"451 4.4.1 {where}: {exc}") from None
+            state = VERIFIED if implicit else PLAIN
             await self._ehlo(smtp, where)
             if not implicit:
                 await self._starttls(smtp, where)
+                state = VERIFIED
+                await self._ehlo(smtp, where)  # RFC 3207 4.2: what was said before is void
             if self.settings.username is not None:
                 await self._login(smtp, where)
-        except RelayFailure:
+        except RelayFailure as failure:
             smtp.close()
+            if failure.tls == NOT_CONNECTED:
+                failure.tls = state
             raise
         except BaseException:
             smtp.close()
@@ -209,7 +223,6 @@ class Relay:
                                f"{_reply(exc.code, exc.message)}") from None
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             raise RelayFailure(f"451 4.7.5 {where}: {_tls_reason(exc)}") from None
-        await self._ehlo(smtp, where)  # RFC 3207 4.2: what was said in the clear is void
 
     async def _login(self, smtp: aiosmtplib.SMTP, where: str) -> None:
         # Never AUTH without TLS (open() only gets here with TLS up; this is the guard

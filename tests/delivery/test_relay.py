@@ -158,7 +158,8 @@ async def test_wrong_password_is_temporary_and_retried_with_the_relays_reply(env
     lines = delivery_lines(caplog)
     assert len(lines) >= 2
     for line in lines:
-        assert f"host={RELAY_HOST} via=relay" in line
+        # TLS was up when the login was refused: the log says so (README's example).
+        assert f"host={RELAY_HOST} via=relay tls=verified" in line
         assert "result=temporary final=no" in line
         assert re.search(r'reply="451 4\.7\.0 .*535 5\.7\.8', line), line
 
@@ -236,6 +237,8 @@ async def test_relay_certificate_that_does_not_verify_gets_nothing(env, caplog, 
     for line in delivery_lines(caplog):
         assert "result=temporary final=no" in line
         assert re.search(r'reply="451 4\.7\.5 .*certificate does not verify', line), line
+        # STARTTLS: the greeting and EHLO came in the clear; 465: nothing was said.
+        assert f"via=relay tls={'plain' if tls == 'starttls' else '-'} " in line, line
     # No login and no mail: with a certificate that fails there is no fallback.
     assert relay.logins == [] and relay.messages == []
 
@@ -252,6 +255,7 @@ async def test_relay_without_starttls_gets_no_password_in_the_clear(env, caplog)
     await wait_for(lambda: delivery_lines(caplog), what="an attempt")
     assert "does not offer STARTTLS" in delivery_lines(caplog)[0]
     assert 'reply="451 4.7.5' in delivery_lines(caplog)[0]
+    assert "via=relay tls=plain " in delivery_lines(caplog)[0]
     assert relay.logins == [] and relay.messages == []
 
 
