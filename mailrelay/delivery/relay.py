@@ -159,9 +159,7 @@ class Relay:
                 raise RelayFailure(f"451 4.4.1 {where}: greeting "
                                    f"{_reply(exc.code, exc.message)}") from None
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                raise RelayFailure(f"451 4.7.5 {where}: {_tls_reason(exc)}"
-                                   if implicit else
-                                   f"451 4.4.1 {where}: {exc}") from None
+                raise RelayFailure(self._connect_failure(exc, where, implicit)) from None
             state = VERIFIED if implicit else PLAIN
             await self._ehlo(smtp, where)
             if not implicit:
@@ -179,6 +177,20 @@ class Relay:
             smtp.close()
             raise
         return smtp
+
+    def _connect_failure(self, exc: BaseException, where: str, implicit: bool) -> str:
+        """The reply for a connection that went wrong before the greeting, naming the
+        usual cause: a tls: setting that is not what the port speaks."""
+        if implicit:
+            if _plain_text_answer(exc):
+                return (f"451 4.7.5 {where}: the relay answered in plain text, not TLS: port "
+                        f"{self.port} seems to be a STARTTLS port (set delivery.relay.tls: "
+                        "starttls; implicit TLS is usually port 465)")
+            return f"451 4.7.5 {where}: {_tls_reason(exc)}"
+        if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
+            return (f"451 4.4.1 {where}: no greeting within {self.connect_timeout:g}s; if port "
+                    f"{self.port} starts with TLS (465 does), set delivery.relay.tls: implicit")
+        return f"451 4.4.1 {where}: {_cause(exc)}"
 
     async def _tcp(self, address: str, source: tuple[str, int] | None) -> socket.socket:
         """The TCP connection, bound to ``source`` when given, made here so that TLS can
@@ -260,6 +272,33 @@ def _reply(code: int, message: str) -> str:
     return f"{code} {' '.join(message.split())}"
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes, outermost first."""
+    found: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in found):
+        found.append(current)
+        current = current.__cause__ or current.__context__
+    return found
+
+
+def _cause(exc: BaseException) -> str:
+    """What went wrong, without aiosmtplib's "Error connecting to HOST on port None"
+    (it did not open the socket, so it has no port to name)."""
+    if isinstance(exc, aiosmtplib.SMTPConnectError) and exc.__cause__ is not None:
+        inner = exc.__cause__
+        return str(inner) or type(inner).__name__
+    return str(exc) or type(exc).__name__
+
+
+def _plain_text_answer(exc: BaseException) -> bool:
+    """Whether a TLS handshake failed because the peer answered in plain text (an SMTP
+    greeting where a ServerHello was due)."""
+    return any(isinstance(e, ssl.SSLError) and e.reason in (
+        "WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+        "HTTP_REQUEST", "UNKNOWN_PROTOCOL") for e in _chain(exc))
+
+
 def _tls_reason(exc: BaseException) -> str:
     """Why TLS to the relay failed, in words: a certificate that does not verify is named."""
     seen: set[int] = set()
@@ -270,5 +309,5 @@ def _tls_reason(exc: BaseException) -> str:
             return f"certificate does not verify: {current.verify_message}"
         current = current.__cause__ or current.__context__
     with contextlib.suppress(Exception):
-        return f"TLS failed: {str(exc) or type(exc).__name__}"
+        return f"TLS failed: {_cause(exc)}"
     return "TLS failed"

@@ -325,3 +325,22 @@ def test_relay_settings_are_checked(env):
     env.write_config(delivery={"relay": {"host": RELAY_HOST, "tls": "implicit"}})
     relay = load_config(env.config_dir).delivery.relay
     assert relay is not None and relay.port == 465 and relay.domains == ()
+
+
+@pytest.mark.parametrize("relay_tls, configured", [("starttls", "implicit"),
+                                                   ("implicit", "starttls")])
+async def test_the_wrong_tls_mode_for_the_port_is_named(env, caplog, relay_tls, configured):
+    """tls: implicit on a STARTTLS port said "Error connecting to 127.0.0.1 on port None"
+    (aiosmtplib's words, about a socket it did not open). The log says what happened and
+    which setting to change."""
+    caplog.set_level(logging.INFO)
+    relay = start_relay(env, tls=relay_tls)
+    configure_relay(env, port=relay.relay_port, tls=configured)
+    await env.start()
+    await env.submit(["friend@remote.test"], MESSAGE)
+    await wait_for(lambda: delivery_lines(caplog), what="an attempt")
+    line = delivery_lines(caplog)[0]
+    assert "result=temporary final=no" in line and 'reply="451 4.' in line
+    assert "port None" not in line
+    assert f"tls: {relay_tls}" in line, line
+    assert relay.logins == [] and relay.messages == []
