@@ -29,6 +29,7 @@ import aiosmtplib
 import dns.asyncresolver
 
 from ..config import Config, RelaySettings
+from ..dnsresolver import describe_resolver, explain_dns_error
 from .mx import _host_addresses, _is_ip_literal
 from .results import NOT_CONNECTED, PLAIN, VERIFIED
 
@@ -49,6 +50,30 @@ class RelayFailure(Exception):
         super().__init__(reply)
         self.reply = reply
         self.tls = tls
+
+
+HOSTS_FILE = Path("/etc/hosts")
+_MAX_HOSTS_FILE = 1 << 20  # an owner's file; bounded all the same
+
+
+def hosts_file_addresses(name: str, path: Path | None = None) -> tuple[str, ...]:
+    """The addresses ``path`` (/etc/hosts) gives ``name`` (any case, a trailing dot
+    ignored), IPv6 first as DNS answers are used; () when it has none or cannot be read."""
+    wanted = name.rstrip(".").lower()
+    try:
+        with open(path or HOSTS_FILE, "rb") as handle:
+            text = handle.read(_MAX_HOSTS_FILE).decode("utf-8", "replace")
+    except OSError:
+        return ()
+    found: list[str] = []
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 2 or wanted not in (f.rstrip(".").lower() for f in fields[1:]):
+            continue
+        address = fields[0].split("%", 1)[0]  # fe80::1%eth0: the zone is not ours to use
+        if _is_ip_literal(address) and address not in found:
+            found.append(address)
+    return tuple(sorted(found, key=lambda a: ":" not in a))
 
 
 def read_password(path: Path) -> str:
@@ -127,12 +152,23 @@ class Relay:
         return f"relay {self.host} [{address}]:{self.port}"
 
     async def addresses(self, resolver: dns.asyncresolver.Resolver) -> tuple[str, ...]:
-        """The relay's addresses (IPv6 first), through the same resolver as MX lookups."""
+        """The relay's addresses (IPv6 first): from /etc/hosts when it names the relay
+        (``localhost``, a relay on the LAN: a name the owner wrote, as the C library
+        looks it up), else through the same resolver as MX lookups (dns.nameservers, or
+        the system's). The failure names the resolver and why it gave nothing."""
         if _is_ip_literal(self.host):
             return (self.host.strip("[]"),)
+        listed = await asyncio.to_thread(hosts_file_addresses, self.host)
+        if listed:
+            return listed
         found, error = await _host_addresses(resolver, self.host)
         if not found:
-            why = "no address (A/AAAA)" if error is None else "DNS lookup failed"
+            asked = describe_resolver(resolver)
+            if error is None:
+                why = f"no address: not in {HOSTS_FILE}, and {asked} has no A/AAAA record"
+            else:
+                trouble = await explain_dns_error(resolver, error)
+                why = f"not in {HOSTS_FILE}, and the DNS lookup failed: {trouble}"
             raise RelayFailure(f"451 4.4.3 relay {self.host}: {why}")
         return found
 

@@ -344,3 +344,59 @@ async def test_the_wrong_tls_mode_for_the_port_is_named(env, caplog, relay_tls, 
     assert "port None" not in line
     assert f"tls: {relay_tls}" in line, line
     assert relay.logins == [] and relay.messages == []
+
+
+# -- how the relay's name is found -----------------------------------------------------------
+
+def hosts_names(name: str) -> bool:
+    from mailrelay.delivery.relay import hosts_file_addresses
+
+    return bool(hosts_file_addresses(name))
+
+
+@pytest.mark.skipif(not hosts_names("localhost"), reason="/etc/hosts has no localhost")
+async def test_a_relay_named_in_etc_hosts_is_found_there(env, caplog):
+    """relay.host: localhost failed "DNS lookup failed" with dns.nameservers set (the test
+    network's resolver knows no localhost): /etc/hosts was never read. It is read first,
+    as the C library does, then the configured resolver."""
+    caplog.set_level(logging.INFO)
+    port = free_port()
+    relay = env.add_sink("127.0.0.1", hostname="localhost", port=port,
+                         users={RELAY_USER: RELAY_PASSWORD})
+    configure_relay(env, port=port)
+    settings = env.settings["delivery"]["relay"] | {"host": "localhost"}
+    env.write_config(delivery={**env.settings["delivery"], "relay": settings})
+    await env.start()
+    await env.submit(["friend@remote.test"], MESSAGE)
+    [got] = await relay.until(1)
+    assert got.login == RELAY_USER and got.tls
+    await wait_for(lambda: delivery_lines(caplog), what="the delivery line")
+    [line] = delivery_lines(caplog)
+    assert "host=localhost via=relay tls=verified" in line and "result=sent" in line
+
+
+async def test_a_relay_name_nobody_knows_names_where_it_was_looked_up(env, caplog):
+    caplog.set_level(logging.INFO)
+    configure_relay(env, port=free_port())
+    settings = env.settings["delivery"]["relay"] | {"host": "nowhere.relay.test"}
+    env.write_config(delivery={**env.settings["delivery"], "relay": settings})
+    await env.start()
+    await env.submit(["friend@remote.test"], MESSAGE)
+    await wait_for(lambda: delivery_lines(caplog), what="an attempt")
+    line = delivery_lines(caplog)[0]
+    assert "host=nowhere.relay.test via=relay tls=- " in line
+    assert (f'reply="451 4.4.3 relay nowhere.relay.test: no address: not in /etc/hosts, and '
+            f'the resolver 127.0.0.1:{env.dns.port} has no A/AAAA record"') in line
+
+
+def test_hosts_file_lines(tmp_path):
+    from mailrelay.delivery.relay import hosts_file_addresses
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# a comment naming relay.lan\n127.0.0.1 localhost\n"
+                     "192.0.2.5  Relay.LAN relay   # the LAN's smarthost\n"
+                     "2001:db8::5 relay.lan.\nnot-an-address relay.lan\n")
+    assert hosts_file_addresses("relay.lan", hosts) == ("2001:db8::5", "192.0.2.5")
+    assert hosts_file_addresses("RELAY", hosts) == ("192.0.2.5",)
+    assert hosts_file_addresses("comment", hosts) == ()
+    assert hosts_file_addresses("relay.lan", tmp_path / "missing") == ()
