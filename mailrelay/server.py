@@ -479,6 +479,14 @@ async def serve(config: Config) -> int:
     """
     notifier = Notifier()
     memory.give_back_big_buffers()
+    if os.geteuid() == 0:
+        log.warning("running as root: pipe targets in aliases, hooks and delivery.local_mda "
+                    "run as root too, and any flaw in the server is root's. Run it under "
+                    "systemd (systemd/mailrelay.service: the service user, with only "
+                    "CAP_NET_BIND_SERVICE for ports below 1024), or as the service user "
+                    "(README, \"Running without systemd\": setpriv --reuid=mailrelay "
+                    "--regid=mailrelay --init-groups --inh-caps=+net_bind_service "
+                    "--ambient-caps=+net_bind_service mailrelay serve)")
     try:
         activated = activated_sockets()
     except ConfigError as exc:

@@ -548,11 +548,7 @@ def mailrelay_binary() -> str:
 
 
 def _plan_unit(plan: Plan, template: str) -> None:
-    group = plan.service_user  # useradd --user-group; an existing user's own group
-    with contextlib.suppress(KeyError):
-        import grp
-
-        group = grp.getgrgid(pwd.getpwnam(plan.service_user).pw_gid).gr_name
+    group = _group_of(plan.service_user)  # useradd --user-group; an existing user's own
     text = render_unit(template, binary=mailrelay_binary(), config_dir=plan.config_dir,
                        data_dir=plan.data_dir, user=plan.service_user, group=group,
                        readme=README if README.is_file() else None)
@@ -640,6 +636,42 @@ def acme_commands(plan: Plan) -> list[str]:
     ]
 
 
+def _group_of(user: str) -> str:
+    """The primary group of ``user`` (useradd --user-group: its own name)."""
+    with contextlib.suppress(KeyError):
+        import grp
+
+        return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+    return user
+
+
+def setpriv_command(user: str, group: str, config_dir: Path) -> str:
+    """``mailrelay serve`` as ``user`` with only CAP_NET_BIND_SERVICE, as the unit runs it
+    (README, "Running without systemd")."""
+    return (f"setpriv --reuid={user} --regid={group} --init-groups "
+            "--inh-caps=+net_bind_service --ambient-caps=+net_bind_service "
+            "--bounding-set=-all,+net_bind_service --no-new-privs "
+            f"{mailrelay_binary()} serve -c {config_dir}")
+
+
+def start_hint(plan: Plan) -> list[str]:
+    """How to start the server after init: systemctl, setpriv as the service user (root
+    without systemd: ports below 1024 need the capability, and root should not run it),
+    or serve as the caller, who cannot bind those ports."""
+    check = f"`mailrelay check -c {plan.config_dir}`"
+    if plan.systemd:
+        return [f"Then {check} and `systemctl start mailrelay`."]
+    if plan.as_root:
+        user = plan.service_user
+        return [f"Then {check}, and start it as {user} with the one capability ports 25, 587 "
+                "and 465 need (README, \"Running without systemd\"):",
+                f"  {setpriv_command(user, _group_of(user), plan.config_dir)}"]
+    return [f"Then {check} and `mailrelay serve -c {plan.config_dir}`. Ports 25, 587 and 465 "
+            f"need root or CAP_NET_BIND_SERVICE, which {plan.service_user} has not: have root "
+            f"start it as {plan.service_user} (README, \"Running without systemd\"), or move "
+            "the listen: addresses in mailrelay.yaml to ports from 1024 up."]
+
+
 def run(args: argparse.Namespace) -> int:
     plan = plan_init(args)
     for note in plan.notes:
@@ -656,8 +688,7 @@ def run(args: argparse.Namespace) -> int:
     for line in acme_commands(plan):
         print(f"  {line}")
     print()
-    start = "systemctl start mailrelay" if plan.systemd else \
-        f"mailrelay serve -c {plan.config_dir}"
-    print(f"Then `mailrelay check -c {plan.config_dir}` and `{start}`.")
+    for line in start_hint(plan):
+        print(line)
     print()
     return print_records(load_config(plan.config_dir), plan.domain, plan.ips)
