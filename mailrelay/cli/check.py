@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import grp
 import json
 import os
 import pwd
@@ -399,6 +400,21 @@ def _probe_file(directory: Path) -> str | None:
     return None
 
 
+def _my_name() -> str:
+    """This process's user (the server's, in check's child), for a command to paste."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def _my_group() -> str:
+    try:
+        return grp.getgrgid(os.getegid()).gr_name
+    except KeyError:
+        return str(os.getegid())
+
+
 def _probe_mkdir(directory: Path) -> str | None:
     probe = directory / f".mailrelay-check.{os.getpid()}"
     try:
@@ -419,9 +435,17 @@ def _check_data_dir(config: Config, report: Report) -> None:
             ancestor = ancestor.parent
         reason = _probe_mkdir(ancestor) if ancestor.is_dir() else "not a directory"
         if reason:
-            report.error(f"data_dir {data_dir} does not exist, and it cannot be created in "
-                         f"{ancestor} ({reason}): create it for the server's user, mode 0700",
-                         *where)
+            fix = f"install -d -m 0700 -o {_my_name()} -g {_my_group()} {data_dir}"
+            if data_dir.parent == Path("/var/lib"):
+                # The packaged unit (and init's) has StateDirectory= for it.
+                report.warning(f"data_dir {data_dir} does not exist, and it cannot be created "
+                               f"in {ancestor} ({reason}): under systemd the unit creates it "
+                               "at the first start (StateDirectory=); without systemd, create "
+                               f"it first: {fix}", *where)
+            else:
+                report.error(f"data_dir {data_dir} does not exist, and it cannot be created in "
+                             f"{ancestor} ({reason}): create it for the server's user: {fix}",
+                             *where)
         else:
             report.info.append(f"data_dir {data_dir}: created at the first start")
         return

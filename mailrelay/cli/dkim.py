@@ -55,9 +55,12 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     # cannot read (root wrote it into a directory root made) never signs.
     who = unreadable_for_service(config.config_dir, path)
     if who is not None:
+        service_uid = config.config_dir.stat().st_uid
+        fix = (f"chown {who}: {path.parent} {path}" if path.stat().st_uid != service_uid
+               else "a directory on the way is closed to it: `mailrelay check` names it")
         print(f"warning: {path} is written, but {who}, the server's user (the owner of "
-              f"{config.config_dir}), cannot read it, so it does not sign: "
-              f"chown {who}: {path.parent} {path}", file=sys.stderr)
+              f"{config.config_dir}), cannot read it, so it does not sign: {fix}",
+              file=sys.stderr)
         return 1
     return 0
 

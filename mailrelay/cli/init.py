@@ -200,7 +200,10 @@ def _directory(plan: Plan, path: Path, mode: int, *, own: bool = False) -> None:
     user even when its parent does not (the configuration and data directories)."""
 
     def create() -> list[Path]:
-        created = make_dirs(path, mode)
+        # The configuration and data directories: what is made on the way to them stays
+        # traversable (0755), or the service user could not reach them.
+        created = make_dirs(path.parent, 0o755) if own else []
+        created += make_dirs(path, mode)
         if own and plan.as_root:
             os.chown(path, *_service_ids(plan))
         return created
@@ -397,14 +400,28 @@ def _plan_service_user(plan: Plan) -> None:
         return
     if shutil.which("useradd") is None:
         raise _fail(f"user {plan.service_user} does not exist and useradd is not installed")
-    command = ["useradd", "--system", "--user-group", "--home-dir", str(plan.data_dir),
-               "--no-create-home", "--shell", "/usr/sbin/nologin", plan.service_user]
+    command = useradd_command(plan.service_user, plan.data_dir)
 
     def create() -> list[Path]:
         _run(command)
         return []
 
     plan.add("create", f"user {plan.service_user}", " ".join(command), create)
+
+
+def useradd_command(user: str, home: Path) -> list[str]:
+    """How init (and import-chasquid) create the service user: a system user with its own
+    group, no login shell, its home the data directory (not created by useradd)."""
+    return ["useradd", "--system", "--user-group", "--home-dir", str(home),
+            "--no-create-home", "--shell", "/usr/sbin/nologin", user]
+
+
+def service_user_name(given: str | None) -> str:
+    """--service-user as root (default mailrelay); a one-line error when not a user name."""
+    name = given or DEFAULT_SERVICE_USER
+    if not _USER_NAME.fullmatch(name):
+        raise _fail(f"--service-user {name!r} is not a valid user name")
+    return name
 
 
 def _plan_files(plan: Plan, args: argparse.Namespace) -> None:
@@ -566,6 +583,11 @@ def _plan_unit(plan: Plan, template: str) -> None:
                  f"{plan.config_dir}", write)
     for command in (["systemctl", "daemon-reload"], ["systemctl", "enable", "mailrelay"]):
         plan.add("run", " ".join(command), "", lambda command=command: _run(command))
+
+
+def run_command(command: list[str]) -> list[Path]:
+    """Run ``command`` (useradd, systemctl); a one-line MailrelayError when it fails."""
+    return _run(command)
 
 
 def _run(command: list[str]) -> list[Path]:

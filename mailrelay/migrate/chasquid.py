@@ -103,6 +103,7 @@ class Plan:
     chasquid_dir: Path
     target_dir: Path
     config_text: str = ""
+    data_dir: Path = Path(NEW_DATA_DIR)  # what mailrelay.yaml's data_dir says
     dirs: list[Path] = field(default_factory=list)  # relative, created in order
     files: list[PlannedFile] = field(default_factory=list)
     converted: list[str] = field(default_factory=list)
@@ -184,7 +185,8 @@ def _read_conf(path: Path, plan: Plan) -> _Conf:
 
 
 def plan_import(chasquid_dir: Path | str, target_dir: Path | str, *, copy_certs: bool = False,
-                which: Callable[[str], str | None] = shutil.which) -> Plan:
+                which: Callable[[str], str | None] = shutil.which,
+                data_dir: Path | str | None = None) -> Plan:
     """Everything an import of ``chasquid_dir`` into ``target_dir`` would do; reads only.
 
     MailrelayError (one line) when the import cannot be done at all: no chasquid.conf,
@@ -214,7 +216,7 @@ def plan_import(chasquid_dir: Path | str, target_dir: Path | str, *, copy_certs:
     ]
     yaml_lines += _hostname(conf, plan)
     yaml_lines += _listen(conf, plan)
-    yaml_lines += _data_dir(conf, plan)
+    yaml_lines += _data_dir(conf, plan, data_dir)
     yaml_lines += _tls(source, plan, copy_certs)
     yaml_lines += _limits(conf, plan)
     alias_lines, alias_settings = _alias_settings(conf, plan)
@@ -290,9 +292,16 @@ def _listen(conf: _Conf, plan: Plan) -> list[str]:
     return [*lines, ""]
 
 
-def _data_dir(conf: _Conf, plan: Plan) -> list[str]:
+def _data_dir(conf: _Conf, plan: Plan, given: Path | str | None) -> list[str]:
     old = conf.text("data_dir") or "/var/lib/chasquid"
-    new = NEW_DATA_DIR if os.path.normpath(old) != NEW_DATA_DIR else "/var/lib/mailrelay2"
+    if given is not None:
+        new = os.path.abspath(given)
+        if new == os.path.abspath(old):
+            raise MailrelayError(f"--data-dir {given} is chasquid's data_dir: give mailrelay "
+                                 "a directory of its own (nothing was written)")
+    else:
+        new = NEW_DATA_DIR if os.path.normpath(old) != NEW_DATA_DIR else "/var/lib/mailrelay2"
+    plan.data_dir = Path(new)
     plan.converted.append(f"data_dir: {new}, a new directory (chasquid's {old} is not "
                           "reused: mailrelay keeps its queue in its own format)")
     plan.not_converted.append(f"chasquid's queue in {old}/queue is not imported: let "

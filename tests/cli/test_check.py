@@ -385,14 +385,38 @@ def test_missing_data_dir_the_service_cannot_create(confdir, open_dir):
         "tls: {self_signed: true}\n")
     (open_dir / "lib").mkdir(mode=0o755)
     error = only_error(check(conf))
-    assert error.startswith(f"{conf / 'mailrelay.yaml'}:2: data_dir {open_dir}/lib/mailrelay "
-                            f"does not exist, and it cannot be created in {open_dir / 'lib'} "
-                            "(Permission denied)")
+    assert error == (f"{conf / 'mailrelay.yaml'}:2: data_dir {open_dir}/lib/mailrelay "
+                     f"does not exist, and it cannot be created in {open_dir / 'lib'} "
+                     "(Permission denied): create it for the server's user: install -d -m "
+                     f"0700 -o 4242 -g 4242 {open_dir}/lib/mailrelay")
     os.chown(open_dir / "lib", *SERVICE)
     result = check(conf)
     assert result.returncode == 0, result.stderr
     assert f"data_dir {open_dir}/lib/mailrelay: created at the first start" in result.stdout
     assert list((open_dir / "lib").iterdir()) == []
+
+
+@needs_root
+def test_a_missing_data_dir_under_var_lib_is_for_systemd_to_make(confdir, open_dir):
+    """import-chasquid's data_dir, /var/lib/mailrelay, did not exist: check says that the
+    unit's StateDirectory= makes it, and how to make it without systemd (a warning: the
+    server starts under the unit)."""
+    conf = open_dir / "conf"
+    shutil.copytree(confdir, conf)
+    chown_tree(conf)
+    data_dir = Path("/var/lib") / f"mailrelay-check-{os.getpid()}"
+    assert not data_dir.exists()
+    (conf / "mailrelay.yaml").write_text(
+        f"hostname: mail.example.com\ndata_dir: {data_dir}\ntls: {{self_signed: true}}\n")
+    result = check(conf)
+    errors, warnings = findings(result)
+    assert errors == [] and result.returncode == 0
+    [warning] = [w for w in warnings if "data_dir" in w]
+    assert warning == (f"{conf / 'mailrelay.yaml'}:2: data_dir {data_dir} does not exist, and "
+                       "it cannot be created in /var/lib (Permission denied): under systemd "
+                       "the unit creates it at the first start (StateDirectory=); without "
+                       f"systemd, create it first: install -d -m 0700 -o 4242 -g 4242 {data_dir}")
+    assert not data_dir.exists()
 
 
 # -- what the service user can read, and modes -------------------------------------------
