@@ -107,3 +107,31 @@ def test_every_setting_is_in_the_settings_table():
                if not any(name == d or name.startswith(f"{d}.") for d in documented)
                and not any(d.startswith(f"{name}.") for d in documented)]
     assert missing == []
+
+
+def test_the_install_commands_copy_only_what_a_server_needs(tmp_path):
+    """`cp -r config /etc/mailrelay` also copied config/var (the queue, mail, self-signed
+    key and srs.secret of "Try it") and config/fail2ban. README's commands, run as
+    written (the clone and setup left out, /etc/mailrelay under tmp_path), after a
+    "Try it" run left config/var behind."""
+    import shutil
+    import subprocess
+
+    block = block_after("## Install on your server", "```sh")
+    lines = [line for line in block.splitlines()
+             if line and not line.startswith(("git clone", "scripts/setup"))]
+    clone = tmp_path / "clone"
+    shutil.copytree(REPO / "config", clone / "config", ignore=shutil.ignore_patterns("var"))
+    for leftover in ("queue/x.msg", "mail/example.com/me/new/1", "selfsigned/key.pem",
+                     "srs.secret"):
+        (clone / "config" / "var" / leftover).parent.mkdir(parents=True, exist_ok=True)
+        (clone / "config" / "var" / leftover).write_text("from Try it\n")
+    etc = tmp_path / "etc" / "mailrelay"
+    script = "\n".join(lines).replace("/etc/mailrelay", str(etc)).replace("YOUR-DOMAIN",
+                                                                          "example.org")
+    result = subprocess.run(["bash", "-e", "-c", script], cwd=clone, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    found = sorted(str(p.relative_to(etc)) for p in etc.rglob("*") if p.is_file())
+    assert found == ["domains/example.org/aliases", "mailrelay.yaml"]
+    assert (etc / "mailrelay.yaml").stat().st_mode & 0o777 == 0o640
