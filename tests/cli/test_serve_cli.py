@@ -143,3 +143,22 @@ def group_of(user: str) -> str:
     import pwd
 
     return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+
+
+def test_serve_and_check_name_the_same_first_error_of_a_users_file(tmp_path):
+    """Two bad lines in a users file: serve refuses to start naming the first, the one
+    check reports first (the operator saw line 7 in the log and line 6 in check; not
+    reproduced: both read the file through UserDB.load_all, and this holds them to it)."""
+    conf = small_config(tmp_path / "conf", free_port())
+    users = conf / "domains" / "example.com" / "users"
+    users.write_text("# users\n\nme !\nyou !\nthem !\nbad line here\nworse\n")
+    status, log = serve_until_ready([sys.executable, "-m", "mailrelay.cli.main", "serve",
+                                     "-c", str(conf)])
+    assert status == 1
+    [line] = [x for x in log.splitlines() if x.startswith("mailrelay: ")]
+    assert line.startswith(f"mailrelay: {users}:6: ")
+    checked = subprocess.run([sys.executable, "-m", "mailrelay.cli.main", "check", "-c",
+                              str(conf)], capture_output=True, text=True, timeout=60)
+    errors = [x for x in checked.stderr.splitlines() if x.startswith("error: ")]
+    assert errors[0] == f"error: {line.removeprefix('mailrelay: ')}"
+    assert errors[1].startswith(f"error: {users}:7: ")
