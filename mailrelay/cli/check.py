@@ -230,19 +230,17 @@ def program_problem() -> str | None:
     if os.access(executable, os.X_OK):
         return None
     real = os.path.realpath(executable)
-    blocked = f"it cannot execute {real}"
-    for path in dict.fromkeys([executable, real]):
-        for directory in reversed(Path(path).parents):
-            if not os.access(directory, os.X_OK):
-                blocked = f"it cannot search {directory}"
-                break
-        else:
-            continue
-        break
     shown = executable if real == executable else f"{executable} ({real})"
-    return (f"the server's user cannot run this mailrelay: {blocked}, on the way to its "
-            f"Python {shown}, so the server cannot start as this user; install mailrelay "
-            "where it can (README: /opt/mailrelay, \"Install on your server\")")
+    why = f"its Python {shown} is not executable for it"
+    for path in dict.fromkeys([executable, real]):
+        closed = next((d for d in reversed(Path(path).parents)
+                       if not os.access(d, os.X_OK)), None)
+        if closed is not None:
+            why = f"it cannot search {closed}, on the way to its Python {shown}"
+            break
+    return (f"the server's user cannot run this mailrelay: {why}, so the server cannot "
+            "start as this user; install mailrelay where it can (README: /opt/mailrelay, "
+            "\"Install on your server\")")
 
 
 def collect(config_dir: Path) -> Report:
