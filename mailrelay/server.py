@@ -155,7 +155,7 @@ class Server:
         # For `mailrelay queue`. Without it mail still flows, so only a second server on
         # this data_dir (ConfigError) stops the start.
         self.control = ControlServer(socket_path(config.data_dir), self.queue, self.delivery,
-                                     users=self.reload_users)
+                                     users=self.reload_users, aliases=self.reload_aliases)
         try:
             await self.control.start()
         except ConfigError:
@@ -349,6 +349,22 @@ class Server:
         return {"digest": db.digest if db is not None else None,
                 "error": str(errors[0]) if errors else None}
 
+    def reload_aliases(self, domain: str) -> dict[str, str | None]:
+        """For `mailrelay aliases` after it changed an aliases file: load the aliases now,
+        and say which version of ``domain``'s file the server uses and, if it could not
+        take it, why (as reload_users)."""
+        if domain not in self.config.domains:
+            self._reload_config()
+        if domain not in self.config.domains:
+            return {"digest": None, "error": f"{domain} is not a domain of the running server"}
+        self.aliases, errors = Aliases.load(self.config, self.aliases)
+        for error in errors:
+            log.error("aliases: %s (keeping the last good aliases of that domain)", error)
+        path = str(self.config.domain_dir(domain) / "aliases")
+        mine = [error for error in errors if str(error.path) == path]
+        return {"digest": self.aliases.digests.get(domain),
+                "error": str(mine[0]) if mine else None}
+
     def _reload_config(self) -> bool:
         """New and removed domain directories take effect now; every other setting is read
         once at start (listeners, limits, delivery), so a change is only reported."""
@@ -477,6 +493,14 @@ async def serve(config: Config) -> int:
     """
     notifier = Notifier()
     memory.give_back_big_buffers()
+    if os.geteuid() == 0:
+        log.warning("running as root: pipe targets in aliases, hooks and delivery.local_mda "
+                    "run as root too, and any flaw in the server is root's. Run it under "
+                    "systemd (systemd/mailrelay.service: the service user, with only "
+                    "CAP_NET_BIND_SERVICE for ports below 1024), or as the service user "
+                    "(README, \"Running without systemd\": setpriv --reuid=mailrelay "
+                    "--regid=mailrelay --init-groups --inh-caps=+net_bind_service "
+                    "--ambient-caps=+net_bind_service mailrelay serve)")
     try:
         activated = activated_sockets()
     except ConfigError as exc:

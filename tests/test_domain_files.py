@@ -183,3 +183,50 @@ async def test_the_cli_warns_when_the_running_server_did_not_take_its_change(
     assert (result.returncode, result.stderr) == (0, ""), result.stderr
     assert await login(env, USER, "a new password") == 235
     assert await login(env, "ann@example.com", "ann's password") == 535
+
+
+async def test_aliases_commands_say_when_the_running_server_did_not_take_the_change(
+        served_by_nobody, tmp_path):
+    """root wrote the aliases file (root's, mode 0600): `aliases add`, `remove` and `edit`
+    said "told the running server to reload" and exited 0 while the server logged that
+    it cannot read the file. Now they ask it, as `user add` does, and warn (exit 1)."""
+    env = served_by_nobody
+    aliases = env.config_dir / "domains" / "example.com" / "aliases"
+    aliases.write_text("postmaster: me\n")
+    os.chown(aliases, 0, 0)
+    aliases.chmod(0o600)
+
+    async def rcpt(address: str) -> int:
+        client = await RawSMTP.connect("127.0.0.1", env.ports["smtp"])
+        await client.cmd("EHLO mx.sender.test")
+        await client.cmd("MAIL FROM:<alice@sender.test>")
+        code = (await client.cmd(f"RCPT TO:<{address}>"))[0]
+        await client.close()
+        return code
+
+    editor = tmp_path / "editor.py"
+    editor.write_text("import sys\nopen(sys.argv[1], 'a').write('team: me\\n')\n")
+    commands = [("aliases", "add", "example.com", "sales: me"),
+                ("aliases", "remove", "example.com", "postmaster"),
+                ("aliases", "edit", "example.com")]
+    for argv in commands:
+        result = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "mailrelay.cli.main", *argv,
+                             "-c", str(env.config_dir)],
+            capture_output=True, text=True, timeout=60, cwd="/", stdin=subprocess.DEVNULL,
+            env={**os.environ, "EDITOR": f"{sys.executable} {editor}"})
+        assert result.returncode == 1, (argv, result.stdout, result.stderr)
+        assert "told the running server" not in result.stdout
+        [warning] = [line for line in result.stderr.splitlines()
+                     if line.startswith("warning: ") and "did not take" in line]
+        assert warning.startswith(f"warning: {aliases} is saved, but the running server did "
+                                  "not take it: "), warning
+        assert "cannot read: Permission denied" in warning
+    assert await rcpt("sales@example.com") == 550, "the server still has the old aliases"
+
+    os.chown(aliases, *NOBODY)  # fixed: the next change is taken, and said so
+    result = await asyncio.to_thread(mailrelay, env, "aliases", "add", "example.com",
+                                     "info: me")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "the running server took it"
+    assert await rcpt("sales@example.com") == 250 and await rcpt("info@example.com") == 250

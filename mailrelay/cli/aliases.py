@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import shlex
 import shutil
@@ -73,7 +74,17 @@ def register(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -
 
 
 def _editor() -> list[str]:
-    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    """$VISUAL or $EDITOR, as given (a script may name one); else, only when someone sits
+    at a terminal, the system's editor (Debian's ``editor`` alternative, or vi). Without
+    a terminal and without either variable, a full-screen editor would only hang or fail
+    half-way, so that is a one-line error instead."""
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR")
+    if not editor:
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            raise MailrelayError("no editor to run: standard input or output is not a "
+                                 "terminal and neither VISUAL nor EDITOR is set (set one, or "
+                                 "change one alias with `mailrelay aliases add` or `remove`)")
+        editor = "editor" if shutil.which("editor") else "vi"
     try:
         return shlex.split(editor)
     except ValueError as exc:
@@ -139,8 +150,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     atomic_write(path, edited, mode=mode)
     print(f"installed {path}")
-    _notify_server(config)
-    return 0
+    return _tell_server(config, domain, path, edited)
 
 
 def _read_current(config: Config, domain: str) -> tuple[Path, bytes | None, int]:
@@ -167,7 +177,7 @@ def _defined_by(raw_line: str, domain: str, config: Config) -> str | None:
 
 
 def _install(config: Config, domain: str, path: Path, original: bytes | None, new: bytes,
-             mode: int, what: str) -> None:
+             mode: int, what: str) -> int:
     """Validate and write ``new`` as ``aliases edit`` does, then make the server reload."""
     table, errors = parse_text(new, domain, path, config.aliases)
     if errors:  # cannot happen for a line that parsed on its own; never install it anyway
@@ -184,7 +194,7 @@ def _install(config: Config, domain: str, path: Path, original: bytes | None, ne
     for problem in _problems(config, domain, new, table):
         if problem not in before:
             print(f"warning: {problem}", file=sys.stderr)
-    _notify_server(config)
+    return _tell_server(config, domain, path, new)
 
 
 def _problems(config: Config, domain: str, text: bytes | None,
@@ -195,12 +205,8 @@ def _problems(config: Config, domain: str, text: bytes | None,
     aliases = Aliases.load(config)[0]
     aliases.tables[domain] = table
     users = Users.load(config)
-    problems = _dead_ends(aliases, domain, table, users, config)
-    postmaster = f"postmaster@{domain}"
-    if not aliases.resolve(postmaster, users.exists, config.is_local_domain):
-        problems.append(f"{postmaster} is refused: RFC 5321 4.5.1 requires it to deliver "
-                        "(`mailrelay check` says the same)")
-    return problems
+    return list(dict.fromkeys(problem for _, problem in
+                              domain_problems(aliases, domain, table, users, config)))
 
 
 def cmd_add(args: argparse.Namespace) -> int:
@@ -232,9 +238,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     else:
         lines.append(line)
         what = f"added {shown} to"
-    _install(config, domain, path, original, ("\n".join(lines) + "\n").encode("utf-8"),
-             mode, what)
-    return 0
+    return _install(config, domain, path, original,
+                    ("\n".join(lines) + "\n").encode("utf-8"), mode, what)
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
@@ -258,9 +263,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
     kept = [raw for raw in lines if _defined_by(raw, domain, config) != name]
     if len(kept) == len(lines):
         raise MailrelayError(f"no alias {shown} in {path}")
-    _install(config, domain, path, original, "\n".join(kept).encode("utf-8"), mode,
-             f"removed {shown} from")
-    return 0
+    return _install(config, domain, path, original, "\n".join(kept).encode("utf-8"), mode,
+                    f"removed {shown} from")
 
 
 def _server_pid(config: Config) -> int | None:
@@ -282,6 +286,33 @@ def _server_pid(config: Config) -> int | None:
         if b"mailrelay" not in Path(f"/proc/{pid}/cmdline").read_bytes():
             return None
     return pid
+
+
+def _tell_server(config: Config, domain: str, path: Path, written: bytes) -> int:
+    """Have the running server load the aliases just written and check that it took this
+    version of the file (through data_dir/control.sock, as `mailrelay user` does): 1,
+    with a warning, when it did not (say, a file root wrote that the server's user cannot
+    read: it keeps the aliases it had). A server that has no control socket gets SIGHUP
+    (an older one), and without a server there is nothing to do."""
+    from ..ops.control import ServerNotRunning, request
+
+    try:
+        answer = request(config.data_dir, {"cmd": "aliases", "domain": domain})
+    except ServerNotRunning:
+        _notify_server(config)
+        return 0
+    except MailrelayError as exc:
+        print(f"warning: could not ask the running server whether it took the change "
+              f"(it reloads changed files by itself within seconds): {exc}", file=sys.stderr)
+        return 0
+    if answer.get("digest") == hashlib.sha256(written).hexdigest():
+        print("the running server took it")
+        return 0
+    reason = answer.get("error") or "it has another version of the file"
+    print(f"warning: {path} is saved, but the running server did not take it: {reason}. "
+          f"It keeps the aliases of {domain} it had; fix the file (`mailrelay check`).",
+          file=sys.stderr)
+    return 1
 
 
 def _notify_server(config: Config) -> None:
@@ -334,6 +365,8 @@ def _describe(targets: list[Target]) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """The aliases part of ``mailrelay check``, with the same rule (domain_problems) and
+    the same verdict: each problem is an error, and any error makes the exit status 1."""
     config = load_config(args.config)
     domains = [local_domain(config, args.domain)] if args.domain else list(config.domains)
     users = Users.load(config)
@@ -341,35 +374,51 @@ def cmd_check(args: argparse.Namespace) -> int:
     failed = False
     for domain in domains:
         path = aliases_path(config, domain)
+        lines: dict[str, int] = {}
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
             print(f"{domain}: no aliases file")
-            continue
+            table: dict[str, list[Target]] = {}
         except OSError as exc:
-            print(ConfigError(f"cannot read: {exc.strerror or exc}", path), file=sys.stderr)
+            print(f"error: {ConfigError(f'cannot read: {exc.strerror or exc}', path)}",
+                  file=sys.stderr)
             failed = True
             continue
-        table, errors = parse_text(raw, domain, path, config.aliases)
-        if errors:
-            for error in errors:
-                print(error, file=sys.stderr)
+        else:
+            table, errors = parse_text(raw, domain, path, config.aliases, lines)
+            if errors:
+                for error in errors:
+                    print(f"error: {error}", file=sys.stderr)
+                failed = True
+                continue
+            count = sum(1 for name in table if name != CATCH_ALL)
+            catch_all = (f"catch-all → {_describe(table[CATCH_ALL])}" if CATCH_ALL in table
+                         else "no catch-all")
+            print(f"{domain}: {count} alias{'es' if count != 1 else ''}, {catch_all}")
+        for name, problem in domain_problems(aliases, domain, table, users, config):
+            where = ConfigError(problem, path, lines.get(name) if name else None)
+            print(f"error: {where}", file=sys.stderr)
             failed = True
-            continue
-        count = sum(1 for name in table if name != CATCH_ALL)
-        catch_all = (f"catch-all → {_describe(table[CATCH_ALL])}" if CATCH_ALL in table
-                     else "no catch-all")
-        print(f"{domain}: {count} alias{'es' if count != 1 else ''}, {catch_all}")
-        for warning in _dead_ends(aliases, domain, table, users, config):
-            print(f"warning: {warning}", file=sys.stderr)
     return 1 if failed else 0
 
 
-def _dead_ends(aliases: Aliases, domain: str, table: dict[str, list[Target]],
-               users: Users, config: Config) -> list[str]:
-    """Aliases that deliver nowhere (so RCPT refuses them), loops and too-deep chains."""
-    return list(dict.fromkeys(problem for _, problem in
-                              alias_problems(aliases, domain, table, users, config)))
+def domain_problems(aliases: Aliases, domain: str, table: dict[str, list[Target]],
+                    users: Users, config: Config) -> list[tuple[str | None, str]]:
+    """The one rule of what is wrong with a domain's (loadable) aliases, for ``mailrelay
+    check`` and ``aliases check`` alike, where each is an error (``aliases add`` and
+    ``remove`` warn about those a change brings): (alias name, or None for the domain;
+    the problem). An alias or catch-all that delivers nowhere (RCPT refuses it), a
+    loop, a chain deeper than aliases.max_depth, and postmaster@ refused (RFC 5321
+    4.5.1 requires it to reach a person)."""
+    problems: list[tuple[str | None, str]] = list(
+        alias_problems(aliases, domain, table, users, config))
+    postmaster = f"postmaster@{domain}"
+    if not aliases.exists(postmaster, users.exists, config.is_local_domain):
+        problems.append((None, f"{postmaster} is refused (550 5.1.1), but RFC 5321 4.5.1 "
+                               "requires it to reach a person: add `postmaster: <user>` "
+                               f"(`mailrelay aliases edit {domain}`)"))
+    return problems
 
 
 def alias_problems(aliases: Aliases, domain: str, table: dict[str, list[Target]],

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import grp
 import json
 import os
 import pwd
@@ -43,11 +44,10 @@ from ..errors import ConfigError, MailrelayError
 from ..fsutil import write_all
 from ..message.dkim.keys import KeyRing
 from ..policy.aliases import Aliases, aliases_path, parse_text
-from ..policy.router import Router
 from ..policy.srs import SECRET_FILE, load_or_create_secrets
 from ..policy.users import USERS_FILE, UserDB, Users
 from ..smtp.tls import inspect_certificates
-from .aliases import alias_problems
+from .aliases import domain_problems
 
 EXPIRY_WARNING = dt.timedelta(days=14)
 # Directories of data_dir the server writes into, beside data_dir itself.
@@ -189,10 +189,18 @@ def _collect_as(who: Identity, config_dir: Path) -> Report:
             os.setgroups(list(who.groups))
             os.setgid(who.gid)
             os.setuid(who.uid)
-            payload = collect(config_dir).to_json()
+            report = collect(config_dir)
+            # Forked, not exec'd: that this process runs says nothing about whether the
+            # user could start this mailrelay (a venv under /root).
+            problem = program_problem()
+            if problem:
+                report.error(problem)
+            payload = report.to_json()
             code = 0
         except BaseException as exc:
-            payload = json.dumps({"crash": f"{type(exc).__name__}: {exc}"})
+            # A MailrelayError's text is the one line (a ConfigError's with file:line).
+            text = str(exc) if isinstance(exc, MailrelayError) else f"{type(exc).__name__}: {exc}"
+            payload = json.dumps({"crash": text})
         finally:
             try:
                 write_all(write_end, payload.encode())
@@ -214,6 +222,27 @@ def _collect_as(who: Identity, config_dir: Path) -> Report:
     return Report.from_json(data)
 
 
+def program_problem() -> str | None:
+    """None if this process's user can execute this mailrelay's Python (sys.executable,
+    through its symlinks), else why not, naming the first directory on the way that it
+    cannot search or the file it cannot execute."""
+    executable = os.path.abspath(sys.executable)
+    if os.access(executable, os.X_OK):
+        return None
+    real = os.path.realpath(executable)
+    shown = executable if real == executable else f"{executable} ({real})"
+    why = f"its Python {shown} is not executable for it"
+    for path in dict.fromkeys([executable, real]):
+        closed = next((d for d in reversed(Path(path).parents)
+                       if not os.access(d, os.X_OK)), None)
+        if closed is not None:
+            why = f"it cannot search {closed}, on the way to its Python {shown}"
+            break
+    return (f"the server's user cannot run this mailrelay: {why}, so the server cannot "
+            "start as this user; install mailrelay where it can (README: /opt/mailrelay, "
+            "\"Install on your server\")")
+
+
 def collect(config_dir: Path) -> Report:
     """Every check, with this process's permissions."""
     report = Report()
@@ -228,13 +257,9 @@ def collect(config_dir: Path) -> Report:
     _check_modes(config, report)
     _check_certificates(config, report)
     _check_data_dir(config, report)
-    _check_delivery(config, report)
+    trust_ok = _check_delivery(config, report)
     if config.delivery.relay is not None:
-        status = relay_status(config)
-        if status.startswith("warning: "):
-            report.warning(status.removeprefix("warning: "))
-        else:
-            report.info.append(status)
+        _check_relay(config, report, trust_ok)
     users = _check_users(config, report)
     aliases = _check_aliases(config, report, users)
     keyring, key_errors = KeyRing.load(config)
@@ -244,14 +269,18 @@ def collect(config_dir: Path) -> Report:
         report.warning(f"no domains: create {config.domains_dir}/<domain>/")
     for domain in config.domains:
         keys = keyring.keys_for(domain)
-        if not keys:
+        files = list(config.domain_dir(domain).glob("dkim:*.pem"))
+        if not files:
             report.warning(f"no DKIM key: mail from {domain} leaves unsigned and fails DMARC "
                            f"at Gmail (`mailrelay dkim keygen {domain}`)",
                            config.domain_dir(domain))
+        # Key files that do not load are errors above: keygen would not be the fix.
         db = users.domain(domain)
         catch_all = " + catch-all" if aliases.catch_all(domain) else ""
         dkim_note = (f"{len(keys)} DKIM key(s) ({', '.join(k.selector for k in keys)})"
                      if keys else "no DKIM keys")
+        if len(files) > len(keys):
+            dkim_note += f" ({len(files) - len(keys)} key file(s) that do not load)"
         report.info.append(f"domain {domain}: {len(db) if db else 0} user(s), "
                            f"{aliases.count(domain)} alias(es){catch_all}, {dkim_note}")
     return report
@@ -369,6 +398,21 @@ def _probe_file(directory: Path) -> str | None:
     return None
 
 
+def _my_name() -> str:
+    """This process's user (the server's, in check's child), for a command to paste."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def _my_group() -> str:
+    try:
+        return grp.getgrgid(os.getegid()).gr_name
+    except KeyError:
+        return str(os.getegid())
+
+
 def _probe_mkdir(directory: Path) -> str | None:
     probe = directory / f".mailrelay-check.{os.getpid()}"
     try:
@@ -389,9 +433,17 @@ def _check_data_dir(config: Config, report: Report) -> None:
             ancestor = ancestor.parent
         reason = _probe_mkdir(ancestor) if ancestor.is_dir() else "not a directory"
         if reason:
-            report.error(f"data_dir {data_dir} does not exist, and it cannot be created in "
-                         f"{ancestor} ({reason}): create it for the server's user, mode 0700",
-                         *where)
+            fix = f"install -d -m 0700 -o {_my_name()} -g {_my_group()} {data_dir}"
+            if data_dir.parent == Path("/var/lib"):
+                # The packaged unit (and init's) has StateDirectory= for it.
+                report.warning(f"data_dir {data_dir} does not exist, and it cannot be created "
+                               f"in {ancestor} ({reason}): under systemd the unit creates it "
+                               "at the first start (StateDirectory=); without systemd, create "
+                               f"it first: {fix}", *where)
+            else:
+                report.error(f"data_dir {data_dir} does not exist, and it cannot be created in "
+                             f"{ancestor} ({reason}): create it for the server's user: {fix}",
+                             *where)
         else:
             report.info.append(f"data_dir {data_dir}: created at the first start")
         return
@@ -434,16 +486,19 @@ def _check_data_dir(config: Config, report: Report) -> None:
 # -- delivery ------------------------------------------------------------------------------
 
 
-def _check_delivery(config: Config, report: Report) -> None:
+def _check_delivery(config: Config, report: Report) -> bool:
+    """delivery.ca_file and delivery.local_mda; whether the trust anchors load."""
     yaml_path = config.config_dir / CONFIG_FILE
+    trust_ok = True
     try:
         verifying_tls_context(config.delivery.ca_file)
     except ConfigError as exc:
+        trust_ok = False
         report.error(exc.message, yaml_path,
                      setting_line(config.config_dir, "delivery.ca_file"))
     template = config.delivery.local_mda
     if template is None:
-        return
+        return trust_ok
     line = setting_line(config.config_dir, "delivery.local_mda")
     sample = f"postmaster@{config.domains[0] if config.domains else 'example.com'}"
     # Its placeholders were checked by load_config, as for serve; filled in as delivery
@@ -457,6 +512,35 @@ def _check_delivery(config: Config, report: Report) -> None:
     if shutil.which(program) is None:
         report.error(f"delivery.local_mda: {program} is not an executable program for this "
                      "user, so every local delivery fails", yaml_path, line)
+    return trust_ok
+
+
+def _check_relay(config: Config, report: Report, trust_ok: bool) -> None:
+    """delivery.relay: its password file must be readable by the server's user (an
+    error: every relay login fails without it, and mail waits until give_up_after), then
+    a login (a warning only when it fails: the network or the relay may be down)."""
+    settings = config.delivery.relay
+    assert settings is not None
+    readable = True
+    if settings.password_file is not None:
+        try:
+            with open(settings.password_file, "rb"):
+                pass
+        except OSError as exc:
+            readable = False
+            report.error(f"the relay password file cannot be read ({exc.strerror or exc}): "
+                         "every login to the relay fails and remote mail waits in the queue;"
+                         " the server's user must read it (chown it to that user, mode 0600)",
+                         settings.password_file)
+    if not (trust_ok and readable):
+        report.info.append(f"relay {settings.host}:{settings.port}: login not tried "
+                           "(see the errors)")
+        return
+    status = relay_status(config)
+    if status.startswith("warning: "):
+        report.warning(status.removeprefix("warning: "))
+    else:
+        report.info.append(status)
 
 
 # -- users and aliases ---------------------------------------------------------------------
@@ -477,7 +561,6 @@ def _check_aliases(config: Config, report: Report, users: Users) -> Aliases:
     for error in errors:
         report.add(error)
     broken = {str(e.path) for e in errors}
-    router = Router(config.is_local_domain, lambda: users, lambda: aliases, None)
     for domain in config.domains:
         path = aliases_path(config, domain)
         if str(path) in broken:
@@ -487,13 +570,9 @@ def _check_aliases(config: Config, report: Report, users: Users) -> Aliases:
             table, _ = parse_text(path.read_bytes(), domain, path, config.aliases, lines)
         except FileNotFoundError:
             table = {}
-        for name, problem in alias_problems(aliases, domain, table, users, config):
-            report.error(problem, path, lines.get(name))
-        postmaster = f"postmaster@{domain}"
-        if router.check_recipient(postmaster) is not None:
-            report.error(f"{postmaster} is refused (550 5.1.1), but RFC 5321 4.5.1 requires "
-                         "it to reach a person: add `postmaster: <user>` "
-                         f"(`mailrelay aliases edit {domain}`)", path)
+        # The same rule as `aliases check` (one place: cli/aliases.py).
+        for name, problem in domain_problems(aliases, domain, table, users, config):
+            report.error(problem, path, lines.get(name) if name else None)
     return aliases
 
 

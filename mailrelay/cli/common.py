@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import getpass
+import os
+import pwd
 import sys
 import warnings
+from pathlib import Path
 
 from ..address import AddressError, normalize_domain
 from ..config import Config
@@ -77,3 +80,43 @@ def read_new_password(from_stdin: bool, min_length: int) -> str:
     if not from_stdin and read_password(False, "Repeat password: ") != password:
         raise MailrelayError("passwords do not match")
     return password
+
+
+def unreadable_for_service(config_dir: Path, path: Path) -> str | None:
+    """Run as root for a configuration directory another user owns (the server's user,
+    as `mailrelay check` takes it): that user's name if it cannot read ``path``, else
+    None (also when not root, or root owns the directory: nobody else to ask about).
+
+    Asked in a forked child with the user's uid, gid and groups, so the kernel answers
+    (ACLs and every directory on the way included)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        st = os.stat(config_dir)
+    except OSError:
+        return None
+    if st.st_uid == 0:
+        return None
+    uid, gid, name = st.st_uid, st.st_gid, str(st.st_uid)
+    groups = [gid]
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        pass  # a uid without a name: its directory's group
+    else:
+        name, gid = entry.pw_name, entry.pw_gid
+        groups = os.getgrouplist(name, gid)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: only answers through its exit status
+        code = 2
+        try:
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+            code = 0 if os.access(path, os.R_OK) else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return None if os.waitstatus_to_exitcode(status) == 0 else name

@@ -17,7 +17,7 @@ from ..message.dkim.keys import (
     write_key,
 )
 from ..message.dkim.signer import DKIMKey
-from .common import local_domain
+from .common import local_domain, unreadable_for_service
 
 
 def register(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -51,6 +51,17 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     print(f"wrote {path} ({args.algo})")
     print(f"publish this TXT record in the DNS of {domain}:")
     print(format_txt(name, value))
+    # As `user add` warns when the server did not take its file: a key the server's user
+    # cannot read (root wrote it into a directory root made) never signs.
+    who = unreadable_for_service(config.config_dir, path)
+    if who is not None:
+        service_uid = config.config_dir.stat().st_uid
+        fix = (f"chown {who}: {path.parent} {path}" if path.stat().st_uid != service_uid
+               else "a directory on the way is closed to it: `mailrelay check` names it")
+        print(f"warning: {path} is written, but {who}, the server's user (the owner of "
+              f"{config.config_dir}), cannot read it, so it does not sign: {fix}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

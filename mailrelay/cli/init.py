@@ -200,7 +200,10 @@ def _directory(plan: Plan, path: Path, mode: int, *, own: bool = False) -> None:
     user even when its parent does not (the configuration and data directories)."""
 
     def create() -> list[Path]:
-        created = make_dirs(path, mode)
+        # The configuration and data directories: what is made on the way to them stays
+        # traversable (0755), or the service user could not reach them.
+        created = make_dirs(path.parent, 0o755) if own else []
+        created += make_dirs(path, mode)
         if own and plan.as_root:
             os.chown(path, *_service_ids(plan))
         return created
@@ -228,7 +231,9 @@ def _directory(plan: Plan, path: Path, mode: int, *, own: bool = False) -> None:
 
 def _file(plan: Plan, path: Path, data: bytes, mode: int, what: str) -> None:
     if path.exists():
-        plan.add("keep", path, f"{what}; not replaced")
+        # Only "not replaced": what init would have written (`what`) need not be what
+        # the kept file says (the owner may have changed the ports since).
+        plan.add("keep", path, "not replaced")
         return
 
     def write() -> list[Path]:
@@ -250,15 +255,17 @@ def _ipv6_available() -> bool:
     return True
 
 
-def config_text(hostname: str, data_dir: Path, ipv6: bool) -> str:
+def config_text(hostname: str, data_dir: Path, ipv6: bool, systemd: bool = True) -> str:
     def addresses(port: int) -> str:
         found = [f'"0.0.0.0:{port}"'] + ([f'"[::]:{port}"'] if ipv6 else [])
         return "[" + ", ".join(found) + "]"
 
+    restart = ("`systemctl restart mailrelay`" if systemd else
+               "stop `mailrelay serve` (SIGTERM) and start it again")
     return f"""\
 # mailrelay configuration, written by `mailrelay init` on {dt.date.today():%Y-%m-%d}.
 # Every setting and its default: README.md, "Configuration". After a change:
-# `mailrelay check`, then `systemctl restart mailrelay`.
+# `mailrelay check`, then {restart}.
 
 # The name this server greets with: the MX of your domains, the PTR of its address
 # and the name on its certificate.
@@ -305,7 +312,10 @@ def plan_init(args: argparse.Namespace) -> Plan:
         raise _fail(f"--user {args.user}: {exc}") from None
     forward_local, forward_domain = _address("--forward-to", args.forward_to)
     forward_to = f"{forward_local}@{forward_domain}"
-    ips = [str(ip) for ip in parse_ips(args.ip)]
+    try:
+        ips = [str(ip) for ip in parse_ips(args.ip)]
+    except MailrelayError as exc:
+        raise _fail(str(exc)) from None
 
     as_root = os.geteuid() == 0
     me = str(os.geteuid())
@@ -390,14 +400,28 @@ def _plan_service_user(plan: Plan) -> None:
         return
     if shutil.which("useradd") is None:
         raise _fail(f"user {plan.service_user} does not exist and useradd is not installed")
-    command = ["useradd", "--system", "--user-group", "--home-dir", str(plan.data_dir),
-               "--no-create-home", "--shell", "/usr/sbin/nologin", plan.service_user]
+    command = useradd_command(plan.service_user, plan.data_dir)
 
     def create() -> list[Path]:
         _run(command)
         return []
 
     plan.add("create", f"user {plan.service_user}", " ".join(command), create)
+
+
+def useradd_command(user: str, home: Path) -> list[str]:
+    """How init (and import-chasquid) create the service user: a system user with its own
+    group, no login shell, its home the data directory (not created by useradd)."""
+    return ["useradd", "--system", "--user-group", "--home-dir", str(home),
+            "--no-create-home", "--shell", "/usr/sbin/nologin", user]
+
+
+def service_user_name(given: str | None) -> str:
+    """--service-user as root (default mailrelay); a one-line error when not a user name."""
+    name = given or DEFAULT_SERVICE_USER
+    if not _USER_NAME.fullmatch(name):
+        raise _fail(f"--service-user {name!r} is not a valid user name")
+    return name
 
 
 def _plan_files(plan: Plan, args: argparse.Namespace) -> None:
@@ -428,7 +452,7 @@ def _plan_files(plan: Plan, args: argparse.Namespace) -> None:
     _directory(plan, plan.data_dir, DATA_DIR_MODE, own=True)
     # Last of the configuration: a run that fails before it leaves no mailrelay.yaml.
     _file(plan, config_dir / CONFIG_FILE,
-          config_text(plan.hostname, plan.data_dir, _ipv6_available()).encode(),
+          config_text(plan.hostname, plan.data_dir, _ipv6_available(), plan.systemd).encode(),
           CONFIG_MODE, "ports 25, 587 and 465")
 
 
@@ -541,11 +565,7 @@ def mailrelay_binary() -> str:
 
 
 def _plan_unit(plan: Plan, template: str) -> None:
-    group = plan.service_user  # useradd --user-group; an existing user's own group
-    with contextlib.suppress(KeyError):
-        import grp
-
-        group = grp.getgrgid(pwd.getpwnam(plan.service_user).pw_gid).gr_name
+    group = _group_of(plan.service_user)  # useradd --user-group; an existing user's own
     text = render_unit(template, binary=mailrelay_binary(), config_dir=plan.config_dir,
                        data_dir=plan.data_dir, user=plan.service_user, group=group,
                        readme=README if README.is_file() else None)
@@ -563,6 +583,11 @@ def _plan_unit(plan: Plan, template: str) -> None:
                  f"{plan.config_dir}", write)
     for command in (["systemctl", "daemon-reload"], ["systemctl", "enable", "mailrelay"]):
         plan.add("run", " ".join(command), "", lambda command=command: _run(command))
+
+
+def run_command(command: list[str]) -> list[Path]:
+    """Run ``command`` (useradd, systemctl); a one-line MailrelayError when it fails."""
+    return _run(command)
 
 
 def _run(command: list[str]) -> list[Path]:
@@ -633,6 +658,42 @@ def acme_commands(plan: Plan) -> list[str]:
     ]
 
 
+def _group_of(user: str) -> str:
+    """The primary group of ``user`` (useradd --user-group: its own name)."""
+    with contextlib.suppress(KeyError):
+        import grp
+
+        return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+    return user
+
+
+def setpriv_command(user: str, group: str, config_dir: Path) -> str:
+    """``mailrelay serve`` as ``user`` with only CAP_NET_BIND_SERVICE, as the unit runs it
+    (README, "Running without systemd")."""
+    return (f"setpriv --reuid={user} --regid={group} --init-groups "
+            "--inh-caps=+net_bind_service --ambient-caps=+net_bind_service "
+            "--bounding-set=-all,+net_bind_service --no-new-privs "
+            f"{mailrelay_binary()} serve -c {config_dir}")
+
+
+def start_hint(plan: Plan) -> list[str]:
+    """How to start the server after init: systemctl, setpriv as the service user (root
+    without systemd: ports below 1024 need the capability, and root should not run it),
+    or serve as the caller, who cannot bind those ports."""
+    check = f"`mailrelay check -c {plan.config_dir}`"
+    if plan.systemd:
+        return [f"Then {check} and `systemctl start mailrelay`."]
+    if plan.as_root:
+        user = plan.service_user
+        return [f"Then {check}, and start it as {user} with the one capability ports 25, 587 "
+                "and 465 need (README, \"Running without systemd\"):",
+                f"  {setpriv_command(user, _group_of(user), plan.config_dir)}"]
+    return [f"Then {check} and `mailrelay serve -c {plan.config_dir}`. Ports 25, 587 and 465 "
+            f"need root or CAP_NET_BIND_SERVICE, which {plan.service_user} has not: have root "
+            f"start it as {plan.service_user} (README, \"Running without systemd\"), or move "
+            "the listen: addresses in mailrelay.yaml to ports from 1024 up."]
+
+
 def run(args: argparse.Namespace) -> int:
     plan = plan_init(args)
     for note in plan.notes:
@@ -649,8 +710,7 @@ def run(args: argparse.Namespace) -> int:
     for line in acme_commands(plan):
         print(f"  {line}")
     print()
-    start = "systemctl start mailrelay" if plan.systemd else \
-        f"mailrelay serve -c {plan.config_dir}"
-    print(f"Then `mailrelay check -c {plan.config_dir}` and `{start}`.")
+    for line in start_hint(plan):
+        print(line)
     print()
     return print_records(load_config(plan.config_dir), plan.domain, plan.ips)

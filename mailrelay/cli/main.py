@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -65,6 +66,19 @@ def _help_when_alone(parser: argparse.ArgumentParser) -> None:
                 _help_when_alone(sub)
 
 
+def _describe_actions(parser: argparse.ArgumentParser) -> None:
+    """A command or action without a description of its own is described, in its
+    ``--help``, by the line the list of its group gives it (``mailrelay user add --help``
+    said nothing about what it does)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                if sub.description is None and helps.get(name):
+                    sub.description = helps[name][:1].upper() + helps[name][1:] + "."
+                _describe_actions(sub)
+
+
 def _print_help(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     parser.print_help()
     return 0
@@ -97,6 +111,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             module = importlib.import_module(f".{module_name}", __package__)
             module.register(command, common)
     _help_when_alone(parser)
+    _describe_actions(parser)
     return parser
 
 
@@ -105,7 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, where a reader that went away is handled
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except MailrelayError as exc:
         print(f"mailrelay: {exc}", file=sys.stderr)
         return 1
@@ -117,6 +136,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         print(f"mailrelay: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
+
+
+def _reader_gone() -> int:
+    """``mailrelay queue list | head``: the reader has what it wanted and closed the pipe.
+    Stop quietly, as a program that SIGPIPE ends (exit status 128 + 13), and point stdout
+    at /dev/null so that the interpreter's last flush does not complain either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return 141
 
 
 if __name__ == "__main__":

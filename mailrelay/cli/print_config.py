@@ -22,7 +22,8 @@ from ..config import CONFIG_FILE, Config, load_config, setting_line
 # Fields of Config that are not settings of mailrelay.yaml (shown as comments instead).
 _NOT_SETTINGS = ("config_dir", "domains", "warnings")
 # Whole numbers that are sizes (the other ints count things); every float is a duration.
-SIZES = frozenset({"limits.max_message_size", "limits.min_free_space"})
+SIZES = frozenset({"limits.max_message_size", "limits.min_free_space",
+                   "limits.max_header_size", "limits.max_data_in_flight"})
 # Settings that name a file holding a secret: the path is shown, the file never opened.
 SECRET_FILES = frozenset({"delivery.relay.password_file"})
 # Lists of host:port (tuples in Config).
@@ -57,25 +58,38 @@ def render(config: Config) -> str:
     ]
     lines += [f"# warning: {warning}" for warning in config.warnings]
     lines.append("")
+    derived = _derived_defaults(config)
     for item in dataclasses.fields(config):
         if item.name in _NOT_SETTINGS:
             continue
-        lines += _setting(config.config_dir, item.name, getattr(config, item.name), 0)
+        lines += _setting(config.config_dir, item.name, getattr(config, item.name), 0,
+                          derived)
         if dataclasses.is_dataclass(getattr(config, item.name)):
             lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def _setting(config_dir: Path, dotted: str, value: Any, depth: int) -> list[str]:
+def _derived_defaults(config: Config) -> dict[str, str]:
+    """Settings whose default (null) stands for a value worked out from others: what
+    the server uses, for the comment (the setting itself stays null, so the output
+    still loads to the same configuration)."""
+    return {"limits.max_data_in_flight":
+            f"2 × max_message_size = {size(config.limits.data_in_flight)}"}
+
+
+def _setting(config_dir: Path, dotted: str, value: Any, depth: int,
+             derived: dict[str, str]) -> list[str]:
     indent = "  " * depth
     key = dotted.rpartition(".")[2]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         lines = [f"{indent}{key}:{_default_mark(config_dir, dotted)}"]
         for item in dataclasses.fields(value):
             lines += _setting(config_dir, f"{dotted}.{item.name}", getattr(value, item.name),
-                              depth + 1)
+                              depth + 1, derived)
         return lines
     comment = _default_mark(config_dir, dotted)
+    if value is None and dotted in derived:
+        comment = f"{comment}: {derived[dotted]}" if comment else f"  # {derived[dotted]}"
     if dotted in SECRET_FILES and value is not None:
         comment += "  # the secret is in this file; its content is never shown"
     return [f"{indent}{key}: {_yaml(_plain(dotted, value))}{comment}"]

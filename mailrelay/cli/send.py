@@ -7,18 +7,20 @@ import asyncio
 import contextlib
 import email.utils
 import ipaddress
+import os
 import re
 import socket
 import ssl
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
+from pathlib import Path
 
 import aiosmtplib
 from cryptography import x509
 
 from ..address import AddressError, split
-from ..config import Config, load_config, parse_hostport
+from ..config import CONFIG_FILE, Config, load_config, parse_hostport
 from ..errors import MailrelayError
 from .common import check_terminal, read_password
 
@@ -97,6 +99,18 @@ def _try_config(path: str) -> tuple[Config | None, MailrelayError | None]:
         return None, exc
 
 
+def _has_config_file(directory: str) -> bool:
+    """Whether ``directory`` has a mailrelay.yaml (that may not load): a broken or
+    unreadable one is what to fix, not a reason to ask for --server."""
+    try:
+        os.stat(Path(directory) / CONFIG_FILE)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def _check_address(value: str, what: str) -> str:
     try:
         split(value)
@@ -126,6 +140,10 @@ def _address(args: argparse.Namespace, config: Config | None,
             raise MailrelayError(f"--server: {exc}") from None
         return host, port, host, port == 465 or port in implicit_ports
     if config is None:
+        if _has_config_file(args.config):
+            raise MailrelayError(f"the configuration does not load, so it names no server: "
+                                 f"{config_error} (`mailrelay check -c {args.config}` says "
+                                 "more; or give --server HOST:PORT)")
         raise MailrelayError(f"--server HOST:PORT is required ({config_error})")
     listeners = config.listen.submission or config.listen.submission_tls
     if not listeners:

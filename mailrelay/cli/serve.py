@@ -14,8 +14,16 @@ from ..config import load_config
 
 
 def register(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Run the server in the foreground, on the listeners of mailrelay.yaml (or the sockets "
+        "systemd passes), logging to standard error. SIGHUP re-reads users, aliases, DKIM keys "
+        "and certificates; SIGTERM stops it after the sessions in flight. Run it under systemd "
+        "(systemd/mailrelay.service: the service user with CAP_NET_BIND_SERVICE for ports below "
+        "1024), not as root.")
     parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
+                        choices=["debug", "info", "warning", "error"],
+                        help="the least important messages logged (default info; debug adds "
+                             "detail on sessions, deliveries and filters)")
     parser.set_defaults(func=run)
 
 

@@ -96,11 +96,61 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     local, db = _user_db(config, args.address)
-    if not db.remove(local):
+    if local not in db:
         raise MailrelayError(f"no such user: {local}@{db.domain}")
+    address = f"{local}@{db.domain}"
+    reaching = _aliases_reaching(config, address)
+    db.remove(local)
     db.save()
-    print(f"removed {local}@{db.domain}")
+    print(f"removed {address}")
+    _warn_about_aliases(config, address, reaching)
     return _tell_server(config, db)
+
+
+def _aliases_reaching(config: Config, address: str) -> list[str]:
+    """The aliases (``name@domain``, ``*@domain`` for a catch-all) whose mail reaches the
+    user ``address`` now, directly or through other aliases."""
+    from ..policy.aliases import MAILBOX, Aliases
+    from ..policy.users import Users
+
+    try:
+        users = Users.load(config)
+    except MailrelayError:
+        return []  # a broken users file elsewhere: `mailrelay check` says more
+    aliases = Aliases.load(config)[0]
+    found = []
+    for domain, table in aliases.tables.items():
+        for name in table:
+            alias = f"{name}@{domain}"
+            targets = aliases.resolve(alias, users.exists, config.is_local_domain,
+                                      warn=lambda message: None)
+            if any(t.kind == MAILBOX and t.value == address for t in targets):
+                found.append(alias)
+    return found
+
+
+def _warn_about_aliases(config: Config, address: str, reaching: list[str]) -> None:
+    """After ``address`` was removed: where the mail of each alias that reached it goes
+    now (the catch-all, other targets, or nowhere: refused)."""
+    from ..policy.aliases import CATCH_ALL, PIPE, Aliases
+    from ..policy.users import Users
+
+    if not reaching:
+        return
+    try:
+        users = Users.load(config)
+    except MailrelayError:
+        return
+    aliases = Aliases.load(config)[0]
+    for alias in reaching:
+        targets = aliases.resolve(alias, users.exists, config.is_local_domain,
+                                  warn=lambda message: None)
+        domain = alias.rpartition("@")[2]
+        shown = f"the catch-all of {domain}" if alias.startswith(f"{CATCH_ALL}@") else alias
+        now = (", ".join(f"| {t.value}" if t.kind == PIPE else t.value for t in targets)
+               if targets else "nowhere: it is refused (550 5.1.1)")
+        print(f"warning: {shown} led to {address}; its mail now goes to {now} "
+              f"(`mailrelay aliases edit {domain}`)", file=sys.stderr)
 
 
 def _tell_server(config: Config, db: UserDB) -> int:

@@ -13,6 +13,7 @@ import dns.name
 import dns.resolver
 
 from ..address import AddressError, normalize_domain
+from ..dnsresolver import explain_dns_error
 
 _rng = random.Random()
 
@@ -115,7 +116,8 @@ async def resolve_mx(
         implicit = True
         candidates = {domain: 0}
     except (dns.exception.DNSException, OSError) as exc:
-        raise TemporaryDNSError(f"{_temporary_reason(exc)} looking up MX records") from None
+        raise TemporaryDNSError(f"{_temporary_reason(exc)} looking up MX records: "
+                                f"{await explain_dns_error(resolver, exc)}") from None
     else:
         records = [(rdata.preference, rdata.exchange) for rdata in answer]
         if len(records) == 1 and records[0][1] == dns.name.root:
@@ -148,9 +150,11 @@ async def resolve_mx(
     names = ", ".join(name for _, name in ordered)
     if errors:
         reason = _temporary_reason(errors[0])
+        trouble = await explain_dns_error(resolver, errors[0])
         if implicit:
-            raise TemporaryDNSError(f"{reason} looking up the domain's addresses")
-        raise TemporaryDNSError(f"{reason} looking up the addresses of MX host(s) {names}")
+            raise TemporaryDNSError(f"{reason} looking up the domain's addresses: {trouble}")
+        raise TemporaryDNSError(f"{reason} looking up the addresses of MX host(s) {names}: "
+                                f"{trouble}")
     if implicit:
         raise PermanentDNSError("domain has no MX or address records")
     raise PermanentDNSError(f"MX host(s) {names} have no address")

@@ -29,7 +29,9 @@ import aiosmtplib
 import dns.asyncresolver
 
 from ..config import Config, RelaySettings
+from ..dnsresolver import describe_resolver, explain_dns_error
 from .mx import _host_addresses, _is_ip_literal
+from .results import NOT_CONNECTED, PLAIN, VERIFIED
 
 log = logging.getLogger("mailrelay.delivery")
 
@@ -38,11 +40,40 @@ _MAX_PASSWORD = 4096
 
 
 class RelayFailure(Exception):
-    """The relay could not be reached, would not talk TLS we trust, or refused our login."""
+    """The relay could not be reached, would not talk TLS we trust, or refused our login.
 
-    def __init__(self, reply: str):
+    ``tls`` is how far the connection got (the mail log's ``tls=``): ``-`` when nothing
+    was said with the relay, ``plain`` when it failed in the clear (before or during
+    STARTTLS), ``verified`` when TLS was up (a refused login, say)."""
+
+    def __init__(self, reply: str, tls: str = NOT_CONNECTED):
         super().__init__(reply)
         self.reply = reply
+        self.tls = tls
+
+
+HOSTS_FILE = Path("/etc/hosts")
+_MAX_HOSTS_FILE = 1 << 20  # an owner's file; bounded all the same
+
+
+def hosts_file_addresses(name: str, path: Path | None = None) -> tuple[str, ...]:
+    """The addresses ``path`` (/etc/hosts) gives ``name`` (any case, a trailing dot
+    ignored), IPv6 first as DNS answers are used; () when it has none or cannot be read."""
+    wanted = name.rstrip(".").lower()
+    try:
+        with open(path or HOSTS_FILE, "rb") as handle:
+            text = handle.read(_MAX_HOSTS_FILE).decode("utf-8", "replace")
+    except OSError:
+        return ()
+    found: list[str] = []
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 2 or wanted not in (f.rstrip(".").lower() for f in fields[1:]):
+            continue
+        address = fields[0].split("%", 1)[0]  # fe80::1%eth0: the zone is not ours to use
+        if _is_ip_literal(address) and address not in found:
+            found.append(address)
+    return tuple(sorted(found, key=lambda a: ":" not in a))
 
 
 def read_password(path: Path) -> str:
@@ -121,12 +152,23 @@ class Relay:
         return f"relay {self.host} [{address}]:{self.port}"
 
     async def addresses(self, resolver: dns.asyncresolver.Resolver) -> tuple[str, ...]:
-        """The relay's addresses (IPv6 first), through the same resolver as MX lookups."""
+        """The relay's addresses (IPv6 first): from /etc/hosts when it names the relay
+        (``localhost``, a relay on the LAN: a name the owner wrote, as the C library
+        looks it up), else through the same resolver as MX lookups (dns.nameservers, or
+        the system's). The failure names the resolver and why it gave nothing."""
         if _is_ip_literal(self.host):
             return (self.host.strip("[]"),)
+        listed = await asyncio.to_thread(hosts_file_addresses, self.host)
+        if listed:
+            return listed
         found, error = await _host_addresses(resolver, self.host)
         if not found:
-            why = "no address (A/AAAA)" if error is None else "DNS lookup failed"
+            asked = describe_resolver(resolver)
+            if error is None:
+                why = f"no address: not in {HOSTS_FILE}, and {asked} has no A/AAAA record"
+            else:
+                trouble = await explain_dns_error(resolver, error)
+                why = f"not in {HOSTS_FILE}, and the DNS lookup failed: {trouble}"
             raise RelayFailure(f"451 4.4.3 relay {self.host}: {why}")
         return found
 
@@ -143,28 +185,48 @@ class Relay:
             timeout=self.command_timeout, use_tls=implicit, start_tls=False,
             tls_context=self.verify_context,
         )
+        # What the mail log's tls= says if this fails (RelayFailure.tls).
+        state = NOT_CONNECTED
         try:
             try:
                 await smtp.connect(timeout=self.connect_timeout)
             except aiosmtplib.SMTPConnectResponseError as exc:
+                state = VERIFIED if implicit else PLAIN
                 raise RelayFailure(f"451 4.4.1 {where}: greeting "
                                    f"{_reply(exc.code, exc.message)}") from None
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                raise RelayFailure(f"451 4.7.5 {where}: {_tls_reason(exc)}"
-                                   if implicit else
-                                   f"451 4.4.1 {where}: {exc}") from None
+                raise RelayFailure(self._connect_failure(exc, where, implicit)) from None
+            state = VERIFIED if implicit else PLAIN
             await self._ehlo(smtp, where)
             if not implicit:
                 await self._starttls(smtp, where)
+                state = VERIFIED
+                await self._ehlo(smtp, where)  # RFC 3207 4.2: what was said before is void
             if self.settings.username is not None:
                 await self._login(smtp, where)
-        except RelayFailure:
+        except RelayFailure as failure:
             smtp.close()
+            if failure.tls == NOT_CONNECTED:
+                failure.tls = state
             raise
         except BaseException:
             smtp.close()
             raise
         return smtp
+
+    def _connect_failure(self, exc: BaseException, where: str, implicit: bool) -> str:
+        """The reply for a connection that went wrong before the greeting, naming the
+        usual cause: a tls: setting that is not what the port speaks."""
+        if implicit:
+            if _plain_text_answer(exc):
+                return (f"451 4.7.5 {where}: the relay answered in plain text, not TLS: port "
+                        f"{self.port} seems to be a STARTTLS port (set delivery.relay.tls: "
+                        "starttls; implicit TLS is usually port 465)")
+            return f"451 4.7.5 {where}: {_tls_reason(exc)}"
+        if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
+            return (f"451 4.4.1 {where}: no greeting within {self.connect_timeout:g}s; if port "
+                    f"{self.port} starts with TLS (465 does), set delivery.relay.tls: implicit")
+        return f"451 4.4.1 {where}: {_cause(exc)}"
 
     async def _tcp(self, address: str, source: tuple[str, int] | None) -> socket.socket:
         """The TCP connection, bound to ``source`` when given, made here so that TLS can
@@ -209,7 +271,6 @@ class Relay:
                                f"{_reply(exc.code, exc.message)}") from None
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             raise RelayFailure(f"451 4.7.5 {where}: {_tls_reason(exc)}") from None
-        await self._ehlo(smtp, where)  # RFC 3207 4.2: what was said in the clear is void
 
     async def _login(self, smtp: aiosmtplib.SMTP, where: str) -> None:
         # Never AUTH without TLS (open() only gets here with TLS up; this is the guard
@@ -247,6 +308,33 @@ def _reply(code: int, message: str) -> str:
     return f"{code} {' '.join(message.split())}"
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes, outermost first."""
+    found: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in found):
+        found.append(current)
+        current = current.__cause__ or current.__context__
+    return found
+
+
+def _cause(exc: BaseException) -> str:
+    """What went wrong, without aiosmtplib's "Error connecting to HOST on port None"
+    (it did not open the socket, so it has no port to name)."""
+    if isinstance(exc, aiosmtplib.SMTPConnectError) and exc.__cause__ is not None:
+        inner = exc.__cause__
+        return str(inner) or type(inner).__name__
+    return str(exc) or type(exc).__name__
+
+
+def _plain_text_answer(exc: BaseException) -> bool:
+    """Whether a TLS handshake failed because the peer answered in plain text (an SMTP
+    greeting where a ServerHello was due)."""
+    return any(isinstance(e, ssl.SSLError) and e.reason in (
+        "WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+        "HTTP_REQUEST", "UNKNOWN_PROTOCOL") for e in _chain(exc))
+
+
 def _tls_reason(exc: BaseException) -> str:
     """Why TLS to the relay failed, in words: a certificate that does not verify is named."""
     seen: set[int] = set()
@@ -257,5 +345,5 @@ def _tls_reason(exc: BaseException) -> str:
             return f"certificate does not verify: {current.verify_message}"
         current = current.__cause__ or current.__context__
     with contextlib.suppress(Exception):
-        return f"TLS failed: {str(exc) or type(exc).__name__}"
+        return f"TLS failed: {_cause(exc)}"
     return "TLS failed"

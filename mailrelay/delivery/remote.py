@@ -122,11 +122,13 @@ class PolicySource(Protocol):
 class HostFailure(Exception):
     """This host could not take the message; try the next one (or retry later)."""
 
-    def __init__(self, reply: str, permanent: bool = False, sts: bool = False):
+    def __init__(self, reply: str, permanent: bool = False, sts: bool = False,
+                 tls: str | None = None):
         super().__init__(reply)
         self.reply = reply
         self.permanent = permanent
         self.sts = sts  # refused by the MTA-STS policy
+        self.tls = tls  # the connection's TLS state when it failed (None: not known)
 
 
 class _Stale(Exception):
@@ -407,8 +409,8 @@ class RemoteDelivery:
         relay = self.relay
         assert relay is not None
 
-        def everyone(reply: str) -> list[RecipientResult]:
-            return [RecipientResult(r, Outcome.TEMPORARY, reply, relay.host, NOT_CONNECTED,
+        def everyone(reply: str, tls: str = NOT_CONNECTED) -> list[RecipientResult]:
+            return [RecipientResult(r, Outcome.TEMPORARY, reply, relay.host, tls,
                                     via=RELAY) for r in recipients]
 
         try:
@@ -420,6 +422,7 @@ class RemoteDelivery:
             return everyone(f"451 4.4.4 relay {relay.host} has no {self._families_text()} "
                             "address (delivery.ip_families)")
         last = f"451 4.4.1 relay {relay.host} could not be reached"
+        last_tls = NOT_CONNECTED  # how far the failed attempt got: "-", plain or verified
         for address in addresses:
             try:
                 results, _ = await self._deliver_via(
@@ -431,10 +434,10 @@ class RemoteDelivery:
                 if failure.permanent:  # e.g. 5xx to MAIL: as from an MX host, for good
                     return [RecipientResult(r, Outcome.PERMANENT, failure.reply, relay.host,
                                             VERIFIED, via=RELAY) for r in recipients]
-                last = failure.reply
+                last, last_tls = failure.reply, failure.tls or NOT_CONNECTED
                 continue
             return results
-        return everyone(last)
+        return everyone(last, last_tls)
 
     async def _open_relay(self, address: str) -> _Connection:
         """A new connection to the relay, in the slot _obtain took."""
@@ -444,7 +447,7 @@ class RemoteDelivery:
             smtp = await relay.open(address, self._source_for(address))
         except RelayFailure as failure:
             self._limits.release(relay.slot)
-            raise HostFailure(failure.reply) from None
+            raise HostFailure(failure.reply, tls=failure.tls) from None
         except BaseException:
             self._limits.release(relay.slot)
             raise
@@ -506,6 +509,10 @@ class RemoteDelivery:
                           where, exc)
                 self._drop(conn)
                 continue
+            except HostFailure as failure:
+                self._drop(conn)
+                failure.tls = failure.tls or conn.tls
+                raise
             except BaseException:
                 self._drop(conn)
                 raise
@@ -518,6 +525,10 @@ class RemoteDelivery:
         try:
             results = await self._transaction(conn, sender, recipients, data, mail_options,
                                               reused=False)
+        except HostFailure as failure:
+            self._drop(conn)
+            failure.tls = failure.tls or conn.tls  # it failed on this connection
+            raise
         except BaseException:
             self._drop(conn)
             raise

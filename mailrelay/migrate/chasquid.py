@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..address import AddressError, normalize_domain
+from ..cli.print_config import duration
 from ..config import CONFIG_FILE, AliasSettings, TLSSettings, parse_hostport
 from ..errors import ConfigError, MailrelayError
 from ..fsutil import atomic_write, make_dirs
@@ -32,6 +33,7 @@ from ..policy.users import RECEIVE_ONLY, USERS_FILE, chasquid_entry, check_local
 from ..smtp.tls import find_certificates
 
 CHASQUID_CONF = "chasquid.conf"
+CONFIG_MODE = 0o640  # mailrelay.yaml, as init writes it: the server's group may read it
 NEW_DATA_DIR = "/var/lib/mailrelay"
 
 # chasquid.conf settings (chasquid 1.11 plus two later ones) and their types.
@@ -101,6 +103,7 @@ class Plan:
     chasquid_dir: Path
     target_dir: Path
     config_text: str = ""
+    data_dir: Path = Path(NEW_DATA_DIR)  # what mailrelay.yaml's data_dir says
     dirs: list[Path] = field(default_factory=list)  # relative, created in order
     files: list[PlannedFile] = field(default_factory=list)
     converted: list[str] = field(default_factory=list)
@@ -118,7 +121,8 @@ class Plan:
 
     def all_files(self) -> list[PlannedFile]:
         """Every file, mailrelay.yaml last (a half-finished import has none)."""
-        return [*self.files, PlannedFile(Path(CONFIG_FILE), self.config_text.encode(), 0o644)]
+        return [*self.files, PlannedFile(Path(CONFIG_FILE), self.config_text.encode(),
+                                         CONFIG_MODE)]
 
 
 @dataclass
@@ -181,7 +185,8 @@ def _read_conf(path: Path, plan: Plan) -> _Conf:
 
 
 def plan_import(chasquid_dir: Path | str, target_dir: Path | str, *, copy_certs: bool = False,
-                which: Callable[[str], str | None] = shutil.which) -> Plan:
+                which: Callable[[str], str | None] = shutil.which,
+                data_dir: Path | str | None = None) -> Plan:
     """Everything an import of ``chasquid_dir`` into ``target_dir`` would do; reads only.
 
     MailrelayError (one line) when the import cannot be done at all: no chasquid.conf,
@@ -211,7 +216,7 @@ def plan_import(chasquid_dir: Path | str, target_dir: Path | str, *, copy_certs:
     ]
     yaml_lines += _hostname(conf, plan)
     yaml_lines += _listen(conf, plan)
-    yaml_lines += _data_dir(conf, plan)
+    yaml_lines += _data_dir(conf, plan, data_dir)
     yaml_lines += _tls(source, plan, copy_certs)
     yaml_lines += _limits(conf, plan)
     alias_lines, alias_settings = _alias_settings(conf, plan)
@@ -287,9 +292,16 @@ def _listen(conf: _Conf, plan: Plan) -> list[str]:
     return [*lines, ""]
 
 
-def _data_dir(conf: _Conf, plan: Plan) -> list[str]:
+def _data_dir(conf: _Conf, plan: Plan, given: Path | str | None) -> list[str]:
     old = conf.text("data_dir") or "/var/lib/chasquid"
-    new = NEW_DATA_DIR if os.path.normpath(old) != NEW_DATA_DIR else "/var/lib/mailrelay2"
+    if given is not None:
+        new = os.path.abspath(given)
+        if new == os.path.abspath(old):
+            raise MailrelayError(f"--data-dir {given} is chasquid's data_dir: give mailrelay "
+                                 "a directory of its own (nothing was written)")
+    else:
+        new = NEW_DATA_DIR if os.path.normpath(old) != NEW_DATA_DIR else "/var/lib/mailrelay2"
+    plan.data_dir = Path(new)
     plan.converted.append(f"data_dir: {new}, a new directory (chasquid's {old} is not "
                           "reused: mailrelay keeps its queue in its own format)")
     plan.not_converted.append(f"chasquid's queue in {old}/queue is not imported: let "
@@ -389,8 +401,10 @@ def _delivery(conf: _Conf, plan: Plan, which: Callable[[str], str | None]) -> li
             plan.not_converted.append(f"give_up_send_after ({conf.where('give_up_send_after')}):"
                                       f" {exc}: set delivery.give_up_after by hand")
         else:
-            lines.append(f"  give_up_after: {max(1, round(seconds))}s")
-            plan.converted.append(f"delivery.give_up_after: {max(1, round(seconds))}s "
+            # In the largest unit that holds it: 72h is written 3d, not 259200s.
+            value = duration(float(max(1, round(seconds))))
+            lines.append(f"  give_up_after: {value}")
+            plan.converted.append(f"delivery.give_up_after: {value} "
                                   f"(from give_up_send_after {give_up!r})")
     binary = conf.text("mail_delivery_agent_bin")
     args = conf.strings("mail_delivery_agent_args")

@@ -17,11 +17,13 @@ on one line back:
     {"cmd": "auth_unblock", "ip": IP}              -> {"ok": true, "unblocked": K|null}
     {"cmd": "users", "domain": D}                  -> {"ok": true, "digest": HEX|null,
                                                        "error": TEXT|null}
+    {"cmd": "aliases", "domain": D}                -> the same, for the aliases file
 
 ``flush`` waits up to ``wait`` seconds (default 0, at most MAX_FLUSH_WAIT) for the
 attempts it started, and reports each message as it is then (``ended``: its attempt
 finished; ``queued``: recipients are left). ``users`` makes the server load that
-domain's users file now and says which version it uses (SHA-256 of the file's bytes).
+domain's users file now and says which version it uses (SHA-256 of the file's bytes);
+``aliases`` does the same for the aliases files.
 
 Anything wrong gets ``{"ok": false, "error": "one line"}`` and the connection stays open.
 Requests are bounded: at most ``MAX_REQUEST`` bytes, JSON nested at most ``MAX_DEPTH``
@@ -104,11 +106,13 @@ class ControlServer:
     queue, delivery and login throttle."""
 
     def __init__(self, path: Path, queue: Queue, delivery: DeliveryManager,
-                 users: Callable[[str], dict[str, str | None]] | None = None):
+                 users: Callable[[str], dict[str, str | None]] | None = None,
+                 aliases: Callable[[str], dict[str, str | None]] | None = None):
         self.path = Path(path)
         self.queue = queue
         self.delivery = delivery
         self.reload_users = users  # Server.reload_users
+        self.reload_aliases = aliases  # Server.reload_aliases
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -254,14 +258,22 @@ class ControlServer:
     async def _cmd_users(self, request: dict[str, Any]) -> dict[str, Any]:
         if self.reload_users is None:
             raise _RequestError("users: not served here")
+        return self.reload_users(self._domain(request))
+
+    async def _cmd_aliases(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.reload_aliases is None:
+            raise _RequestError("aliases: not served here")
+        return self.reload_aliases(self._domain(request))
+
+    @staticmethod
+    def _domain(request: dict[str, Any]) -> str:
         domain = request.get("domain")
         if not isinstance(domain, str):
             raise _RequestError('"domain" is required')
         try:
-            domain = normalize_domain(domain)
+            return normalize_domain(domain)
         except AddressError as exc:
             raise _RequestError(str(exc)) from None
-        return self.reload_users(domain)
 
     async def _cmd_remove(self, request: dict[str, Any]) -> dict[str, Any]:
         item = self._item(request)

@@ -11,9 +11,11 @@ Names on the left lose drop characters ('.'), the suffix ('+tag') and case; a ta
 without ``@`` is in the file's domain; ``*`` is the catch-all of the domain; a pipe
 (everything after ``|``) must be the only target.
 
-A later line for the same name replaces an earlier one (chasquid's behaviour). Unlike
-chasquid, which skips lines it cannot read, every malformed line is an error naming the
-file and line.
+A later line for the same name replaces an earlier one (chasquid's behaviour). As in
+chasquid (internal/aliases/aliases.go), a malformed line makes the whole file an error
+(chasquid then refuses to start); here every malformed line is reported with its file
+and line. Comments are whole lines: chasquid takes a ``#`` after a target as part of
+the address, so such a line is refused rather than read differently from chasquid.
 
 Resolution of a local address (normalised: drop characters removed, suffix cut,
 NFC+casefold): an exact alias, else a user, else the domain's catch-all, else nothing.
@@ -23,6 +25,7 @@ user wins, because the suffix is cut before users are looked up.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Callable, Iterable
@@ -188,9 +191,13 @@ class Aliases:
     """The aliases of every local domain."""
 
     def __init__(self, tables: dict[str, dict[str, list[Target]]] | None = None,
-                 settings: AliasSettings = DEFAULT_SETTINGS):
+                 settings: AliasSettings = DEFAULT_SETTINGS,
+                 digests: dict[str, str | None] | None = None):
         self.tables = {normalize_domain(d): t for d, t in (tables or {}).items()}
         self.settings = settings
+        # SHA-256 of each domain's file as loaded (None: no file): which version of it is
+        # in use, for `mailrelay aliases` to ask the running server.
+        self.digests = dict(digests or {})
 
     @classmethod
     def load(cls, config: Config,
@@ -201,13 +208,14 @@ class Aliases:
         the other domains load regardless.
         """
         tables: dict[str, dict[str, list[Target]]] = {}
+        digests: dict[str, str | None] = {}
         errors: list[ConfigError] = []
         for domain in config.domains:
             path = aliases_path(config, domain)
             try:
                 raw = path.read_bytes()
             except FileNotFoundError:
-                tables[domain] = {}
+                tables[domain], digests[domain] = {}, None
                 continue
             except OSError as exc:
                 file_errors = [ConfigError(f"cannot read: {exc.strerror or exc}", path)]
@@ -215,10 +223,12 @@ class Aliases:
                 table, file_errors = parse_text(raw, domain, path, config.aliases)
                 if not file_errors:
                     tables[domain] = table
+                    digests[domain] = hashlib.sha256(raw).hexdigest()
                     continue
             errors.extend(file_errors)
             tables[domain] = previous.tables.get(domain, {}) if previous else {}
-        return cls(tables, config.aliases), errors
+            digests[domain] = previous.digests.get(domain) if previous else None
+        return cls(tables, config.aliases, digests), errors
 
     @classmethod
     def parse(cls, text: str | bytes, domain: str, path: Path | None = None,

@@ -165,14 +165,12 @@ def test_a_new_file_belongs_to_the_service(confdir):
 
 
 async def test_the_running_server_takes_it_at_once(env: RelayEnv, run) -> None:  # noqa: F811
-    server = await run()
+    await run()
     assert await rcpt_code_port_25(env, "sales@example.com") == 550
-    mark = len(server.log)
+    # The command returns once the server has loaded this very file (control socket).
     out = ok(mailrelay(env.config_dir, "add", "example.com", "sales: me"))
-    assert "told the running server" in out
-    await server.wait_log("reload: done", start=mark)
+    assert out.splitlines()[-1] == "the running server took it"
     assert await rcpt_code_port_25(env, "sales@example.com") == 250
-    mark = len(server.log)
-    ok(mailrelay(env.config_dir, "remove", "example.com", "sales"))
-    await server.wait_log("reload: done", start=mark)
+    out = ok(mailrelay(env.config_dir, "remove", "example.com", "sales"))
+    assert out.splitlines()[-1] == "the running server took it"
     assert await rcpt_code_port_25(env, "sales@example.com") == 550

@@ -287,15 +287,42 @@ def test_resolve_unknown(confdir, capsys):
 # check
 
 def test_check(confdir, capsys):
-    aliases_file(confdir).write_text("info: me\nsales: info\ndead: nobody\n")
+    aliases_file(confdir).write_text("postmaster: me\ninfo: me\nsales: info\n")
     aliases_file(confdir, "example.org").write_text("*: | cmd x\n")
     assert run(confdir, "check") == 0
     captured = capsys.readouterr()
     assert captured.out == ("example.com: 3 aliases, no catch-all\n"
                             "example.org: 0 aliases, catch-all → | cmd x\n")
-    assert "dead@example.com delivers nowhere" in captured.err
+    assert captured.err == ""
     assert run(confdir, "check", "example.org") == 0
     assert capsys.readouterr().out.startswith("example.org: 0 aliases")
+
+
+def test_check_and_aliases_check_give_the_same_verdict(confdir):
+    """An alias that delivers nowhere and a refused postmaster@ were warnings (exit 0) in
+    `aliases check` and errors (exit 1) in `check`: one rule now, errors in both."""
+    aliases_file(confdir).write_text("info: me\ndead: nobody\n")
+    aliases_file(confdir, "example.org").write_text("postmaster: me@example.com\n")
+    (confdir / "mailrelay.yaml").write_text("hostname: mail.example.com\ndata_dir: var\n"
+                                            "tls: {self_signed: true}\n")
+    alone = mailrelay("aliases", "check", "-c", str(confdir))
+    whole = mailrelay("check", "-c", str(confdir))
+    assert (alone.returncode, whole.returncode) == (1, 1)
+    path = str(aliases_file(confdir))
+
+    def about_aliases(stderr: str) -> list[str]:
+        return sorted(line for line in stderr.splitlines() if path in line)
+
+    expected = [f"error: {path}:2: dead@example.com delivers nowhere (its targets are "
+                "neither users nor aliases), so mail to it is refused",
+                f"error: {path}: postmaster@example.com is refused (550 5.1.1), but RFC 5321 "
+                "4.5.1 requires it to reach a person: add `postmaster: <user>` "
+                "(`mailrelay aliases edit example.com`)"]
+    assert about_aliases(alone.stderr) == about_aliases(whole.stderr) == sorted(expected)
+    assert alone.stderr.splitlines() == expected  # nothing else, in file order
+
+    aliases_file(confdir).write_text("info: me\npostmaster: me\n")
+    assert mailrelay("aliases", "check", "-c", str(confdir)).returncode == 0
 
 
 def test_check_reports_errors_with_file_and_line(confdir, capsys):
@@ -318,7 +345,8 @@ def mailrelay(*argv: str, env: dict[str, str] | None = None,
 
 
 def test_command_line_resolve_and_check(confdir):
-    aliases_file(confdir).write_text("info: me, friend@gmail.test\n")
+    aliases_file(confdir).write_text("info: me, friend@gmail.test\npostmaster: me\n")
+    aliases_file(confdir, "example.org").write_text("postmaster: me@example.com\n")
     result = mailrelay("-c", str(confdir), "aliases", "resolve", "info@example.com")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "mailbox  me@example.com\nforward  friend@gmail.test\n"
@@ -327,7 +355,7 @@ def test_command_line_resolve_and_check(confdir):
     assert result.stderr.startswith("mailrelay: nobody@example.com: no such user or alias")
     result = mailrelay("aliases", "check", "-c", str(confdir))
     assert result.returncode == 0, result.stderr
-    assert "example.com: 1 alias, no catch-all" in result.stdout
+    assert "example.com: 2 aliases, no catch-all" in result.stdout
 
 
 def test_command_line_edit(confdir, editor):
@@ -341,3 +369,24 @@ def test_command_line_edit(confdir, editor):
     assert result.returncode == 1
     assert "line 1: expected 'name: target" in result.stderr
     assert aliases_file(confdir).read_text() == "info: me,\n"
+
+
+def test_edit_without_an_editor_or_a_terminal_is_one_line(confdir, tmp_path):
+    """No VISUAL, no EDITOR and no terminal (a script, cron, ssh without -t): it ran vi,
+    which cannot work there. Now it refuses in one line and runs nothing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ran = tmp_path / "ran"
+    for name in ("vi", "vim", "editor", "sensible-editor", "nano"):
+        (bin_dir / name).write_text(f"#!/bin/sh\necho {name} >> {ran}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("VISUAL", "EDITOR")}
+    env["PATH"] = f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}"
+    result = subprocess.run([sys.executable, "-m", "mailrelay.cli.main", "aliases", "edit",
+                             "example.com", "-c", str(confdir)], capture_output=True,
+                            text=True, timeout=60, stdin=subprocess.DEVNULL, env=env)
+    assert result.returncode == 1 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("mailrelay: no editor to run") and "EDITOR" in line
+    assert not ran.exists()
+    assert not aliases_file(confdir).exists()

@@ -14,7 +14,6 @@ import datetime as dt
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from mailrelay.message.dkim.keys import generate_key, write_key
 from mailrelay.policy import users as users_mod
 from mailrelay.policy.users import UserDB
 from tests.delivery.test_relay import RELAY_PASSWORD, configure_relay, start_relay
+from tests.support.process import make_python, python_for_other_users
 from tests.support.relay import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,15 +39,20 @@ def fast_scrypt(monkeypatch):
     monkeypatch.setattr(users_mod, "SCRYPT_LN", 4)
 
 
-def mailrelay(*argv: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+def mailrelay(*argv: str, prefix: tuple[str, ...] = (),
+              python: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The real command. Its Python is one the checked user (4242) may execute, as on a
+    server (this test interpreter may be root's alone: check reports that, see
+    test_a_python_the_service_user_cannot_run_is_an_error)."""
     return subprocess.run(
-        [*prefix, sys.executable, "-m", "mailrelay.cli.main", *argv],
+        [*prefix, python or python_for_other_users(), "-m", "mailrelay.cli.main", *argv],
         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd="/",
     )
 
 
-def check(confdir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return mailrelay("check", "-c", str(confdir), *extra)
+def check(confdir: Path, *extra: str,
+          python: str | None = None) -> subprocess.CompletedProcess[str]:
+    return mailrelay("check", "-c", str(confdir), *extra, python=python)
 
 
 def findings(result: subprocess.CompletedProcess[str]) -> tuple[list[str], list[str]]:
@@ -380,14 +385,38 @@ def test_missing_data_dir_the_service_cannot_create(confdir, open_dir):
         "tls: {self_signed: true}\n")
     (open_dir / "lib").mkdir(mode=0o755)
     error = only_error(check(conf))
-    assert error.startswith(f"{conf / 'mailrelay.yaml'}:2: data_dir {open_dir}/lib/mailrelay "
-                            f"does not exist, and it cannot be created in {open_dir / 'lib'} "
-                            "(Permission denied)")
+    assert error == (f"{conf / 'mailrelay.yaml'}:2: data_dir {open_dir}/lib/mailrelay "
+                     f"does not exist, and it cannot be created in {open_dir / 'lib'} "
+                     "(Permission denied): create it for the server's user: install -d -m "
+                     f"0700 -o 4242 -g 4242 {open_dir}/lib/mailrelay")
     os.chown(open_dir / "lib", *SERVICE)
     result = check(conf)
     assert result.returncode == 0, result.stderr
     assert f"data_dir {open_dir}/lib/mailrelay: created at the first start" in result.stdout
     assert list((open_dir / "lib").iterdir()) == []
+
+
+@needs_root
+def test_a_missing_data_dir_under_var_lib_is_for_systemd_to_make(confdir, open_dir):
+    """import-chasquid's data_dir, /var/lib/mailrelay, did not exist: check says that the
+    unit's StateDirectory= makes it, and how to make it without systemd (a warning: the
+    server starts under the unit)."""
+    conf = open_dir / "conf"
+    shutil.copytree(confdir, conf)
+    chown_tree(conf)
+    data_dir = Path("/var/lib") / f"mailrelay-check-{os.getpid()}"
+    assert not data_dir.exists()
+    (conf / "mailrelay.yaml").write_text(
+        f"hostname: mail.example.com\ndata_dir: {data_dir}\ntls: {{self_signed: true}}\n")
+    result = check(conf)
+    errors, warnings = findings(result)
+    assert errors == [] and result.returncode == 0
+    [warning] = [w for w in warnings if "data_dir" in w]
+    assert warning == (f"{conf / 'mailrelay.yaml'}:2: data_dir {data_dir} does not exist, and "
+                       "it cannot be created in /var/lib (Permission denied): under systemd "
+                       "the unit creates it at the first start (StateDirectory=); without "
+                       f"systemd, create it first: install -d -m 0700 -o 4242 -g 4242 {data_dir}")
+    assert not data_dir.exists()
 
 
 # -- what the service user can read, and modes -------------------------------------------
@@ -404,6 +433,23 @@ def test_dkim_key_written_by_root_is_unreadable_for_the_service(confdir, open_di
     os.chown(key, 0, 0)
     error = only_error(check(conf))
     assert error == f"{key}: cannot read DKIM key: Permission denied"
+
+
+@needs_root
+def test_an_unreadable_key_is_not_called_missing(confdir, open_dir):
+    """The domain's only key is root's: check said both "cannot read DKIM key" and "no
+    DKIM key … run dkim keygen", which would not help (the key exists)."""
+    conf = open_dir / "conf"
+    shutil.copytree(confdir, conf)
+    chown_tree(conf)
+    [key] = (conf / "domains" / "example.org").glob("dkim:*.pem")
+    os.chown(key, 0, 0)
+    result = check(conf)
+    assert only_error(result) == f"{key}: cannot read DKIM key: Permission denied"
+    _, warnings = findings(result)
+    assert not [w for w in warnings if "no DKIM key" in w or "keygen" in w], warnings
+    assert ("domain example.org: 0 user(s), 1 alias(es), no DKIM keys (1 key file(s) that "
+            "do not load)") in result.stdout.splitlines()
 
 
 @needs_root
@@ -620,3 +666,67 @@ async def test_check_refuses_a_password_file_others_can_read(env):
     (env.config_dir / "relay.password").unlink()
     line = one_line_error(await asyncio.to_thread(check, env.config_dir))
     assert "relay.password does not exist" in line
+
+
+@needs_root
+def test_a_python_the_service_user_cannot_run_is_an_error(confdir, open_dir):
+    """check switches uid without exec'ing, so it said ok for a service user that could
+    not even start mailrelay's Python (a venv under /root, mode 0700)."""
+    shutil.copytree(confdir, open_dir / "conf")
+    chown_tree(open_dir / "conf")
+    private = open_dir / "root-only"
+    private.mkdir(mode=0o700)
+    python = make_python(private / "venv")
+    error = only_error(check(open_dir / "conf", python=python))
+    assert error.startswith("the server's user cannot run this mailrelay: it cannot search "
+                            f"{private}, on the way to its Python {python}")
+    # The same configuration with a Python it may run: nothing to say.
+    errors, _ = findings(check(open_dir / "conf"))
+    assert errors == []
+
+
+def relay_config(conf: Path, extra: str = "") -> Path:
+    """delivery.relay to a port where nothing listens, with its password file."""
+    password = conf / "relay.password"
+    password.write_text("the-relay-secret\n")
+    password.chmod(0o600)
+    write_config(conf, "tls: {self_signed: true}\ndelivery:\n"
+                       f"  relay: {{host: 127.0.0.1, port: {free_port()}, username: me,"
+                       f" password_file: relay.password}}\n{extra}")
+    return password
+
+
+@needs_root
+def test_a_relay_password_file_the_service_user_cannot_read_is_an_error(confdir, open_dir):
+    """README's check table: what the server's user cannot read is an error. The relay
+    password file root wrote (not chowned) was only a warning (the login failed), so
+    check passed and every relay login of the server failed."""
+    conf = open_dir / "conf"
+    shutil.copytree(confdir, conf)
+    password = relay_config(conf)
+    chown_tree(conf)
+    os.chown(password, 0, 0)
+    result = check(conf)
+    error = only_error(result)
+    assert error.startswith(f"{password}: the relay password file cannot be read "
+                            "(Permission denied)")
+    assert "the-relay-secret" not in result.stdout + result.stderr
+    assert "login not tried" in result.stdout  # one finding, not a login warning as well
+    os.chown(password, *SERVICE)
+    errors, warnings = findings(check(conf))
+    assert errors == [] and any("451 4.4.1 connection to relay" in w for w in warnings)
+
+
+@needs_root
+def test_a_missing_ca_file_is_one_error_with_file_and_line(confdir, open_dir):
+    """With a relay, a delivery.ca_file that does not exist ended the check as the service
+    user with "the check as … failed: ConfigError: …", without file and line."""
+    conf = open_dir / "conf"
+    shutil.copytree(confdir, conf)
+    relay_config(conf, "  ca_file: missing-ca.pem\n")
+    chown_tree(conf)
+    result = check(conf)
+    error = only_error(result)
+    assert error.startswith(f"{conf / 'mailrelay.yaml'}:6: delivery.ca_file "
+                            f"{conf / 'missing-ca.pem'}: ")
+    assert "failed" not in result.stderr.split("error:")[0]

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from mailrelay.errors import MailrelayError
 from mailrelay.message.dkim.keys import load_domain_keys
 from mailrelay.message.dkim.signer import sign
 from tests.support.dkim_dns import txt_lookup
+from tests.support.process import python_for_other_users
 
 
 @pytest.fixture
@@ -174,3 +178,39 @@ def test_real_command(confdir):
     again = mailrelay("dkim", "keygen", "example.com", "--selector", "x", "-c", str(confdir))
     assert again.returncode == 1 and "Traceback" not in again.stderr
     assert len(again.stderr.splitlines()) == 1 and "already exists" in again.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (files of another uid)")
+def test_keygen_warns_when_the_server_cannot_read_the_key(tmp_path):
+    """root's `dkim keygen` into a domain directory root made: the key is root's, 0600,
+    in a configuration the service (4242) owns. It said nothing (mail then left unsigned);
+    now it warns and exits 1, as `user add` does when the server did not take its file."""
+    open_dir = Path(tempfile.mkdtemp(prefix="mailrelay-dkim-"))
+    try:
+        open_dir.chmod(0o755)
+        conf = open_dir / "conf"
+        (conf / "domains" / "example.com").mkdir(parents=True)
+        (conf / "domains" / "example.org").mkdir(parents=True)
+        (conf / "mailrelay.yaml").write_text("hostname: mail.example.com\ndata_dir: var\n")
+        for path in (conf, conf / "domains", conf / "domains" / "example.org",
+                     conf / "mailrelay.yaml"):
+            os.chown(path, 4242, 4242)
+
+        def keygen(domain: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([python_for_other_users(), "-m", "mailrelay.cli.main",
+                                   "dkim", "keygen", domain, "--selector", "s1",
+                                   "--algo", "ed25519", "-c", str(conf)],
+                                  capture_output=True, text=True, timeout=60, cwd="/")
+
+        result = keygen("example.com")  # domains/example.com is root's
+        key = conf / "domains" / "example.com" / "dkim:s1.pem"
+        assert result.returncode == 1 and key.exists()
+        assert f"wrote {key} (ed25519)" in result.stdout
+        [warning] = result.stderr.splitlines()
+        assert warning.startswith(f"warning: {key} is written, but 4242, the server's user")
+        assert f"chown 4242: {key.parent} {key}" in warning
+
+        result = keygen("example.org")  # the service's directory: its key
+        assert (result.returncode, result.stderr) == (0, "")
+    finally:
+        shutil.rmtree(open_dir, ignore_errors=True)

@@ -1,8 +1,8 @@
 """Files the CLI writes belong to the service, whoever runs it: run as root in a
 configuration directory owned by another uid (4242, which has no name: chown works for
-root regardless), every new file and directory of `user add`, `dkim keygen`, `aliases
-edit`, `import-chasquid` and `init` gets the owner of the directory it is written into
-(fsutil.owner_for), with a safe mode."""
+root regardless), every new file and directory of `user add`, `dkim keygen` and `aliases
+edit` gets the owner of the directory it is written into (fsutil.owner_for), with a safe
+mode; `import-chasquid` and `init` hand their directories to --service-user first."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,9 +43,17 @@ def mode(path: Path) -> int:
 
 
 @pytest.fixture
-def confdir(tmp_path: Path) -> Path:
-    """A configuration directory as the service owns it: 4242 throughout."""
-    conf = tmp_path / "conf"
+def confdir() -> Iterator[Path]:
+    """A configuration directory as the service owns it: 4242 throughout, where 4242 can
+    reach it (pytest's tmp_path is root's alone)."""
+    open_dir = Path(tempfile.mkdtemp(prefix="mailrelay-owner-"))
+    open_dir.chmod(0o755)
+    yield _service_conf(open_dir)
+    shutil.rmtree(open_dir, ignore_errors=True)
+
+
+def _service_conf(directory: Path) -> Path:
+    conf = directory / "conf"
     (conf / "domains" / "example.com").mkdir(parents=True)
     (conf / "mailrelay.yaml").write_text("hostname: mail.example.com\ndata_dir: var\n")
     for path in (conf, conf / "domains", conf / "domains" / "example.com",
@@ -90,15 +100,16 @@ def test_import_chasquid_into_a_service_directory(tmp_path, ca):
                                            "privkey.pem"))
     cert.cert_chain_pems[0].write_to_path(str(chasquid / "certs" / "mail.example.com" /
                                               "fullchain.pem"))
-    parent = tmp_path / "etc"
-    parent.mkdir()
-    os.chown(parent, *SERVICE)
-    target = parent / "mailrelay"
-    mailrelay("import-chasquid", str(chasquid), "-c", str(target), "--copy-certs")
+    target = tmp_path / "etc" / "mailrelay"  # etc/ is made on the way
+    mailrelay("import-chasquid", str(chasquid), "-c", str(target), "--copy-certs",
+              "--service-user", "nobody", "--data-dir", str(tmp_path / "var"))
+    nobody = 65534, 65534
     found = sorted(target.rglob("*"))
     assert any(p.name == "users" for p in found) and any(p.suffix == ".pem" for p in found)
+    assert owner(tmp_path / "etc") == (0, 0) and mode(tmp_path / "etc") == 0o755
+    assert owner(tmp_path / "var") == nobody and mode(tmp_path / "var") == 0o700
     for path in [target, *found]:
-        assert owner(path) == SERVICE, path
+        assert owner(path) == nobody, path
         if path.is_dir():
             assert mode(path) == 0o750, path
         elif path.name in ("users", "privkey.pem") or path.name.startswith("dkim:"):
@@ -112,10 +123,13 @@ def test_init_files_belong_to_the_service_user(tmp_path):
     (tmp_path / "etc").mkdir(mode=0o755)  # made by root beforehand: handed over too
     result = mailrelay("init", "example.com", "--hostname", "mail.example.com", "--forward-to",
               "me@gmail.test", "--user", "me@example.com", "--password-stdin",
-              "-c", str(tmp_path / "etc"), "--data-dir", str(tmp_path / "var"),
+              "-c", str(tmp_path / "etc"), "--data-dir", str(tmp_path / "srv" / "var"),
               "--service-user", "nobody", "--no-systemd", "--ip", "192.0.2.1",
               stdin="secret-password\n")
     assert f"changed owner  {tmp_path / 'etc'}/ (to nobody" in result.stdout
-    for path in [tmp_path / "etc", *sorted((tmp_path / "etc").rglob("*")), tmp_path / "var"]:
+    for path in [tmp_path / "etc", *sorted((tmp_path / "etc").rglob("*")),
+                 tmp_path / "srv" / "var"]:
         assert owner(path) == nobody, path
-    assert mode(tmp_path / "var") == 0o700
+    assert mode(tmp_path / "srv" / "var") == 0o700
+    # Made on the way to the data directory: root's, and the service user can pass it.
+    assert owner(tmp_path / "srv") == (0, 0) and mode(tmp_path / "srv") == 0o755

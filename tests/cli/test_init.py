@@ -290,10 +290,20 @@ def test_run_again_adds_only_what_is_missing(workdir):
     first = mailrelay(*init_args(workdir, "--password-stdin"), stdin=PASSWORD + "\n",
                       prefix=prefix)
     assert first.returncode == 0, first.stderr
+    if prefix:  # not root: the last words say that 25, 587 and 465 are out of its reach
+        assert (f"Then `mailrelay check -c {workdir / 'etc'}` and `mailrelay serve -c "
+                f"{workdir / 'etc'}`. Ports 25, 587 and 465 need root or "
+                "CAP_NET_BIND_SERVICE") in first.stdout
     domain_dir = workdir / "etc" / "domains" / "example.com"
+    yaml_path = workdir / "etc" / "mailrelay.yaml"
+    # Made with --no-systemd: nothing in it may send the owner to systemctl.
+    assert "systemctl" not in yaml_path.read_text()
+    assert "stop `mailrelay serve` (SIGTERM) and start it again" in yaml_path.read_text()
     [ed_key] = domain_dir.glob("dkim:*-ed25519.pem")
     ed_key.unlink()
     (domain_dir / "aliases").write_text("postmaster: me\n")
+    # The owner moved the ports: the kept file is not said to have 25, 587 and 465.
+    yaml_path.write_text(yaml_path.read_text().replace(":25\"", ":2525\""))
     kept = {p: p.read_bytes() for p in (domain_dir / "users", domain_dir / "aliases",
                                         workdir / "etc" / "mailrelay.yaml")}
     again = mailrelay(*init_args(workdir), prefix=prefix)
@@ -302,6 +312,7 @@ def test_run_again_adds_only_what_is_missing(workdir):
     assert len(created) == 1 and "-ed25519.pem (DKIM ed25519 key" in created[0], created
     assert f"kept           {domain_dir / 'aliases'} (not replaced; it has no abuse, *" \
         in again.stdout
+    assert f"kept           {yaml_path} (not replaced)\n" in again.stdout
     assert {p: p.read_bytes() for p in kept} == kept
 
 
@@ -332,6 +343,15 @@ def test_bad_input_is_one_line_and_writes_nothing(workdir, change, expected):
                        stdin="a good password\n", prefix=as_unprivileged())
     line = one_line_error(result)
     assert expected in line, line
+    assert line.endswith("(nothing was written)")
+    assert list(workdir.iterdir()) == []
+
+
+def test_a_bad_ip_is_one_line_and_writes_nothing(workdir):
+    result = mailrelay(*init_args(workdir, "--password-stdin", "--ip", "203.0.113.300"),
+                       stdin="a good password\n", prefix=as_unprivileged())
+    line = one_line_error(result)
+    assert "--ip 203.0.113.300: not an IPv4 or IPv6 address" in line
     assert line.endswith("(nothing was written)")
     assert list(workdir.iterdir()) == []
 

@@ -8,12 +8,14 @@ import dataclasses
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from mailrelay.cli.print_config import duration, size
 from mailrelay.config import Config, load_config
+from mailrelay.errors import ConfigError
 
 EXAMPLE = Path(__file__).parents[2] / "config"
 SECRET = "hunter2-relay-password"
@@ -152,3 +154,58 @@ def test_duration(seconds, text):
                                          (50 * 1024**2, "50MiB"), (3 * 1024**3, "3GiB")])
 def test_size(count, text):
     assert size(count) == text
+
+
+def size_settings() -> list[tuple[str, str]]:
+    """(section, key) of every whole-number setting of the top-level sections that
+    mailrelay.yaml takes as a size: those that load with the value "3GiB"."""
+    found = []
+    defaults = load_config_text(None)
+    for section in dataclasses.fields(defaults):
+        value = getattr(defaults, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        for item in dataclasses.fields(value):
+            if item.type not in ("int", "int | None"):
+                continue
+            try:
+                load_config_text(f"{section.name}:\n  {item.name}: 3GiB\n")
+            except ConfigError:
+                continue
+            found.append((section.name, item.name))
+    return found
+
+
+def load_config_text(extra: str | None) -> Config:
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / "mailrelay.yaml").write_text(
+            "hostname: mail.example.com\ndata_dir: var\n" + (extra or ""))
+        return load_config(directory)
+
+
+def test_every_size_is_printed_as_a_size(tmp_path):
+    """max_header_size came out as 1048576 and max_data_in_flight as a bare null."""
+    sizes = size_settings()
+    assert ("limits", "max_header_size") in sizes and ("limits", "max_message_size") in sizes
+    (tmp_path / "mailrelay.yaml").write_text("hostname: mail.example.com\ndata_dir: var\n")
+    lines = print_config(tmp_path).stdout.splitlines()
+    for section, key in sizes:
+        default = getattr(getattr(load_config(tmp_path), section), key)
+        if default is not None:
+            assert f"  {key}: {size(default)}  # default" in lines, key
+    assert "  max_header_size: 1MiB  # default" in lines
+    # null means "twice max_message_size": the comment says what that comes to.
+    assert "  max_data_in_flight: null  # default: 2 × max_message_size = 100MiB" in lines
+
+    body = "limits:\n" + "".join(f"  {key}: 3GiB\n" for section, key in sizes
+                                 if section == "limits" and key != "max_message_size")
+    body += "  max_message_size: 2GiB\n"
+    (tmp_path / "mailrelay.yaml").write_text(
+        f"hostname: mail.example.com\ndata_dir: var\n{body}")
+    out = print_config(tmp_path)
+    assert out.returncode == 0, out.stderr
+    for section, key in sizes:
+        if section == "limits" and key != "max_message_size":
+            assert f"  {key}: 3GiB" in out.stdout.splitlines(), key
+    assert settings(reload_printed(out.stdout, tmp_path / "again")) == \
+        settings(load_config(tmp_path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,20 @@ async def test_without_config_server_is_required_and_tls_mode_explicit(relay):
                         stdin=PASSWORD + "\n")
     assert result.code == 0, result
     queue_id(result.out)
+
+
+def test_a_config_that_does_not_load_is_named_as_such(tmp_path):
+    """It said "--server HOST:PORT is required (…)", as if there were no configuration."""
+    (tmp_path / "mailrelay.yaml").write_text("hostname: mail.example.com\nlimits:\n  nope: 1\n")
+    result = subprocess.run([sys.executable, "-m", "mailrelay.cli.main", "send", "-c",
+                             str(tmp_path), "--to", USER, "--user", USER],
+                            capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    assert_one_line_error(Result(result.returncode, result.stdout, result.stderr),
+                          "the configuration does not load",
+                          "mailrelay.yaml:3: unknown setting limits.nope",
+                          f"mailrelay check -c {tmp_path}")
+    assert "is required" not in result.stderr
 
 
 async def test_wrong_password_is_one_line_535(relay):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -229,3 +230,40 @@ def test_config_option_before_the_command(tmp_path):
         result = subprocess.run([sys.executable, "-m", "mailrelay.cli.main", *args],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
+
+
+def test_remove_warns_about_aliases_that_led_to_the_user(confdir):
+    """`user remove` of a user aliases point to said nothing, and their mail silently went
+    to the catch-all. Now each such alias is named, with where its mail goes now."""
+    (confdir / "domains/example.com/aliases").write_text(
+        "postmaster: ann\nsales: team\nteam: ann, bob\n*: me@gmail.test\n")
+    (confdir / "domains/example.org/aliases").write_text("*: ann@example.com\n")
+    for name in ("ann", "bob"):
+        assert run(confdir, "add", f"{name}@example.com", "--receive-only") == 0
+
+    def remove(address: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "mailrelay.cli.main", "user", "remove",
+                               address, "-c", str(confdir)], capture_output=True, text=True,
+                              timeout=60, stdin=subprocess.DEVNULL)
+
+    result = remove("ann@example.com")
+    assert result.returncode == 0 and result.stdout == "removed ann@example.com\n"
+    assert sorted(result.stderr.splitlines()) == [
+        "warning: postmaster@example.com led to ann@example.com; its mail now goes to "
+        "me@gmail.test (`mailrelay aliases edit example.com`)",
+        "warning: sales@example.com led to ann@example.com; its mail now goes to "
+        "me@gmail.test, bob@example.com (`mailrelay aliases edit example.com`)",
+        "warning: team@example.com led to ann@example.com; its mail now goes to "
+        "me@gmail.test, bob@example.com (`mailrelay aliases edit example.com`)",
+        "warning: the catch-all of example.org led to ann@example.com; its mail now goes "
+        "to me@gmail.test (`mailrelay aliases edit example.org`)",
+    ]
+    (confdir / "domains/example.com/aliases").write_text("sales: bob\n")
+    result = remove("bob@example.com")
+    assert result.returncode == 0
+    assert result.stderr == ("warning: sales@example.com led to bob@example.com; its mail "
+                             "now goes to nowhere: it is refused (550 5.1.1) "
+                             "(`mailrelay aliases edit example.com`)\n")
+    (confdir / "domains/example.com/aliases").unlink()
+    assert run(confdir, "add", "cy@example.com", "--receive-only") == 0
+    assert remove("cy@example.com").stderr == ""  # nothing led to it: nothing to say

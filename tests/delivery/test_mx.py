@@ -310,3 +310,30 @@ def test_server_on_ipv6_loopback():
         response = query(server, "v6.test", "AAAA", tcp=False)
         assert [r.address for r in response.answer[0]] == ["::1"]
         assert query(server, "v6.test", "AAAA").answer[0][0].address == "::1"
+
+
+async def test_a_resolver_where_nothing_listens_is_named_as_such():
+    """Delivery logged "DNS timeout looking up MX records" when nothing listened on the
+    resolver's port (`dns check` said "refused the connection"): the reply now names the
+    resolver and the cause."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again below: nothing listens there
+    resolver = make_resolver(DNSSettings(nameservers=[("127.0.0.1", port)], timeout=0.5))
+    with pytest.raises(TemporaryDNSError) as raised:
+        await resolve_mx("remote.test", resolver)
+    assert str(raised.value) == (f"DNS timeout looking up MX records: the resolver "
+                                 f"127.0.0.1:{port} refused the connection (nothing listens "
+                                 "there)")
+
+
+async def test_a_silent_resolver_is_named_too():
+    """A resolver that takes the query and never answers (a firewall dropping it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        resolver = make_resolver(DNSSettings(nameservers=[("127.0.0.1", port)], timeout=0.5))
+        with pytest.raises(TemporaryDNSError) as raised:
+            await resolve_mx("remote.test", resolver)
+    assert str(raised.value).startswith(f"DNS timeout looking up MX records: the resolver "
+                                        f"127.0.0.1:{port} does not answer (nothing within ")

@@ -158,7 +158,8 @@ async def test_wrong_password_is_temporary_and_retried_with_the_relays_reply(env
     lines = delivery_lines(caplog)
     assert len(lines) >= 2
     for line in lines:
-        assert f"host={RELAY_HOST} via=relay" in line
+        # TLS was up when the login was refused: the log says so (README's example).
+        assert f"host={RELAY_HOST} via=relay tls=verified" in line
         assert "result=temporary final=no" in line
         assert re.search(r'reply="451 4\.7\.0 .*535 5\.7\.8', line), line
 
@@ -236,6 +237,8 @@ async def test_relay_certificate_that_does_not_verify_gets_nothing(env, caplog, 
     for line in delivery_lines(caplog):
         assert "result=temporary final=no" in line
         assert re.search(r'reply="451 4\.7\.5 .*certificate does not verify', line), line
+        # STARTTLS: the greeting and EHLO came in the clear; 465: nothing was said.
+        assert f"via=relay tls={'plain' if tls == 'starttls' else '-'} " in line, line
     # No login and no mail: with a certificate that fails there is no fallback.
     assert relay.logins == [] and relay.messages == []
 
@@ -252,6 +255,7 @@ async def test_relay_without_starttls_gets_no_password_in_the_clear(env, caplog)
     await wait_for(lambda: delivery_lines(caplog), what="an attempt")
     assert "does not offer STARTTLS" in delivery_lines(caplog)[0]
     assert 'reply="451 4.7.5' in delivery_lines(caplog)[0]
+    assert "via=relay tls=plain " in delivery_lines(caplog)[0]
     assert relay.logins == [] and relay.messages == []
 
 
@@ -321,3 +325,78 @@ def test_relay_settings_are_checked(env):
     env.write_config(delivery={"relay": {"host": RELAY_HOST, "tls": "implicit"}})
     relay = load_config(env.config_dir).delivery.relay
     assert relay is not None and relay.port == 465 and relay.domains == ()
+
+
+@pytest.mark.parametrize("relay_tls, configured", [("starttls", "implicit"),
+                                                   ("implicit", "starttls")])
+async def test_the_wrong_tls_mode_for_the_port_is_named(env, caplog, relay_tls, configured):
+    """tls: implicit on a STARTTLS port said "Error connecting to 127.0.0.1 on port None"
+    (aiosmtplib's words, about a socket it did not open). The log says what happened and
+    which setting to change."""
+    caplog.set_level(logging.INFO)
+    relay = start_relay(env, tls=relay_tls)
+    configure_relay(env, port=relay.relay_port, tls=configured)
+    await env.start()
+    await env.submit(["friend@remote.test"], MESSAGE)
+    await wait_for(lambda: delivery_lines(caplog), what="an attempt")
+    line = delivery_lines(caplog)[0]
+    assert "result=temporary final=no" in line and 'reply="451 4.' in line
+    assert "port None" not in line
+    assert f"tls: {relay_tls}" in line, line
+    assert relay.logins == [] and relay.messages == []
+
+
+# -- how the relay's name is found -----------------------------------------------------------
+
+def hosts_names(name: str) -> bool:
+    from mailrelay.delivery.relay import hosts_file_addresses
+
+    return bool(hosts_file_addresses(name))
+
+
+@pytest.mark.skipif(not hosts_names("localhost"), reason="/etc/hosts has no localhost")
+async def test_a_relay_named_in_etc_hosts_is_found_there(env, caplog):
+    """relay.host: localhost failed "DNS lookup failed" with dns.nameservers set (the test
+    network's resolver knows no localhost): /etc/hosts was never read. It is read first,
+    as the C library does, then the configured resolver."""
+    caplog.set_level(logging.INFO)
+    port = free_port()
+    relay = env.add_sink("127.0.0.1", hostname="localhost", port=port,
+                         users={RELAY_USER: RELAY_PASSWORD})
+    configure_relay(env, port=port)
+    settings = env.settings["delivery"]["relay"] | {"host": "localhost"}
+    env.write_config(delivery={**env.settings["delivery"], "relay": settings})
+    await env.start()
+    await env.submit(["friend@remote.test"], MESSAGE)
+    [got] = await relay.until(1)
+    assert got.login == RELAY_USER and got.tls
+    await wait_for(lambda: delivery_lines(caplog), what="the delivery line")
+    [line] = delivery_lines(caplog)
+    assert "host=localhost via=relay tls=verified" in line and "result=sent" in line
+
+
+async def test_a_relay_name_nobody_knows_names_where_it_was_looked_up(env, caplog):
+    caplog.set_level(logging.INFO)
+    configure_relay(env, port=free_port())
+    settings = env.settings["delivery"]["relay"] | {"host": "nowhere.relay.test"}
+    env.write_config(delivery={**env.settings["delivery"], "relay": settings})
+    await env.start()
+    await env.submit(["friend@remote.test"], MESSAGE)
+    await wait_for(lambda: delivery_lines(caplog), what="an attempt")
+    line = delivery_lines(caplog)[0]
+    assert "host=nowhere.relay.test via=relay tls=- " in line
+    assert (f'reply="451 4.4.3 relay nowhere.relay.test: no address: not in /etc/hosts, and '
+            f'the resolver 127.0.0.1:{env.dns.port} has no A/AAAA record"') in line
+
+
+def test_hosts_file_lines(tmp_path):
+    from mailrelay.delivery.relay import hosts_file_addresses
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# a comment naming relay.lan\n127.0.0.1 localhost\n"
+                     "192.0.2.5  Relay.LAN relay   # the LAN's smarthost\n"
+                     "2001:db8::5 relay.lan.\nnot-an-address relay.lan\n")
+    assert hosts_file_addresses("relay.lan", hosts) == ("2001:db8::5", "192.0.2.5")
+    assert hosts_file_addresses("RELAY", hosts) == ("192.0.2.5",)
+    assert hosts_file_addresses("comment", hosts) == ()
+    assert hosts_file_addresses("relay.lan", tmp_path / "missing") == ()

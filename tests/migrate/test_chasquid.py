@@ -9,11 +9,14 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import pwd
+import secrets
 import shlex
 import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from mailrelay.delivery.manager import mda_command
 from mailrelay.message.filters.hooks import Hooks
 from mailrelay.migrate.chasquid import mda_template, plan_import
 from mailrelay.policy.users import UserDB
+from tests.support.process import python_for_other_users
 from tests.support.relay import RelayEnv, free_port
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "chasquid"
@@ -48,7 +52,16 @@ def mailrelay(*argv: str, stdin: str | None = None) -> subprocess.CompletedProce
 
 
 def run_import(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(["import-chasquid", *argv])
+    """The import in this process. As root it would make the user mailrelay and
+    /var/lib/mailrelay: the tests keep everything root's (their own user) and under the
+    test directory, unless they say otherwise."""
+    extra: list[str] = []
+    if "--service-user" not in argv and os.geteuid() == 0:
+        extra += ["--service-user", "root"]
+    if "--data-dir" not in argv and "-c" in argv:
+        target = Path(argv[argv.index("-c") + 1])
+        extra += ["--data-dir", str(target.parent / f"{target.name}-data")]
+    code = main(["import-chasquid", *argv, *extra])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -140,7 +153,8 @@ def test_import_converts_everything_and_never_touches_chasquid(chasquid, tmp_pat
     assert config.limits.max_message_size == 25 * 1024 * 1024
     assert config.aliases.drop_characters == "._"
     assert config.aliases.suffix_separators == "+-"
-    assert config.data_dir == Path("/var/lib/mailrelay")
+    assert config.data_dir == tmp_path / "new-data"  # --data-dir (run_import's)
+    assert stat.S_IMODE(config.data_dir.stat().st_mode) == 0o700
     assert config.tls.certs_dir == chasquid / "certs"  # referenced, not copied
     assert not (new / "certs").exists()
     assert config.domains == ("example.com", "example.org")
@@ -205,7 +219,7 @@ def test_dry_run_writes_nothing(chasquid, tmp_path, capsys):
     code, out, _ = run_import(capsys, str(chasquid), "-c", str(new), "--dry-run")
     assert code == 0
     assert not new.exists()
-    assert f"would write {new / 'mailrelay.yaml'} (mode 0644)" in out
+    assert f"would write {new / 'mailrelay.yaml'} (mode 0640)" in out  # as init writes it
     assert f"would write {new / 'domains' / 'example.com' / 'users'} (mode 0600)" in out
     assert 'hostname: "mail.example.com"' in out  # the YAML it would write
     assert out.rstrip().endswith("dry run: nothing written")
@@ -291,7 +305,7 @@ def test_later_chasquid_settings_and_unknown_ones(tmp_path, capsys):
     (chasquid / "chasquid.conf").write_text(
         'hostname: "MX.Example.COM."\n'
         "max_queue_items: 300\n"
-        'give_up_send_after: "1h30m"\n'
+        'give_up_send_after: "72h"\n'
         'smtp_address: "0.0.0.0:smtp"\n'
         'suffix_separators: ""\n'
         "future_setting: 3\n"
@@ -302,7 +316,9 @@ def test_later_chasquid_settings_and_unknown_ones(tmp_path, capsys):
     config = load_config(new)
     assert config.hostname == "mx.example.com"
     assert config.limits.max_queue_items == 300
-    assert config.delivery.give_up_after == 5400
+    assert config.delivery.give_up_after == 72 * 3600
+    assert "  give_up_after: 3d\n" in (new / "mailrelay.yaml").read_text()  # not 259200s
+    assert stat.S_IMODE((new / "mailrelay.yaml").stat().st_mode) == 0o640
     assert config.listen.smtp == [("0.0.0.0", 25)]  # the unusable one is reported instead
     assert config.aliases.suffix_separators == ""
     missing = lines_starting(out, "not converted: ")
@@ -538,3 +554,55 @@ def test_listen_values_are_valid_hostports(chasquid, tmp_path):
     for values in yaml.safe_load(plan.config_text)["listen"].values():
         for value in values:
             parse_hostport(value)
+
+
+# --- as root: the service user, as init does it ----------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("useradd") is None,
+                    reason="creating a system user needs root and useradd")
+def test_as_root_everything_goes_to_the_service_user_and_checks(chasquid):
+    """The operator's migration: import as root wrote everything root's (0750), so
+    `check --user mailrelay` stopped at "cannot read mailrelay.yaml", and data_dir did not
+    exist. Now the service user (created when missing) gets the new directory and the
+    data directory, and the result checks as that user."""
+    name = f"mrtest{secrets.token_hex(3)}"
+    open_dir = Path(tempfile.mkdtemp(prefix="mailrelay-import-"))
+    try:
+        open_dir.chmod(0o755)
+        target, data = open_dir / "etc" / "mailrelay", open_dir / "lib" / "mailrelay"
+        result = mailrelay("import-chasquid", str(chasquid), "-c", str(target), "--copy-certs",
+                           "--service-user", name, "--data-dir", str(data))
+        assert result.returncode == 0, result.stderr
+        entry = pwd.getpwnam(name)
+        ids = (entry.pw_uid, entry.pw_gid)
+        assert f"created user {name} (useradd --system --user-group " in result.stdout
+        assert entry.pw_shell == "/usr/sbin/nologin"
+        for path in [target, *target.rglob("*"), data]:
+            assert (path.stat().st_uid, path.stat().st_gid) == ids, path
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        assert stat.S_IMODE((target / "mailrelay.yaml").stat().st_mode) == 0o640
+        assert (open_dir / "lib").stat().st_uid == 0  # made on the way: root's, traversable
+        assert stat.S_IMODE((open_dir / "lib").stat().st_mode) == 0o755
+        assert f"created data_dir {data}/ ({name}'s)" in result.stdout
+        assert f"  setpriv --reuid={name} --regid={name} --init-groups " in result.stdout
+
+        checked = subprocess.run([python_for_other_users(), "-m", "mailrelay.cli.main", "check",
+                                  "-c", str(target)], capture_output=True, text=True,
+                                 timeout=60, cwd="/")
+        assert checked.stdout.startswith(f"checked as {name} (uid {entry.pw_uid}), the owner "
+                                         f"of {target}\n"), checked.stdout + checked.stderr
+        assert checked.returncode == 0, checked.stderr
+    finally:
+        shutil.rmtree(open_dir, ignore_errors=True)
+        subprocess.run(["userdel", name], capture_output=True, timeout=60)
+        subprocess.run(["groupdel", name], capture_output=True, timeout=60)
+
+
+def test_service_user_needs_root_and_data_dir_is_never_chasquids(chasquid, tmp_path):
+    result = mailrelay("import-chasquid", str(chasquid), "-c", str(tmp_path / "new"),
+                       "--data-dir", "/var/lib/chasquid")
+    assert result.returncode == 1
+    assert result.stderr == ("mailrelay: --data-dir /var/lib/chasquid is chasquid's data_dir: "
+                             "give mailrelay a directory of its own (nothing was written)\n")
+    assert not (tmp_path / "new").exists()

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import os
+import shutil
+import site
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +44,26 @@ async def start_server(env, log_file: Path | None = None,
     # Keep draining its log so the pipe never fills up and blocks the server.
     process.log_drain = asyncio.ensure_future(process.stderr.read())
     return process
+
+
+def make_python(directory: Path) -> str:
+    """A Python in ``directory`` that runs this test environment's code (mailrelay and
+    its dependencies through this interpreter's site-packages), for running commands
+    whose sys.executable another user must be able to execute: this interpreter may sit
+    where only root can reach it (pyenv under /root), as `mailrelay check` then says."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--copies", str(directory)],
+                   check=True, capture_output=True, timeout=60)
+    [site_dir] = (directory / "lib").glob("python*/site-packages")
+    lines = "".join(f"import site; site.addsitedir({path!r})\n"
+                    for path in site.getsitepackages())
+    (site_dir / "mailrelay-tests.pth").write_text(lines)
+    return str(directory / "bin" / "python")
+
+
+@functools.cache
+def python_for_other_users() -> str:
+    """make_python in a directory every user can traverse, once per test session."""
+    root = Path(tempfile.mkdtemp(prefix="mailrelay-python-"))
+    root.chmod(0o755)
+    atexit.register(shutil.rmtree, root, True)
+    return make_python(root / "venv")
