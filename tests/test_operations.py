@@ -261,7 +261,7 @@ async def test_notify_ready_reloading_ready_stopping_in_order(env: RelayEnv) -> 
 
 
 def test_notifier_path_socket_and_no_socket(tmp_path: Path) -> None:
-    assert Notifier({}).enabled is False
+    assert Notifier({}).address is None
     assert Notifier({}).ready("x") is False  # outside systemd: nothing, no error
     path = tmp_path / "notify"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

@@ -43,7 +43,7 @@ async def test_sighup_after_aliases_edit_reloads_once(env: RelayEnv, run) -> Non
                          "-c", str(env.config_dir), "example.com"],
         capture_output=True, text=True, timeout=30, env={**os.environ, "VISUAL": editor})
     assert result.returncode == 0, result.stderr
-    assert "told the running server" in result.stdout
+    assert "the running server took it" in result.stdout
     await server.wait_log("reload: done", start=mark)
     await asyncio.sleep(WATCH_PERIOD)  # the file watcher has seen the new aliases file too
     lines = reload_lines(server.log, mark)
