@@ -345,6 +345,7 @@ class Server:
         if domain not in self.config.domains:
             return {"digest": None, "error": f"{domain} is not a domain of the running server"}
         errors = self._load_users(only=domain)
+        self._seen(self.config.domain_dir(domain) / "users")
         db = self.users.domain(domain)
         return {"digest": db.digest if db is not None else None,
                 "error": str(errors[0]) if errors else None}
@@ -360,6 +361,7 @@ class Server:
         self.aliases, errors = Aliases.load(self.config, self.aliases)
         for error in errors:
             log.error("aliases: %s (keeping the last good aliases of that domain)", error)
+        self._seen(self.config.domain_dir(domain) / "aliases")
         path = str(self.config.domain_dir(domain) / "aliases")
         mine = [error for error in errors if str(error.path) == path]
         return {"digest": self.aliases.digests.get(domain),
@@ -413,6 +415,13 @@ class Server:
         changed = self._last_domain_stamp != stamp
         self._last_domain_stamp = stamp
         return changed
+
+    def _seen(self, path: Path) -> None:
+        """A command had ``path`` loaded just now: the file watcher need not reload for
+        it again (its other files it still watches as they were)."""
+        fresh = {entry[0]: entry for entry in self._domain_files_stamp()}
+        self._last_domain_stamp = tuple(fresh.get(entry[0], entry) if entry[0] == str(path)
+                                        else entry for entry in self._last_domain_stamp)
 
     def _domain_files_stamp(self) -> tuple:
         """Identity of every users file and DKIM key, to notice edits by polling."""
