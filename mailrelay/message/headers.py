@@ -194,44 +194,28 @@ def mailboxes(values: list[str], name: str = "an address field") -> list[str]:
 
 def _check_address_values(values: list[str], name: str) -> None:
     commas = sum(value.count(",") for value in values)
-    if commas + len(values) > MAX_ADDRESSES and _top_level_commas(values) >= MAX_ADDRESSES:
+    many = commas + len(values) > MAX_ADDRESSES
+    deep = any(value.count("(") > MAX_COMMENT_DEPTH for value in values)
+    if not (many or deep):
+        return  # the cheap counts already bound what getaddresses will see
+    addresses, deepest = len(values), 0
+    for value in values:
+        value_commas, value_depth = _scan_address_value(value)
+        addresses += value_commas
+        deepest = max(deepest, value_depth)
+    if addresses > MAX_ADDRESSES:
         raise HeaderError(f"554 5.6.0 Too many addresses in {name} (the limit is "
                           f"{MAX_ADDRESSES})")
-    for value in values:
-        if value.count("(") > MAX_COMMENT_DEPTH and _comment_depth(value) > MAX_COMMENT_DEPTH:
-            raise HeaderError(f"554 5.6.0 Comments nested too deeply in {name}")
+    if deepest > MAX_COMMENT_DEPTH:
+        raise HeaderError(f"554 5.6.0 Comments nested too deeply in {name}")
 
 
-def _top_level_commas(values: list[str]) -> int:
-    """Commas outside quoted strings and comments: an upper bound, less one per value,
-    of the addresses getaddresses finds (an unclosed quote or comment runs to the end
-    of its value, as getaddresses reads it)."""
-    total = len(values) - 1
-    for value in values:
-        depth, quoted, escaped = 0, False, -1
-        for match in _ADDRESS_SPECIALS.finditer(value):
-            char = match.group()
-            if match.start() == escaped:
-                continue
-            if char == "\\" and (quoted or depth):
-                escaped = match.end()
-            elif quoted:
-                quoted = char != '"'
-            elif char == "(":
-                depth += 1
-            elif char == ")" and depth:
-                depth -= 1
-            elif char == '"' and not depth:
-                quoted = True
-            elif char == "," and not depth:
-                total += 1
-    return total
-
-
-def _comment_depth(value: str) -> int:
-    """The deepest nesting of comments in ``value`` (quoted strings and quoted-pairs
-    taken into account), stopping once it passes MAX_COMMENT_DEPTH."""
-    depth, deepest, quoted, escaped = 0, 0, False, -1
+def _scan_address_value(value: str) -> tuple[int, int]:
+    """One pass over an address value: its commas outside quoted strings and comments
+    (an upper bound, less one, of the addresses getaddresses finds in it: an unclosed
+    quote or comment runs to the end of the value, as getaddresses reads it) and the
+    deepest nesting of its comments (quoted-pairs taken into account)."""
+    commas, depth, deepest, quoted, escaped = 0, 0, 0, False, -1
     for match in _ADDRESS_SPECIALS.finditer(value):
         char = match.group()
         if match.start() == escaped:
@@ -243,10 +227,10 @@ def _comment_depth(value: str) -> int:
         elif char == "(":
             depth += 1
             deepest = max(deepest, depth)
-            if deepest > MAX_COMMENT_DEPTH:
-                break
         elif char == ")" and depth:
             depth -= 1
         elif char == '"' and not depth:
             quoted = True
-    return deepest
+        elif char == "," and not depth:
+            commas += 1
+    return commas, deepest

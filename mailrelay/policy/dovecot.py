@@ -36,7 +36,7 @@ import ipaddress
 import logging
 import os
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 log = logging.getLogger("mailrelay.dovecot")
@@ -158,22 +158,7 @@ class DovecotAuth:
             log.warning("dovecot: not asking about a user name with spaces or control "
                         "characters (%d characters)", len(user))
             return False
-        try:
-            async with asyncio.timeout(self.timeout):
-                path = await self._userdb()
-                conn = await self._connect(path)
-                try:
-                    return await self._exists(conn, user)
-                finally:
-                    conn.close()
-        except TimeoutError:
-            reason = f"no answer within {self.timeout:g}s"
-        except DovecotError as exc:
-            reason = str(exc)
-        except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-        log.warning("dovecot userdb %s: %s", self.userdb_path or "(not found)", reason)
-        return None
+        return await self._ask("userdb", self._userdb, lambda conn: self._exists(conn, user))
 
     async def authenticate(
         self, user: str, password: str, *, remote_ip: str | None = None
@@ -196,12 +181,22 @@ class DovecotAuth:
                 if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
                     address = address.ipv4_mapped
                 rip = f"rip={address}\t"
+        return await self._ask("auth-client", self._client,
+                               lambda conn: self._authenticate(conn, user, password, rip))
+
+    async def _ask(
+        self,
+        socket_name: str,
+        find: Callable[[], Awaitable[str]],
+        question: Callable[[_Connection], Awaitable[bool]],
+    ) -> bool | None:
+        """One question on a fresh connection to one socket, under the timeout; None (and
+        one warning naming the socket) when dovecot cannot answer it."""
         try:
             async with asyncio.timeout(self.timeout):
-                path = await self._client()
-                conn = await self._connect(path)
+                conn = await self._connect(await find())
                 try:
-                    return await self._authenticate(conn, user, password, rip)
+                    return await question(conn)
                 finally:
                     conn.close()
         except TimeoutError:
@@ -210,7 +205,8 @@ class DovecotAuth:
             reason = str(exc)
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
-        log.warning("dovecot auth-client %s: %s", self.client_path or "(not found)", reason)
+        path = self.userdb_path if socket_name == "userdb" else self.client_path
+        log.warning("dovecot %s %s: %s", socket_name, path or "(not found)", reason)
         return None
 
     async def check(self) -> str | None:
