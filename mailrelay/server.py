@@ -59,6 +59,8 @@ log = logging.getLogger("mailrelay")
 
 SHUTDOWN_GRACE = 30.0
 PID_FILE = "mailrelay.pid"
+# Message bytes received after which the heap is given back once all is quiet.
+BULK_BYTES = 32 * 1024 * 1024
 
 
 class Server:
@@ -102,6 +104,7 @@ class Server:
         self.certificates = CertificateStore(config.tls, config.hostname,
                                              config.data_dir / "selfsigned")
         self.listeners: Listeners | None = None
+        self._taken_at_trim = 0  # the data budget's bytes taken at the last trim
         self.delivery: DeliveryManager | None = None
         self.mta_sts: MTASTS | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -321,7 +324,8 @@ class Server:
         ok = not self._load_users() and ok
         self.keyring, keys_ok = self._load_keyring()
         self.aliases, aliases_ok = self._load_aliases(self.aliases)
-        self.filters = Filters.from_config(self.config, self.events)  # hooks added, chmod +x
+        self.filters = Filters.from_config(self.config, self.events,  # hooks added, chmod +x
+                                           self.filters.slots)
         ok = ok and keys_ok and aliases_ok
         if not self.certificates.reload():
             ok = False
@@ -396,6 +400,7 @@ class Server:
         last_error, last_logged = "", 0.0
         while True:
             await asyncio.sleep(2.0)
+            self._trim_after_bulk()
             try:
                 if self.certificates.changed_on_disk():
                     log.info("certificates changed on disk, reloading")
@@ -409,6 +414,17 @@ class Server:
                     last_error, last_logged = str(exc), time.monotonic()
             except Exception:
                 log.exception("file watcher")
+
+    def _trim_after_bulk(self) -> None:
+        """After BULK_BYTES of messages, once none is being received or delivered: give
+        the memory they took back (outside eyes: 20 messages of 10 MB left the idle
+        server at 87 MiB instead of 40)."""
+        budget = self.listeners.data_budget if self.listeners is not None else None
+        if (budget is None or budget.used or budget.taken - self._taken_at_trim < BULK_BYTES
+                or (self.delivery is not None and self.delivery.attempts_in_flight)):
+            return
+        self._taken_at_trim = budget.taken
+        memory.trim(full=True)
 
     def _domain_files_changed(self) -> bool:
         stamp = self._domain_files_stamp()

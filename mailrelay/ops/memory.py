@@ -37,11 +37,13 @@ def give_back_big_buffers() -> None:
             libc.mallopt(M_MMAP_THRESHOLD, BIG)
 
 
-def trim() -> None:
+def trim(full: bool = False) -> None:
     """Hand the free pages of the heap back (after many small objects are gone, such as
     a flood of connections'). The young generations hold what reference cycles left,
-    and are quick to collect; a full collection would walk every object."""
-    gc.collect(1)
+    and are quick to collect; a full collection walks every object, so it is only done
+    when ``full`` (after a burst of messages: a failed attempt's traceback cycle can keep
+    its message alive in the oldest generation)."""
+    gc.collect() if full else gc.collect(1)
     libc = _libc()
     if libc is not None:
         with contextlib.suppress(AttributeError):

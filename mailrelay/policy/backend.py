@@ -376,10 +376,14 @@ class PolicyBackend:
                               f"{limits.max_hops}): a mail loop?")
         mailboxes_from = mailboxes(get_all(fields, "From"), "From:")  # capped; may refuse
         if user is not None:
-            for address in mailboxes_from:  # "From: me" (no domain) is nobody's address
-                if not self.senders.may_send_as(user, address):
-                    raise HeaderError(f"550 5.7.1 Not authorised to send as <{address}> "
-                                      "(From: header)")
+            # Sender: names who sent the message when From: names its author; a user may
+            # no more put another's address there than in From: (outside eyes).
+            mailboxes_sender = mailboxes(get_all(fields, "Sender"), "Sender:")
+            for name, found in (("From", mailboxes_from), ("Sender", mailboxes_sender)):
+                for address in found:  # "From: me" (no domain) is nobody's address
+                    if not self.senders.may_send_as(user, address):
+                        raise HeaderError(f"550 5.7.1 Not authorised to send as "
+                                          f"<{address}> ({name}: header)")
         return fields
 
     def _filter_input(self, info: SessionInfo, envelope: Envelope, item_id: str,

@@ -261,11 +261,16 @@ class Listeners:
             # Anyone could claim any address in a PROXY header: only our proxies may.
             self._refuse(info, conn, "554 5.7.1 Connections only through the proxy")
             return
-        if self.max_open is not None and len(self.sessions) >= self.max_open:
+        if self.max_open is not None and (
+                len(self.sessions) >= self.max_open
+                or (port is Port.SMTP
+                    and self.limits.pools[port].total >= smtp_share(self.max_open))):
             if self._files_log.due():
-                log.warning("%d connections open: at the open-files limit (less a reserve "
+                whose = ("" if len(self.sessions) >= self.max_open else
+                         f" ({self.limits.pools[port].total} on port 25, its three quarters)")
+                log.warning("%d connections open%s: at the open-files limit (less a reserve "
                             "for the queue, DNS and delivery); refusing more until some "
-                            "close; raise LimitNOFILE", len(self.sessions))
+                            "close; raise LimitNOFILE", len(self.sessions), whose)
             self._refuse(info, conn, "421 4.7.0 Too many connections, try again later")
             return
         if not self.limits.take_slot(port):
@@ -409,6 +414,12 @@ class Listeners:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+
+
+def smtp_share(max_open: int) -> int:
+    """Port 25's part of the open-files budget: three quarters, so that strangers' idle
+    connections leave room for the users' submissions (587, 465)."""
+    return max(1, max_open * 3 // 4)
 
 
 def open_files_budget(outbound: int) -> int | None:

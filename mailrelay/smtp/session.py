@@ -44,6 +44,11 @@ FOREIGN_VERBS = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "
                            "USER", "PASS"})
 # Refusals of these go to the mail log (the others are protocol chatter).
 LOGGED_REFUSALS = frozenset({"MAIL", "RCPT", "DATA"})
+# Commands that move no mail (Postfix's smtpd_junk_command_limit, with its default): past
+# JUNK_LIMIT of them since the last accepted message, each counts as an error, so a client
+# cannot hold a session open forever with one NOOP per command_timeout.
+JUNK_VERBS = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP", "HELO", "EHLO"})
+JUNK_LIMIT = 100
 TLS_HANDSHAKE_TIMEOUT = 30.0
 STORAGE_REPLY = "452 4.3.1 Insufficient system storage, try again later"
 # DATA is refused at once (before 354) with less room than this in the in-flight budget.
@@ -158,8 +163,10 @@ class Session:
                                 session_id=session_id)
         self.data_budget = data_budget
         self.tls_handshake_timeout = tls_handshake_timeout
+        self._transport_gone = False  # a failed STARTTLS handshake dropped the connection
         self.envelope = Envelope()
         self.errors = 0
+        self.junk = 0  # JUNK_VERBS since the last accepted message
         self.events = backend.events
         # The command being answered, and the addresses it is about, for the mail log.
         self._verb = ""
@@ -263,6 +270,8 @@ class Session:
             await self._close()
 
     async def _close(self) -> None:
+        if self._transport_gone:
+            return
         # With nothing left to send and no TLS close to exchange, the socket closes on the
         # loop's next turn: bounding the waits (a task and a timer each) buys nothing.
         bounded = (self.writer.transport.get_write_buffer_size() > 0
@@ -295,6 +304,10 @@ class Session:
             self.send("500 5.5.1 Command unrecognized")
             return
         self._verb = verb
+        if verb in JUNK_VERBS:
+            self.junk += 1
+            if self.junk > JUNK_LIMIT:
+                self.errors += 1
         try:
             await handler(arg)
         except SyntaxErrorReply as exc:
@@ -382,6 +395,11 @@ class Session:
         except (ssl.SSLError, ConnectionError, TimeoutError, OSError, EOFError) as exc:
             log.info("session %s: TLS handshake failed from %s: %s", self.info.session_id,
                      self.info.peer_ip, describe_tls_error(exc, self.tls_handshake_timeout))
+            # The socket now belongs to the TLS layer that failed: the stream's own close
+            # would never be reported (wait_closed hung until shutdown, and the session kept
+            # its connection slot), so it is dropped here and not waited for.
+            self.writer.transport.abort()
+            self._transport_gone = True
             raise ClientGone() from None
         # RFC 3207 4.2: forget everything learned before TLS.
         self.stream.discard_buffer()
@@ -629,6 +647,8 @@ class Session:
             reservation.release()
         log.debug("session %s: DATA of %d bytes in %.3fs", self.info.session_id,
                   result.size, time.monotonic() - started)
+        if reply.startswith("250"):
+            self.junk = 0
         self.send(reply)
 
     def _log_no_memory(self) -> None:

@@ -108,9 +108,12 @@ class SMTPStream:
     def discard_buffer(self) -> None:
         self.buffer.clear()
 
-    async def _read(self) -> bytes:
+    async def _read(self, deadline: float | None = None) -> bytes:
+        """One chunk, waiting at most ``idle_timeout`` (or until ``deadline``)."""
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self.idle_timeout
         try:
-            async with asyncio.timeout(self.idle_timeout):
+            async with asyncio.timeout_at(deadline):
                 chunk = await self.reader.read(READ_CHUNK)
         except TimeoutError:
             raise ClientTimeout() from None
@@ -118,11 +121,15 @@ class SMTPStream:
             raise ClientGone()
         return chunk
 
-    async def _fill(self) -> None:
-        self.buffer += await self._read()
+    async def _fill(self, deadline: float) -> None:
+        self.buffer += await self._read(deadline)
 
     async def readline(self, limit: int) -> bytes:
-        """One line without its line ending (LF or CRLF). Over ``limit``: LineTooLong."""
+        """One line without its line ending (LF or CRLF). Over ``limit``: LineTooLong.
+
+        The whole line must arrive within ``idle_timeout``: a client dripping a byte
+        now and then cannot stretch one command over hours."""
+        deadline = asyncio.get_running_loop().time() + self.idle_timeout
         scanned = 0
         while True:
             index = self.buffer.find(b"\n", scanned)
@@ -137,18 +144,18 @@ class SMTPStream:
             scanned = len(self.buffer)
             if scanned > limit + 1:  # + the CR of a CRLF not seen yet
                 # Do not buffer an endless line: throw it away up to its end.
-                await self._skip_line()
+                await self._skip_line(deadline)
                 raise LineTooLong()
-            await self._fill()
+            await self._fill(deadline)
 
-    async def _skip_line(self) -> None:
+    async def _skip_line(self, deadline: float) -> None:
         while True:
             index = self.buffer.find(b"\n")
             if index >= 0:
                 del self.buffer[: index + 1]
                 return
             self.buffer.clear()
-            await self._fill()
+            await self._fill(deadline)
 
     async def read_data(
         self, max_size: int, reservation: Reservation | None = None,
@@ -191,6 +198,8 @@ class SMTPStream:
                     refused = NO_MEMORY
                 if refused is None and not _unstuff_into(out, tail, index + 2, first):
                     refused = NUL
+                if refused is None and out.tell() > max_size:
+                    refused = TOO_BIG  # bare LFs made CRLFs: the stored size counts
                 if refused is not None:
                     reservation.release()
                     return DataResult(None, size, refused)
@@ -211,6 +220,8 @@ class SMTPStream:
                     cut -= 2
                 if not _unstuff_into(out, tail, cut, first):
                     refused = NUL
+                elif out.tell() > max_size:
+                    refused = TOO_BIG
                 first = False
                 base += cut
                 del tail[:cut]

@@ -221,6 +221,22 @@ async def test_from_in_obsolete_syntax_that_is_the_users_passes(started, field):
     assert field in received.data
 
 
+@pytest.mark.parametrize(("fields", "accepted"), [
+    (b"From: me@example.com\r\nSender: ceo@bank.test", False),  # outside eyes
+    (b"From: me@example.com\r\nSender : Boss <ceo@bank.test>", False),
+    (b"From: me@example.com\r\nSender: me+list@example.com", True),
+])
+async def test_sender_field_follows_the_from_rule(started, fields, accepted):
+    env = started
+    await env.start()
+    data = fields + b"\r\nTo: friend@remote.test\r\nSubject: s\r\n\r\nbody\r\n"
+    code, text = await submit(env, data)
+    if accepted:
+        assert code == 250, text
+    else:
+        assert (code, text[:5]) == (550, "5.7.1") and "(Sender: header)" in text, text
+
+
 # --- row 15: forged results in our name ------------------------------------------------------
 
 

@@ -135,8 +135,10 @@ async def test_a_flood_of_silent_connections_to_465(env, tmp_path):
 
 
 async def test_connections_stop_short_of_the_open_files_limit(env, tmp_path):
-    """Row 2: with 300 descriptors, connections stop at 300 - 100 (delivery's) - 64: the
-    next ones get 421 at once, and the server keeps descriptors for its queue files."""
+    """Row 2: with 300 descriptors, connections stop at 300 - 100 (delivery's) - 64 = 136:
+    the next ones get 421 at once, and the server keeps descriptors for its queue files.
+    Port 25 takes at most three quarters of them (102): strangers' idle connections
+    leave room for submissions (outside eyes: 120 of them shut 587 out)."""
     env.write_config(limits={"auth_failure_delay": "0s", "max_connections_per_ip": 200})
     env.add_user()
     log = tmp_path / "server.log"
@@ -144,17 +146,24 @@ async def test_connections_stop_short_of_the_open_files_limit(env, tmp_path):
     def few_files() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))
 
+    async def refused(port: str) -> None:
+        late = await RawSMTP.connect("127.0.0.1", env.ports[port], greeting=False)
+        code, lines = await late.reply()
+        assert code == 421 and lines[0].startswith("4.7.0"), (code, lines)
+        await late.close()
+
     server = await start_server(env, log_file=log, preexec_fn=few_files)
     clients: list[RawSMTP] = []
     try:
-        for n in range(136):
+        for n in range(102):
             clients.append(await RawSMTP.connect("127.0.0.1", env.ports["smtp"],
                                                  greeting=n % 20 == 0))
+        await refused("smtp")
+        for n in range(34):  # submissions still find room, up to the whole budget
+            clients.append(await RawSMTP.connect("127.0.0.1", env.ports["submission"],
+                                                 greeting=n % 10 == 0))
         for _ in range(5):
-            late = await RawSMTP.connect("127.0.0.1", env.ports["submission"], greeting=False)
-            code, lines = await late.reply()
-            assert code == 421 and lines[0].startswith("4.7.0"), (code, lines)
-            await late.close()
+            await refused("submission")
         # A message still goes into the queue (it needs descriptors of its own).
         assert (await clients[0].cmd("EHLO client.test"))[0] == 250
         code = await clients[0].send_message("a@elsewhere.test", ["me@example.com"],
@@ -286,3 +295,31 @@ def test_describe_tls_error_is_never_empty():
                 ssl.SSLError(), OSError()):
         assert describe_tls_error(exc, 30).strip(), exc
     assert describe_tls_error(TimeoutError(), 30) == "no handshake within 30s"
+
+
+async def test_a_starttls_handshake_that_times_out_gives_its_slot_back(env, caplog):
+    """Outside eyes: clients that went silent after STARTTLS's 220 were cut at the
+    handshake timeout, but their sessions waited for a close asyncio never reports, so
+    they kept their per-client slots (and held shutdown) until the server stopped."""
+    env.write_config(limits={"tls_handshake_timeout": "0.5s", "max_connections_per_ip": 2})
+    await env.start()
+    caplog.set_level(logging.INFO, logger="mailrelay")
+    silent = []
+    for _ in range(2):
+        client = await RawSMTP.connect("127.0.0.1", env.ports["smtp"])
+        await client.cmd("EHLO client.test")
+        assert (await client.cmd("STARTTLS"))[0] == 220
+        silent.append(client)  # and never a ClientHello
+    deadline = time.monotonic() + 5
+    while sum("no handshake within 0.5s" in r.getMessage() for r in caplog.records) < 2:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    # Both slots are free again at once: a third client is greeted, not refused, and
+    # both sessions are over (their disconnect lines written).
+    client = await RawSMTP.connect("127.0.0.1", env.ports["smtp"], greeting=False)
+    assert (await client.reply())[0] == 220
+    await client.close()
+    gone = [r for r in caplog.records if r.getMessage().startswith("disconnect")]
+    assert len(gone) >= 2, [r.getMessage() for r in caplog.records]
+    for client in silent:
+        await client.close()

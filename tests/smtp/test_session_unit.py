@@ -269,6 +269,53 @@ async def test_an_idle_client_is_cut_off_after_the_command_timeout():
     assert backend.messages == []
 
 
+async def test_a_command_dripped_a_byte_at_a_time_is_cut_at_the_command_timeout():
+    """Outside eyes: one byte every 3 s with a 5 s timeout held a session for as long as
+    the client liked; the whole line must now arrive within command_timeout."""
+    backend = FakeBackend(command_timeout=0.5)
+    client, _, task = await start(backend)
+    loop = asyncio.get_running_loop()
+
+    async def drip() -> None:
+        for byte in b"NOOP NOOP NOOP NOOP NOOP\r\n":
+            client.writer.write(bytes([byte]))
+            await asyncio.sleep(0.1)  # each byte well inside the timeout
+
+    dripper = asyncio.create_task(drip())
+    started = loop.time()
+    code, lines = await client.reply()
+    assert code == 421 and lines[0].startswith("4.4.2"), (code, lines)
+    assert loop.time() - started < 1.2  # the line would have taken 2.6 s
+    dripper.cancel()
+    assert await client.closed()
+    await task
+
+
+async def test_junk_commands_past_the_limit_count_as_errors_until_a_message_is_accepted():
+    """Postfix's smtpd_junk_command_limit: NOOP, RSET, HELO… move no mail; past 100 of
+    them each counts as an error, and max_errors ends the session."""
+    from mailrelay.smtp.session import JUNK_LIMIT
+
+    backend = FakeBackend(max_errors=5)
+    client, _, task = await start(backend)
+    for _ in range(JUNK_LIMIT - 1):
+        assert (await client.cmd("NOOP"))[0] == 250
+    # A message accepted starts the count again.
+    await client.cmd("EHLO c.test")
+    await client.cmd("MAIL FROM:<a@b.test>")
+    await client.cmd("RCPT TO:<x@mx.test>")
+    assert (await client.cmd("DATA"))[0] == 354
+    assert (await client.cmd("Subject: hi\r\n\r\nbody\r\n."))[0] == 250
+    for _ in range(JUNK_LIMIT):
+        assert (await client.cmd("RSET"))[0] == 250
+    for _ in range(5):  # each one more is an error: the fifth reaches max_errors
+        assert (await client.cmd("NOOP"))[0] == 250
+    code, lines = await client.reply()
+    assert code == 421 and "Too many errors" in lines[0]
+    assert await client.closed()
+    await task
+
+
 async def test_shutdown_closes_an_idle_session_at_once_and_lets_a_transaction_finish():
     backend = FakeBackend()
     client, session, task = await start(backend)

@@ -12,6 +12,8 @@ from mailrelay.smtp.stream import (
     END_OF_DATA,
     NO_MEMORY,
     NUL,
+    RUN_SIZE,
+    TOO_BIG,
     ClientGone,
     DataBudget,
     DataResult,
@@ -321,6 +323,26 @@ async def test_read_data_one_byte_over_max_size_is_refused(chunk):
     assert result.body is None
     assert result.size == len(message)
     assert await stream.readline(100) == b"QUIT"
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7, 4096])
+@pytest.mark.parametrize("ending", [b"\n", b"\r"])
+async def test_read_data_bare_line_endings_count_as_stored(chunk, ending):
+    """Outside eyes: 48,000,000 bare LFs (under 50 MiB on the wire) were queued as a
+    96 MB message. The limit holds for what is stored, each bare LF or CR a CRLF."""
+    for lines, accepted in ((60, True), (61, False)):
+        message = ending * lines  # stored as `lines` CRLFs: 120 or 122 bytes
+        wire = message + b"\r\n.\r\nQUIT\r\n"
+        stream = stream_of(wire) if chunk is None else trickle_stream(wire, chunk)
+        result = await stream.read_data(122)  # the wire size stays well under it
+        assert (result.body is not None) is accepted, (lines, result.refused)
+        assert await stream.readline(100) == b"QUIT"
+
+
+async def test_read_data_bare_lfs_over_max_size_in_large_runs():
+    message = b"\n" * (3 * RUN_SIZE)
+    result = await stream_of(message + b"\r\n.\r\n").read_data(4 * RUN_SIZE)
+    assert result.body is None and result.refused == TOO_BIG
 
 
 async def test_read_data_client_gone_before_end_marker():

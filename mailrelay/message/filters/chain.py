@@ -27,6 +27,12 @@ if TYPE_CHECKING:
     from ...ops.events import Events
 
 RSPAMD = "rspamd"
+# Messages in the filters at once: each holds a hook process with its three pipes, or an
+# rspamd connection. More wait their turn (at most SLOT_WAIT, then 451): a crowd of
+# port-25 clients must not start a process each, nor take the descriptors of the rest.
+MAX_CHECKING = 32
+SLOT_WAIT = 60.0
+BUSY_REPLY = "451 4.3.0 Too many messages being checked, try again later"
 # Joining or rewriting more bytes than this happens in a thread.
 OFF_LOOP_BYTES = 256 * 1024
 
@@ -51,15 +57,19 @@ class Filters:
     hooks (post-data, alias-resolve) and rspamd."""
 
     def __init__(self, hooks: Hooks, rspamd: RspamdClient | None = None,
-                 events: Events | None = None):
+                 events: Events | None = None, slots: asyncio.Semaphore | None = None):
         self.hooks = hooks
         self.rspamd = rspamd
         self.events = events
+        # Shared by the Filters of one server across reloads (from_config's caller
+        # passes the previous one's), so a reload does not open the gate wider.
+        self.slots = slots if slots is not None else asyncio.Semaphore(MAX_CHECKING)
 
     @classmethod
-    def from_config(cls, config: Config, events: Events | None = None) -> Filters:
+    def from_config(cls, config: Config, events: Events | None = None,
+                    slots: asyncio.Semaphore | None = None) -> Filters:
         return cls(Hooks.from_config(config), RspamdClient.from_settings(config.filters.rspamd),
-                   events)
+                   events, slots)
 
     def _count(self, name: str, verdict: Verdict) -> None:
         if self.events is not None:
@@ -68,8 +78,24 @@ class Filters:
     async def check(self, inp: FilterInput, trace: bytes, message: bytes) -> Outcome:
         """Run the filters on ``message`` (what the client sent, with our additions to
         it), which travels below ``trace`` (our Received: and Authentication-Results)."""
+        rspamd = self.rspamd is not None and self.rspamd.applies_to(inp)
+        if not rspamd and self.hooks.post_data is None:
+            return Outcome(None, b"", message)
+        try:
+            async with asyncio.timeout(SLOT_WAIT):
+                await self.slots.acquire()
+        except TimeoutError:
+            return Outcome(BUSY_REPLY)
+        try:
+            return await self._check(inp, trace, message, rspamd)
+        finally:
+            self.slots.release()
+
+    async def _check(self, inp: FilterInput, trace: bytes, message: bytes,
+                     rspamd: bool) -> Outcome:
         top: list[bytes] = []
-        if self.rspamd is not None and self.rspamd.applies_to(inp):
+        if rspamd:
+            assert self.rspamd is not None
             whole = await _maybe_in_thread(len(message), b"".join, [trace, message])
             verdict = await self.rspamd.check(inp, whole)
             del whole

@@ -17,6 +17,8 @@ Action = Literal["accept", "reject", "tempfail"]
 
 _FIELD_START = re.compile(rb"[!-9;-~]+:")  # RFC 5322 2.2: printable ASCII except ":"
 _ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}(?: +|$)")
+# A reply code the filter put in front of its text ("550 5.7.1 spam"): ours replaces it.
+_REPLY_CODE = re.compile(r"[2-5][0-9][0-9](?:[ -]|$)")
 _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
 _MAX_REPLY_TEXT = 400
 _VALUE_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # all but HT, CR, LF
@@ -68,11 +70,14 @@ def smtp_reply(code: int, enhanced: str, text: str, fallback: str) -> str:
 
     chasquid sends a hook's line as it is, which is whatever the hook printed, e.g.
     "554 spam detected" with no enhanced code although it announced ENHANCEDSTATUSCODES.
-    Here a text that starts with a code of the reply's class keeps it; any other gets
+    Here a reply code in front of the text goes (ours is the one sent); a text that
+    starts with an enhanced code of the reply's class keeps it; any other gets
     ``enhanced`` (replacing a code of the wrong class). Only printable ASCII is kept
     (RFC 5321 textstring), at most 400 characters; ``fallback`` when nothing is left.
     """
     text = _NOT_PRINTABLE.sub("?", text.replace("\t", " ")).strip()[:_MAX_REPLY_TEXT]
+    if (code_match := _REPLY_CODE.match(text)) is not None:
+        text = text[code_match.end():].lstrip()
     match = _ENHANCED.match(text)
     if match:
         if match.group(1) == str(code)[0]:

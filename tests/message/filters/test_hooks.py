@@ -503,3 +503,22 @@ async def test_hooks_from_settings(config_dir):
     assert (await hooks.check(INPUT, CLEAN)).error == "timeout"
     assert [(t.kind, t.value) for t in await hooks.resolve("a@example.com")] == [
         ("email", "me@example.com")]
+
+
+async def test_messages_in_the_filters_at_once_are_bounded(config_dir, monkeypatch):
+    """Outside eyes: 91 messages at once each started a hook (three pipes apiece) and ran
+    the server out of descriptors. A bounded number run; the rest wait their turn, and
+    one that waits too long gets 451."""
+    from mailrelay.message.filters import chain
+
+    started = config_dir / "started"
+    write_hook(config_dir / "hooks" / "post-data",
+               f"#!/bin/sh\necho x >> {started}\nsleep 1\n")
+    filters = chain.Filters(load(config_dir), slots=asyncio.Semaphore(2))
+    monkeypatch.setattr(chain, "SLOT_WAIT", 1.5)
+    outcomes = await asyncio.gather(*(filters.check(INPUT, b"", CLEAN) for _ in range(6)))
+    replies = [outcome.reply for outcome in outcomes]
+    # Two at a time: the second round of 1 s starts within the wait, the third not.
+    assert replies.count(None) == 4, replies
+    assert replies.count(chain.BUSY_REPLY) == 2, replies
+    assert len(started.read_text().split()) == 4

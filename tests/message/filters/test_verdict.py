@@ -62,6 +62,11 @@ def test_fold_value_never_ends_the_header_section():
     (554, "4.7.0 virus", "554 5.7.1 virus"),
     (451, "", "451 4.3.0 fallback"),
     (451, "4.7.1", "451 4.7.1"),
+    # Outside eyes: a hook that prints its own reply got "554 5.7.1 550 5.7.1 spam".
+    (554, "550 5.7.1 spam", "554 5.7.1 spam"),
+    (554, "550-spam", "554 5.7.1 spam"),
+    (554, "550", "554 5.7.1 fallback"),
+    (554, "5500 messages", "554 5.7.1 5500 messages"),
 ])
 def test_smtp_reply(code, text, reply):
     enhanced = "5.7.1" if code == 554 else "4.3.0"
