@@ -400,8 +400,8 @@ class Server:
         last_error, last_logged = "", 0.0
         while True:
             await asyncio.sleep(2.0)
-            self._trim_after_bulk()
             try:
+                self._trim_after_bulk()
                 if self.certificates.changed_on_disk():
                     log.info("certificates changed on disk, reloading")
                     self.certificates.reload()

@@ -120,13 +120,13 @@ class DeliveryManager:
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
 
-    # -- scheduling -----------------------------------------------------------
-
-
     @property
     def attempts_in_flight(self) -> int:
         """Delivery attempts running now (each may hold its message in memory)."""
         return len(self._active)
+
+    # -- scheduling -----------------------------------------------------------
+
     def schedule(self, item: QueueItem, when: float | None = None) -> None:
         when = item.next_attempt if when is None else when
         self._due[item.id] = when

@@ -13,7 +13,7 @@ import gc
 M_MMAP_THRESHOLD = -3  # malloc.h
 # Above what asyncio reads into per recv (256 KiB, then shrunk to what came): at 128 KiB,
 # glibc's starting value, every read was an mmap and munmap, 30 % more CPU per message
-# in bench/ (scenario a: 1.92x chasquid's, 1.33x at 1 MiB with this).
+# in bench/ (scenario a: 1.92x chasquid's, 1.34x at 1 MiB).
 BIG = 1024 * 1024
 
 
@@ -47,7 +47,10 @@ def trim(full: bool = False) -> None:
     and are quick to collect; a full collection walks every object, so it is only done
     when ``full`` (after a burst of messages: a failed attempt's traceback cycle can keep
     its message alive in the oldest generation)."""
-    gc.collect() if full else gc.collect(1)
+    if full:
+        gc.collect()
+    else:
+        gc.collect(1)
     libc = _libc()
     if libc is not None:
         with contextlib.suppress(AttributeError):
