@@ -376,10 +376,12 @@ class PolicyBackend:
                               f"{limits.max_hops}): a mail loop?")
         mailboxes_from = mailboxes(get_all(fields, "From"), "From:")  # capped; may refuse
         if user is not None:
-            # Sender: names who sent the message when From: names its author; a user may
-            # no more put another's address there than in From: (outside eyes).
-            mailboxes_sender = mailboxes(get_all(fields, "Sender"), "Sender:")
-            for name, found in (("From", mailboxes_from), ("Sender", mailboxes_sender)):
+            # Sender: (and Resent-From:/Resent-Sender:) name who sent the message; a user
+            # may no more put another's address there than in From: (outside eyes).
+            found_in = [("From", mailboxes_from)] + [
+                (name, mailboxes(get_all(fields, name), f"{name}:"))
+                for name in ("Sender", "Resent-From", "Resent-Sender")]
+            for name, found in found_in:
                 for address in found:  # "From: me" (no domain) is nobody's address
                     if not self.senders.may_send_as(user, address):
                         raise HeaderError(f"550 5.7.1 Not authorised to send as "

@@ -215,6 +215,13 @@ class Listeners:
         self.listening.append((port, sock))
         self._resume(port, sock)
 
+    def _files_share(self, port: Port) -> int:
+        """``port``'s part of ``max_open`` (FILES_WEIGHT among the kinds listening)."""
+        assert self.max_open is not None
+        kinds = {kind for kind, _ in self.listening}
+        total = sum(FILES_WEIGHT[kind] for kind in kinds) or 1
+        return max(1, self.max_open * FILES_WEIGHT[port] // total)
+
     # -- accepting ---------------------------------------------------------------------
 
     def _resume(self, port: Port, sock: socket.socket) -> None:
@@ -263,11 +270,10 @@ class Listeners:
             return
         if self.max_open is not None and (
                 len(self.sessions) >= self.max_open
-                or (port is Port.SMTP
-                    and self.limits.pools[port].total >= smtp_share(self.max_open))):
+                or self.limits.pools[port].total >= self._files_share(port)):
             if self._files_log.due():
                 whose = ("" if len(self.sessions) >= self.max_open else
-                         f" ({self.limits.pools[port].total} on port 25, its three quarters)")
+                         f" ({self.limits.pools[port].total} on {port.value}, its share)")
                 log.warning("%d connections open%s: at the open-files limit (less a reserve "
                             "for the queue, DNS and delivery); refusing more until some "
                             "close; raise LimitNOFILE", len(self.sessions), whose)
@@ -416,10 +422,10 @@ class Listeners:
                 await asyncio.wait(pending, timeout=5)
 
 
-def smtp_share(max_open: int) -> int:
-    """Port 25's part of the open-files budget: three quarters, so that strangers' idle
-    connections leave room for the users' submissions (587, 465)."""
-    return max(1, max_open * 3 // 4)
+# How the open-files budget is shared by the listener kinds that listen: port 25 half,
+# 587 and 465 a quarter each, so strangers' idle connections on one kind (25, or 465
+# before its handshake) never take what the users' submissions need on another.
+FILES_WEIGHT = {Port.SMTP: 2, Port.SUBMISSION: 1, Port.SUBMISSION_TLS: 1}
 
 
 def open_files_budget(outbound: int) -> int | None:

@@ -137,8 +137,9 @@ async def test_a_flood_of_silent_connections_to_465(env, tmp_path):
 async def test_connections_stop_short_of_the_open_files_limit(env, tmp_path):
     """Row 2: with 300 descriptors, connections stop at 300 - 100 (delivery's) - 64 = 136:
     the next ones get 421 at once, and the server keeps descriptors for its queue files.
-    Port 25 takes at most three quarters of them (102): strangers' idle connections
-    leave room for submissions (outside eyes: 120 of them shut 587 out)."""
+    The kinds share them, 25 half (68), 587 and 465 a quarter each (34): strangers' idle
+    connections on 25, or silent ones on 465, leave 587 its room (outside eyes: 120 on
+    port 25 shut 587 out; then 101 on 25 with 34 silent on 465)."""
     env.write_config(limits={"auth_failure_delay": "0s", "max_connections_per_ip": 200})
     env.add_user()
     log = tmp_path / "server.log"
@@ -154,12 +155,17 @@ async def test_connections_stop_short_of_the_open_files_limit(env, tmp_path):
 
     server = await start_server(env, log_file=log, preexec_fn=few_files)
     clients: list[RawSMTP] = []
+    silent: list[socket.socket] = []
     try:
-        for n in range(102):
+        for n in range(68):
             clients.append(await RawSMTP.connect("127.0.0.1", env.ports["smtp"],
                                                  greeting=n % 20 == 0))
         await refused("smtp")
-        for n in range(34):  # submissions still find room, up to the whole budget
+        for _ in range(40):  # 465, silent: 34 are kept, the rest closed at once
+            silent.append(await open_silent(env.ports["submission_tls"], "127.0.0.1"))
+        await asyncio.sleep(0.5)
+        assert sum(closed_by_server(sock) for sock in silent) == 6
+        for n in range(34):  # 587 still has its quarter
             clients.append(await RawSMTP.connect("127.0.0.1", env.ports["submission"],
                                                  greeting=n % 10 == 0))
         for _ in range(5):
@@ -173,6 +179,8 @@ async def test_connections_stop_short_of_the_open_files_limit(env, tmp_path):
     finally:
         for client in clients:
             client.writer.close()
+        for sock in silent:
+            sock.close()
         server.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(server.wait(), 30) == 0
     lines = [line for line in log.read_text().splitlines() if "open-files limit" in line]
