@@ -53,6 +53,7 @@ class DataBudget:
         self.limit = limit
         self.used = 0
         self.taken = 0  # bytes taken in all, ever
+        self.messages = 0  # reservations made, ever (one per DATA)
 
     def available(self) -> int:
         return self.limit - self.used
@@ -67,6 +68,8 @@ class Reservation:
     def __init__(self, budget: DataBudget | None = None):
         self.budget = budget
         self.held = 0
+        if budget is not None:
+            budget.messages += 1
 
     def grow_to(self, size: int) -> bool:
         """Hold ``size`` bytes in all; False (and nothing more held) when over budget."""

@@ -41,3 +41,22 @@ async def test_a_burst_of_messages_is_followed_by_a_full_trim(env, monkeypatch):
     await asyncio.sleep(2.5)
     assert calls.count(True) == 1
     await client.close()
+
+
+async def test_many_small_messages_are_followed_by_a_full_trim(env, monkeypatch):
+    """The count counts too: a thousand small submissions leave TLS buffers in the heap."""
+    calls: list[bool] = []
+    monkeypatch.setattr(memory, "trim", lambda full=False: calls.append(full))
+    monkeypatch.setattr(server_module, "BULK_MESSAGES", 3)
+    await env.start()
+    client = await RawSMTP.connect("127.0.0.1", env.ports["smtp"])
+    assert (await client.cmd("EHLO client.test"))[0] == 250
+    for _ in range(3):
+        assert await client.send_message("a@remote.test", ["me@example.com"],
+                                         b"Subject: small\r\n\r\nhi\r\n") == 250
+    await env.wait_mailbox(3)
+    deadline = time.monotonic() + 6
+    while True not in calls:
+        assert time.monotonic() < deadline, "no full trim after 3 messages"
+        await asyncio.sleep(0.1)
+    await client.close()
