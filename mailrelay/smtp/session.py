@@ -49,6 +49,7 @@ LOGGED_REFUSALS = frozenset({"MAIL", "RCPT", "DATA"})
 # cannot hold a session open forever with one NOOP per command_timeout.
 JUNK_VERBS = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP", "HELO", "EHLO"})
 JUNK_LIMIT = 100
+RCPT_OVERSHOOT = 1000  # RCPTs past max_recipients before each counts as an error
 TLS_HANDSHAKE_TIMEOUT = 30.0
 STORAGE_REPLY = "452 4.3.1 Insufficient system storage, try again later"
 # DATA is refused at once (before 354) with less room than this in the in-flight budget.
@@ -167,6 +168,7 @@ class Session:
         self.envelope = Envelope()
         self.errors = 0
         self.junk = 0  # JUNK_VERBS since the last accepted message
+        self._overshoot = 0  # RCPTs refused for max_recipients in this session
         self.events = backend.events
         # The command being answered, and the addresses it is about, for the mail log.
         self._verb = ""
@@ -211,7 +213,13 @@ class Session:
         self.errors += 1
 
     async def flush(self) -> None:
-        await self.writer.drain()
+        """Wait until the client has taken our replies, at most ``command_timeout``: one
+        that sends and never reads must not hold its session (and slot) forever."""
+        try:
+            async with asyncio.timeout(self.stream.idle_timeout):
+                await self.writer.drain()
+        except TimeoutError:
+            raise ClientTimeout() from None
 
     def shutdown(self) -> None:
         """The server is stopping (RFC 5321 3.8: 421 is allowed at any time)."""
@@ -280,9 +288,15 @@ class Session:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(self.writer.drain(), 5)
         self.writer.close()
-        with contextlib.suppress(Exception, asyncio.CancelledError):
+        try:
             closed = self.writer.wait_closed()
             await (asyncio.wait_for(closed, 5) if bounded else closed)
+        except TimeoutError:
+            # A client that does not read keeps our replies unsent, and asyncio keeps the
+            # socket until they are: drop it, or its descriptor outlives the session.
+            self.writer.transport.abort()
+        except (Exception, asyncio.CancelledError):
+            pass
 
     async def handle_line(self, raw: bytes) -> None:
         if b"\x00" in raw:
@@ -579,6 +593,11 @@ class Session:
                 self.send(f"555 5.5.4 Unsupported parameter {key}")
                 return
         if len(self.envelope.recipients) >= self.backend.max_recipients:
+            # Postfix's smtpd_recipient_overshoot_limit: past RCPT_OVERSHOOT more, each
+            # one counts as an error (and max_errors ends the session and its log lines).
+            self._overshoot += 1
+            if self._overshoot > RCPT_OVERSHOOT:
+                self.errors += 1
             self.send("452 4.5.3 Too many recipients")
             return
         reply = await self.backend.check_recipient(self.info, self.envelope, path.address)

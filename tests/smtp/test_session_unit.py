@@ -316,6 +316,62 @@ async def test_junk_commands_past_the_limit_count_as_errors_until_a_message_is_a
     await task
 
 
+async def test_recipients_far_past_the_limit_end_the_session():
+    """Postfix's smtpd_recipient_overshoot_limit (outside eyes: 150,000 RCPTs past the
+    limit were each answered 452 and logged)."""
+    from mailrelay.smtp.session import RCPT_OVERSHOOT
+
+    backend = FakeBackend(max_recipients=2, max_errors=3)
+    client, _, task = await start(backend)
+    await client.cmd("EHLO c.test")
+    await client.cmd("MAIL FROM:<a@b.test>")
+    for n in range(2 + RCPT_OVERSHOOT + 2):
+        client.writer.write(f"RCPT TO:<x{n}@mx.test>\r\n".encode())
+    codes = [(await client.reply())[0] for _ in range(2 + RCPT_OVERSHOOT + 2)]
+    assert codes[:2] == [250, 250] and set(codes[2:]) == {452}
+    # Two errors so far; the next refusal is the third (max_errors): 421 follows it.
+    assert (await client.cmd("RCPT TO:<one-more@mx.test>"))[0] == 452
+    code, lines = await client.reply()
+    assert code == 421 and "Too many errors" in lines[0]
+    await task
+
+
+async def test_a_client_that_never_reads_its_replies_is_cut_and_its_socket_closed():
+    """Outside eyes: a client that sent many commands and never read the replies held
+    its session in flush() forever, and after a close its socket stayed open with
+    megabytes unsent."""
+    backend = FakeBackend(command_timeout=0.5)
+    ours, theirs = socket.socketpair()
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+        loop.create_future())
+    await loop.connect_accepted_socket(
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader(),
+                                             lambda r, w: accepted.set_result((r, w))),
+        ours)
+    reader, writer = await accepted
+    session = Session(backend, Port.SMTP, reader, writer, "t.1")
+    task = asyncio.create_task(session.run())
+    theirs.setblocking(False)
+    # Many commands with long replies, never reading one (HELP: 214; EHLO: several lines).
+    commands = b"EHLO c.test\r\n" * 50_000
+    sent = 0
+    deadline = loop.time() + 5
+    while sent < len(commands) and loop.time() < deadline:
+        try:
+            sent += theirs.send(commands[sent:sent + 65536])
+        except BlockingIOError:
+            await asyncio.sleep(0.01)
+    started = loop.time()
+    await asyncio.wait_for(task, 15)  # flush times out, then close gives up and aborts
+    assert loop.time() - started < 12
+    assert writer.transport.is_closing()
+    assert ours.fileno() == -1  # the descriptor is gone with the session
+    theirs.close()
+
+
 async def test_shutdown_closes_an_idle_session_at_once_and_lets_a_transaction_finish():
     backend = FakeBackend()
     client, session, task = await start(backend)
