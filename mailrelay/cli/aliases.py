@@ -26,6 +26,7 @@ from ..policy.aliases import (
     Target,
     aliases_path,
     default_text,
+    normalize_name,
     parse_text,
 )
 from ..policy.users import Users
@@ -349,6 +350,8 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     except AddressError:
         raise MailrelayError(f"not an address: {args.address!r} "
                              "(expected user@domain)") from None
+    if not targets and local_input:
+        targets = _ask_the_hook(config, args.address, users, aliases, warnings)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if not targets:
@@ -358,6 +361,47 @@ def cmd_resolve(args: argparse.Namespace) -> int:
         kind = "forward" if target.kind == EMAIL and local_input else target.kind
         print(f"{kind}  {target.value}")
     return 0
+
+
+def _ask_the_hook(config: Config, address: str, users: Users, aliases: Aliases,
+                  warnings: list[str]) -> list[Target]:
+    """What the server does for an address no user or alias takes: ask hooks/alias-resolve
+    (as written, then without suffix and drop characters), and route what it names
+    through users and aliases (policy/router.py's _hook_targets)."""
+    import asyncio
+
+    from ..message.filters.hooks import Hooks
+
+    hooks = Hooks.from_config(config)
+    if hooks.alias_resolve is None:
+        return []
+    local, _, domain = address.rpartition("@")
+    domain = normalize_domain(domain)
+    names = dict.fromkeys((f"{local}@{domain}",
+                           f"{normalize_name(local, config.aliases)}@{domain}"))
+    for name in names:
+        found = asyncio.run(hooks.resolve(name))
+        if found is None:
+            raise MailrelayError(f"{address}: the alias-resolve hook failed (the server "
+                                 "answers 451; its log says why)")
+        if found:
+            warnings.append(f"{address}: from hooks/alias-resolve (asked about {name})")
+            targets: list[Target] = []
+            for target in found:
+                if target.kind == PIPE:
+                    targets.append(Target(PIPE, target.value))
+                    continue
+                try:
+                    routed = aliases.resolve(target.value, users.exists,
+                                             config.is_local_domain)
+                except AddressError:
+                    routed = []
+                if not routed:
+                    warnings.append(f"hook target <{target.value}> delivers nowhere, "
+                                    "dropped (as the server drops it)")
+                targets.extend(routed)
+            return targets
+    return []
 
 
 def _describe(targets: list[Target]) -> str:

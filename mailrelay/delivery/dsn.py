@@ -29,6 +29,8 @@ _STATUS_RE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 # "smtp; ...", "x-mailrelay; ...": the caller already chose a diagnostic-type.
 _TYPED_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]*;")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
+# A msg-id as a DSN may repeat it (RFC 5322 3.6.4): no spaces, brackets or controls.
+_MSG_ID = re.compile(r"<[^<>\s\x00-\x1f\x7f]{1,250}>")
 
 # Keep folded field lines comfortably below the 998-octet limit of RFC 5322.
 _FOLD_WIDTH = 78
@@ -57,6 +59,16 @@ def _unfolded_headers(message: bytes) -> list[tuple[str, str]]:
     """(lower-cased name, unfolded value) pairs of the header section; tolerant of junk.
     Header splitting is defined once, in message.headers (linear in the header's size)."""
     return [(name.lower(), value) for name, value in parse_headers(message)]
+
+
+def _original_message_id(message: bytes) -> str | None:
+    """The returned message's Message-ID, for In-Reply-To and References (so mail
+    programs show the bounce with the message it is about); None without a sound one."""
+    for name, value in _unfolded_headers(returned_headers(message)):
+        if name == "message-id":
+            match = _MSG_ID.search(value)
+            return match.group() if match else None
+    return None
 
 
 def _first_token(value: str) -> str:
@@ -300,6 +312,8 @@ def build_dsn(
         + (SUBJECT_DELAYED if all(r.action == "delayed" for r in recipients) else SUBJECT_FAILED),
         f"Date: {rfc5322_date(now)}",
         f"Message-ID: <{secrets.token_hex(16)}@{mta}>",
+        *([f"In-Reply-To: {about}", f"References: {about}"]
+          if (about := _original_message_id(original)) else []),
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
         "Content-Type: multipart/report; report-type=delivery-status;",

@@ -284,6 +284,27 @@ def test_resolve_unknown(confdir, capsys):
     assert "not an address" in capsys.readouterr().err
 
 
+def test_resolve_asks_the_alias_resolve_hook_as_the_server_does(confdir, capsys):
+    """The chasquid peer's note: `aliases resolve` ignored hooks/alias-resolve, so it
+    called refused what the server delivers."""
+    hook = confdir / "hooks" / "alias-resolve"
+    hook.parent.mkdir()
+    hook.write_text('#!/bin/sh\n'
+                    'case "$1" in\n'
+                    '  sales@example.com) echo "me@example.com, boss@remote.test" ;;\n'
+                    '  broken@example.com) exit 1 ;;\n'
+                    'esac\n')
+    hook.chmod(0o755)
+    assert run(confdir, "resolve", "Sales+tag@example.com") == 0  # asked as written, then cleaned
+    captured = capsys.readouterr()
+    assert captured.out == "mailbox  me@example.com\nforward  boss@remote.test\n"
+    assert "from hooks/alias-resolve (asked about sales@example.com)" in captured.err
+    assert run(confdir, "resolve", "nobody@example.com") == 1
+    assert "no such user or alias" in capsys.readouterr().err
+    assert run(confdir, "resolve", "broken@example.com") == 1
+    assert "alias-resolve hook failed" in capsys.readouterr().err
+
+
 # check
 
 def test_check(confdir, capsys):

@@ -115,6 +115,18 @@ def test_top_level_headers() -> None:
     assert re.fullmatch(r"<[0-9a-f]+@mx\.example\.test>", msg["Message-ID"])
 
 
+def test_the_dsn_refers_to_the_original_message_id() -> None:
+    """Mail programs thread the bounce with the message it is about (the chasquid peer's
+    note: In-Reply-To and References were missing)."""
+    msg = parse(bounce())
+    assert msg["In-Reply-To"] == "<orig-1@example.test>"
+    assert msg["References"] == "<orig-1@example.test>"
+    without = ORIGINAL.replace(b"Message-ID: <orig-1@example.test>\r\n", b"")
+    assert b"In-Reply-To" not in bounce(original_message=without).split(b"\r\n\r\n")[0]
+    odd = ORIGINAL.replace(b"<orig-1@example.test>", b"not an id\r\n\tstill not")
+    assert b"In-Reply-To" not in bounce(original_message=odd).split(b"\r\n\r\n")[0]
+
+
 def test_from_defaults_to_reporting_mta() -> None:
     msg = parse(bounce())
     assert msg["From"] == "Mail Delivery System <MAILER-DAEMON@mx.example.test>"
