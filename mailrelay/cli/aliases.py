@@ -367,10 +367,11 @@ def _ask_the_hook(config: Config, address: str, users: Users, aliases: Aliases,
                   warnings: list[str]) -> list[Target]:
     """What the server does for an address no user or alias takes: ask hooks/alias-resolve
     (as written, then without suffix and drop characters), and route what it names
-    through users and aliases (policy/router.py's _hook_targets)."""
+    through users and aliases (policy.router.hook_targets, which the server uses)."""
     import asyncio
 
     from ..message.filters.hooks import Hooks
+    from ..policy.router import hook_targets
 
     hooks = Hooks.from_config(config)
     if hooks.alias_resolve is None:
@@ -386,21 +387,8 @@ def _ask_the_hook(config: Config, address: str, users: Users, aliases: Aliases,
                                  "answers 451; its log says why)")
         if found:
             warnings.append(f"{address}: from hooks/alias-resolve (asked about {name})")
-            targets: list[Target] = []
-            for target in found:
-                if target.kind == PIPE:
-                    targets.append(Target(PIPE, target.value))
-                    continue
-                try:
-                    routed = aliases.resolve(target.value, users.exists,
-                                             config.is_local_domain)
-                except AddressError:
-                    routed = []
-                if not routed:
-                    warnings.append(f"hook target <{target.value}> delivers nowhere, "
-                                    "dropped (as the server drops it)")
-                targets.extend(routed)
-            return targets
+            return hook_targets(found, aliases, users.exists, config.is_local_domain,
+                                warn=warnings.append)
     return []
 
 

@@ -160,20 +160,26 @@ class Router:
         return expansion
 
     def _hook_targets(self, found: list) -> list[Target]:
-        """The alias-resolve hook's targets as final ones: pipes and remote addresses as
-        they are; addresses in our domains through users and aliases (not the hook again:
-        a hook that names itself cannot loop)."""
-        targets: list[Target] = []
-        for target in found:
-            if target.kind == PIPE:
-                targets.append(Target(PIPE, target.value))
-                continue
-            try:
-                resolved = self._aliases().resolve(target.value, self.is_user,
-                                                   self.is_local_domain)
-            except AddressError:
-                resolved = []
-            if not resolved:
-                log.warning("alias-resolve: target <%s> delivers nowhere, dropped", target.value)
-            targets.extend(resolved)
-        return targets
+        return hook_targets(found, self._aliases(), self.is_user, self.is_local_domain,
+                            warn=lambda text: log.warning("alias-resolve: %s", text))
+
+
+def hook_targets(found: list, aliases: Aliases, is_user: Callable[[str], bool],
+                 is_local_domain: Callable[[str], bool],
+                 warn: Callable[[str], None]) -> list[Target]:
+    """The alias-resolve hook's targets as final ones: pipes and remote addresses as
+    they are; addresses in our domains through users and aliases (not the hook again:
+    a hook that names itself cannot loop). The server and `aliases resolve` share it."""
+    targets: list[Target] = []
+    for target in found:
+        if target.kind == PIPE:
+            targets.append(Target(PIPE, target.value))
+            continue
+        try:
+            resolved = aliases.resolve(target.value, is_user, is_local_domain)
+        except AddressError:
+            resolved = []
+        if not resolved:
+            warn(f"target <{target.value}> delivers nowhere, dropped")
+        targets.extend(resolved)
+    return targets
