@@ -5,12 +5,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
-import shutil
-import signal
 import socket
 import ssl
 import struct
-import subprocess
 import textwrap
 import time
 from contextlib import asynccontextmanager
@@ -34,6 +31,7 @@ from mailrelay.smtp.proxy import (
     read_proxy_header,
     read_proxy_header_from_socket,
 )
+from tests.support.haproxy import haproxy, needs_haproxy
 
 # --- helpers ---------------------------------------------------------------------------
 
@@ -503,65 +501,13 @@ def test_config_proxy_protocol_errors(tmp_path, text, line, words):
 
 # --- behind a real haproxy -------------------------------------------------------------------
 
-HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists()
-                                      else None)
-needs_haproxy = pytest.mark.skipif(
-    HAPROXY is None, reason="haproxy not installed (scripts/setup installs Debian's haproxy)")
-
-
 @asynccontextmanager
-async def haproxy(tmp_path: Path, backend_port: int, checks: bool = False):
+async def haproxy_pair(tmp_path: Path, backend_port: int, checks: bool = False):
     """haproxy on loopback: frontend ports (send-proxy, send-proxy-v2) to ``backend_port``."""
-    v1_port, v2_port = free_port(), free_port()
     check = " check check-send-proxy inter 100ms" if checks else ""
-    config = tmp_path / "haproxy.cfg"
-    config.write_text(textwrap.dedent(f"""\
-        global
-            maxconn 100
-        defaults
-            mode tcp
-            timeout connect 5s
-            timeout client 10s
-            timeout server 10s
-        listen smtp-v1
-            bind 127.0.0.1:{v1_port}
-            server mailrelay 127.0.0.1:{backend_port} send-proxy
-        listen smtp-v2
-            bind 127.0.0.1:{v2_port}
-            server mailrelay 127.0.0.1:{backend_port} send-proxy-v2{check}
-        """))
-    with open(tmp_path / "haproxy.log", "wb") as log:
-        process = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not _listening(v1_port) or not _listening(v2_port):
-            assert process.poll() is None, (tmp_path / "haproxy.log").read_text()
-            assert time.monotonic() < deadline, "haproxy did not start"
-            await asyncio.sleep(0.05)
-        yield v1_port, v2_port
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _listening(port: int) -> bool:
-    """Whether a TCP socket listens on ``port``, without connecting to it (a connection
-    would reach the backend as a proxied client)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()  # sl local_address rem_address st ...
-            if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":  # 0A: LISTEN
-                return True
-    return False
+    async with haproxy(tmp_path, {"v1": (backend_port, "send-proxy"),
+                                  "v2": (backend_port, "send-proxy-v2" + check)}) as ports:
+        yield ports["v1"], ports["v2"]
 
 
 class Backend:
@@ -607,7 +553,7 @@ class Backend:
 @pytest.mark.parametrize("version", [1, 2])
 async def test_haproxy_send_proxy_gives_the_original_client(tmp_path, version):
     async with Backend([parse_network("127.0.0.1")]) as backend, \
-            haproxy(tmp_path, backend.port) as (v1_port, v2_port):
+            haproxy_pair(tmp_path, backend.port) as (v1_port, v2_port):
         port = v1_port if version == 1 else v2_port
         for source in ("127.0.0.5", "127.0.0.77"):
             sock = socket.socket()
@@ -627,7 +573,7 @@ async def test_haproxy_send_proxy_gives_the_original_client(tmp_path, version):
 @needs_haproxy
 async def test_haproxy_health_checks_send_local(tmp_path):
     async with Backend([parse_network("127.0.0.0/8")]) as backend, \
-            haproxy(tmp_path, backend.port, checks=True):
+            haproxy_pair(tmp_path, backend.port, checks=True):
         deadline = time.monotonic() + 5
         while None not in backend.headers:
             assert time.monotonic() < deadline, (backend.headers, backend.errors)
@@ -638,7 +584,7 @@ async def test_haproxy_health_checks_send_local(tmp_path):
 @needs_haproxy
 async def test_haproxy_from_an_untrusted_network_is_refused(tmp_path):
     async with Backend([parse_network("192.0.2.0/24")]) as backend, \
-            haproxy(tmp_path, backend.port) as (_, v2_port):
+            haproxy_pair(tmp_path, backend.port) as (_, v2_port):
         reader, writer = await asyncio.open_connection("127.0.0.1", v2_port)
         line = await asyncio.wait_for(reader.readline(), 5)
         writer.close()
