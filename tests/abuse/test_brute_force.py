@@ -22,22 +22,6 @@ MAX_FAILURES = 3
 BLOCK_TIME = 3.0
 
 
-async def connect(env, port: str, source: str | None = None) -> RawSMTP:
-    """Connect (from ``source``), EHLO, STARTTLS where the port needs it, EHLO again."""
-    implicit = port == "submission_tls"
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", env.ports[port], local_addr=(source, 0) if source else None,
-        ssl=env.client_tls() if implicit else None,
-        server_hostname=HOSTNAME if implicit else None)
-    client = RawSMTP(reader, writer)
-    assert (await client.reply())[0] == 220
-    assert (await client.cmd("EHLO client.test"))[0] == 250
-    if not implicit:
-        await client.starttls(env.client_tls(), HOSTNAME)
-        assert (await client.cmd("EHLO client.test"))[0] == 250
-    return client
-
-
 async def timed(coro) -> tuple[int, list[str], float]:
     started = time.monotonic()
     code, lines = await coro
@@ -79,7 +63,7 @@ async def guarded(env):
 async def test_guessing_is_slowed_then_blocked_per_ip(guarded, port, caplog):
     env = guarded
     caplog.set_level(logging.DEBUG)
-    attacker = await connect(env, port)
+    attacker = await env.submission_client(port)
 
     # Each failure is answered later than the one before.
     times = []
@@ -100,19 +84,19 @@ async def test_guessing_is_slowed_then_blocked_per_ip(guarded, port, caplog):
     code, lines = await auth_login(attacker, USER, PASSWORD)
     assert code == 454 and lines[0].startswith("4.7.0"), (code, lines)
     assert (await attacker.cmd(f"MAIL FROM:<{USER}>"))[0] == 530
-    second = await connect(env, port)
+    second = await env.submission_client(port)
     assert (await second.auth_plain(OTHER_USER, OTHER_PASSWORD))[0] == 454
     assert (await second.cmd(f"MAIL FROM:<{USER}>"))[0] == 530
 
     # Another IP is not affected: the attacked user logs in from there at once and sends.
-    elsewhere = await connect(env, port, source="127.0.0.3")
+    elsewhere = await env.submission_client(port, source="127.0.0.3")
     code, lines, took = await timed(elsewhere.auth_plain(USER, PASSWORD))
     assert code == 235, (code, lines)
     assert took < 1.0
     code = await elsewhere.send_message(USER, ["friend@remote.test"],
                                         b"Subject: still here\r\n\r\nhello\r\n")
     assert code == 250
-    third_ip = await connect(env, port, source="127.0.0.4")
+    third_ip = await env.submission_client(port, source="127.0.0.4")
     assert (await auth_login(third_ip, OTHER_USER, OTHER_PASSWORD))[0] == 235
 
     # Still blocked well into the window (not a one-off refusal). The block began when
@@ -137,7 +121,7 @@ async def test_guessing_is_slowed_then_blocked_per_ip(guarded, port, caplog):
 
     # After auth_block_time the IP may log in again.
     await asyncio.sleep(max(0.0, last_failure + BLOCK_TIME + 0.1 - time.monotonic()))
-    again = await connect(env, port)
+    again = await env.submission_client(port)
     code, lines, took = await timed(again.auth_plain(USER, PASSWORD))
     assert code == 235, (code, lines)
     assert took < 1.0
@@ -150,7 +134,7 @@ async def test_parallel_guesses_do_not_get_past_the_limit(guarded, caplog):
     being checked are refused too, so no more than auth_failures_per_ip are answered."""
     env = guarded
     caplog.set_level(logging.INFO)
-    clients = await asyncio.gather(*(connect(env, "submission_tls") for _ in range(10)))
+    clients = await asyncio.gather(*(env.submission_client("submission_tls") for _ in range(10)))
     replies = await asyncio.gather(*(c.auth_plain(USER, f"guess {i}")
                                      for i, c in enumerate(clients)))
     codes = sorted(code for code, _ in replies)
@@ -168,7 +152,7 @@ async def test_the_per_ip_limit_holds_across_parallel_connections(guarded, caplo
     the interleaving; each connection's answers carry the time left."""
     env = guarded
     caplog.set_level(logging.INFO)
-    clients = await asyncio.gather(*(connect(env, "submission_tls") for _ in range(6)))
+    clients = await asyncio.gather(*(env.submission_client("submission_tls") for _ in range(6)))
 
     async def guess_on(client: RawSMTP, number: int) -> list[tuple[int, list[str]]]:
         answers = []
@@ -201,7 +185,7 @@ async def test_one_wrong_password_with_two_mechanisms_counts_once(guarded, caplo
     one guess for the throttle (and for fail2ban: the second is logged as "repeated")."""
     env = guarded
     caplog.set_level(logging.INFO)
-    client = await connect(env, "submission")
+    client = await env.submission_client("submission")
     for _ in range(MAX_FAILURES + 1):  # 8 refusals: under limits.max_errors (10)
         assert (await client.auth_plain(USER, "the old password"))[0] == 535
         assert (await auth_login(client, USER, "the old password"))[0] == 535

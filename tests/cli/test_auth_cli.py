@@ -10,9 +10,8 @@ import signal
 import subprocess
 import sys
 
-from tests.support.client import RawSMTP
 from tests.support.process import start_server
-from tests.support.relay import HOSTNAME, PASSWORD, USER
+from tests.support.relay import PASSWORD, USER
 
 MAX_FAILURES = 3
 
@@ -27,16 +26,6 @@ async def cli(env, *argv: str) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(mailrelay_auth, env, *argv)
 
 
-async def connect(env, source: str = "127.0.0.1") -> RawSMTP:
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", env.ports["submission_tls"], local_addr=(source, 0),
-        ssl=env.client_tls(), server_hostname=HOSTNAME)
-    client = RawSMTP(reader, writer)
-    assert (await client.reply())[0] == 220
-    assert (await client.cmd("EHLO client.test"))[0] == 250
-    return client
-
-
 async def test_blocks_are_listed_and_lifted(env, tmp_path):
     env.write_config(limits={"auth_failures_per_ip": MAX_FAILURES, "auth_block_time": "10m",
                              "auth_failure_delay": "0s"})
@@ -47,7 +36,7 @@ async def test_blocks_are_listed_and_lifted(env, tmp_path):
         assert result.returncode == 0 and result.stdout == "no client is blocked\n"
 
         for source in ("127.0.0.1", "127.0.0.4"):
-            client = await connect(env, source)
+            client = await env.submission_client(source=source)
             for guess in range(MAX_FAILURES):
                 assert (await client.auth_plain(USER, f"guess {guess}"))[0] == 535
             code, lines = await client.auth_plain(USER, PASSWORD)
@@ -71,10 +60,10 @@ async def test_blocks_are_listed_and_lifted(env, tmp_path):
 
         result = await cli(env, "unblock", "127.0.0.1")
         assert (result.returncode, result.stdout) == (0, "127.0.0.1: block lifted\n")
-        client = await connect(env)
+        client = await env.submission_client()
         assert (await client.auth_plain(USER, PASSWORD))[0] == 235
         await client.close()
-        still = await connect(env, "127.0.0.4")
+        still = await env.submission_client(source="127.0.0.4")
         assert (await still.auth_plain(USER, PASSWORD))[0] == 454
         await still.close()
 

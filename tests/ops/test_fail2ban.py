@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.client import RawSMTP
 from tests.support.process import start_server
-from tests.support.relay import HOSTNAME, PASSWORD, USER
+from tests.support.relay import PASSWORD, USER
 
 REPO = Path(__file__).resolve().parents[2]
 FILTER = REPO / "config" / "fail2ban" / "filter.d" / "mailrelay.conf"
@@ -34,16 +34,6 @@ FAIL2BAN_REGEX = shutil.which("fail2ban-regex") or (str(_IN_VENV) if _IN_VENV.ex
 
 pytestmark = pytest.mark.skipif(FAIL2BAN_REGEX is None,
                                 reason="fail2ban-regex missing (scripts/setup fetches it)")
-
-
-async def connect(env, source: str = "127.0.0.1") -> RawSMTP:
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", env.ports["submission_tls"], local_addr=(source, 0),
-        ssl=env.client_tls(), server_hostname=HOSTNAME)
-    client = RawSMTP(reader, writer)
-    assert (await client.reply())[0] == 220
-    assert (await client.cmd("EHLO client.test"))[0] == 250
-    return client
 
 
 def fail2ban_regex(log: Path) -> tuple[list[str], str]:
@@ -70,10 +60,10 @@ async def test_filter_matches_exactly_the_failed_logins(env, tmp_path):
     log = tmp_path / "mailrelay.log"
     server = await start_server(env, log_file=log)
     try:
-        client = await connect(env)
+        client = await env.submission_client()
         assert (await client.auth_plain(USER, PASSWORD))[0] == 235  # auth-ok: not a match
         await client.close()
-        client = await connect(env)
+        client = await env.submission_client()
         for i in range(MAX_FAILURES):
             assert (await client.auth_plain(USER, f"guess {i}"))[0] == 535
             if i == 0:  # the same guess with LOGIN, as smtplib does: not a second guess
@@ -82,7 +72,7 @@ async def test_filter_matches_exactly_the_failed_logins(env, tmp_path):
         assert (await client.auth_plain(USER, PASSWORD))[0] == 454  # the owner: not
         await client.close()
         # From another loopback address: the address logged is that of the connection.
-        other = await connect(env, source="127.0.0.3")
+        other = await env.submission_client(source="127.0.0.3")
         assert (await other.auth_plain(FORGED_USER, "nope"))[0] == 535
         assert (await other.auth_plain(USER, PASSWORD))[0] == 235
         await other.close()

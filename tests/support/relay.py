@@ -16,6 +16,7 @@ from bench.ports import free_port
 from mailrelay.config import load_config
 from mailrelay.policy.users import UserDB
 from mailrelay.server import Server
+from tests.support.client import RawSMTP
 from tests.support.dns_server import TestDNSServer
 from tests.support.sink import Sink
 
@@ -133,6 +134,23 @@ class RelayEnv:
         context = ssl.create_default_context()
         self.ca.configure_trust(context)
         return context
+
+    async def submission_client(self, port: str = "submission_tls",
+                                source: str | None = None) -> RawSMTP:
+        """A raw client on a submission port (from ``source``): greeted, EHLO, STARTTLS
+        where the port needs it, EHLO again; ready for AUTH."""
+        implicit = port == "submission_tls"
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", self.ports[port], local_addr=(source, 0) if source else None,
+            ssl=self.client_tls() if implicit else None,
+            server_hostname=HOSTNAME if implicit else None)
+        client = RawSMTP(reader, writer)
+        assert (await client.reply())[0] == 220
+        assert (await client.cmd("EHLO client.test"))[0] == 250
+        if not implicit:
+            await client.starttls(self.client_tls(), HOSTNAME)
+            assert (await client.cmd("EHLO client.test"))[0] == 250
+        return client
 
     async def submit(self, recipients: list[str], data: bytes, sender: str = USER,
                      password: str = PASSWORD) -> None:
