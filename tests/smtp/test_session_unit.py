@@ -99,11 +99,10 @@ class Client:
         return await asyncio.wait_for(self.reader.read(), 5) == b""
 
 
-async def start(backend: FakeBackend, port: Port = Port.SMTP
-                ) -> tuple[Client, Session, asyncio.Task[None]]:
-    ours, theirs = socket.socketpair()
-    # Accepted the way a server accepts (a client_connected callback), so that STARTTLS
-    # knows this end is the server's.
+async def serve(backend: FakeBackend, ours: socket.socket, port: Port = Port.SMTP
+                ) -> tuple[Session, asyncio.Task[None]]:
+    """A session on our end of a socket pair, accepted the way a server accepts (a
+    client_connected callback), so that STARTTLS knows this end is the server's."""
     loop = asyncio.get_running_loop()
     accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
         loop.create_future())
@@ -113,7 +112,13 @@ async def start(backend: FakeBackend, port: Port = Port.SMTP
         ours)
     reader, writer = await accepted
     session = Session(backend, port, reader, writer, "t.1")
-    task = asyncio.create_task(session.run())
+    return session, asyncio.create_task(session.run())
+
+
+async def start(backend: FakeBackend, port: Port = Port.SMTP
+                ) -> tuple[Client, Session, asyncio.Task[None]]:
+    ours, theirs = socket.socketpair()
+    session, task = await serve(backend, ours, port)
     client = Client(*await asyncio.open_connection(sock=theirs))
     code, _ = await client.reply()
     assert code == 220
@@ -344,16 +349,9 @@ async def test_a_client_that_never_reads_its_replies_is_cut_and_its_socket_close
     ours, theirs = socket.socketpair()
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    session, task = await serve(backend, ours)
+    writer = session.writer
     loop = asyncio.get_running_loop()
-    accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
-        loop.create_future())
-    await loop.connect_accepted_socket(
-        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader(),
-                                             lambda r, w: accepted.set_result((r, w))),
-        ours)
-    reader, writer = await accepted
-    session = Session(backend, Port.SMTP, reader, writer, "t.1")
-    task = asyncio.create_task(session.run())
     theirs.setblocking(False)
     # Many commands with long replies, never reading one (HELP: 214; EHLO: several lines).
     commands = b"EHLO c.test\r\n" * 50_000
