@@ -30,7 +30,7 @@ from ..policy.aliases import (
     parse_text,
 )
 from ..policy.users import Users
-from .common import local_domain
+from .common import local_domain, server_took
 
 PID_FILE = "mailrelay.pid"  # written by the server into data_dir (server.PID_FILE)
 NEW_FILE_MODE = 0o644  # aliases hold no secrets; chasquid's files are world-readable too
@@ -290,30 +290,14 @@ def _server_pid(config: Config) -> int | None:
 
 
 def _tell_server(config: Config, domain: str, path: Path, written: bytes) -> int:
-    """Have the running server load the aliases just written and check that it took this
-    version of the file (through data_dir/control.sock, as `mailrelay user` does): 1,
-    with a warning, when it did not (say, a file root wrote that the server's user cannot
-    read: it keeps the aliases it had). A server that has no control socket gets SIGHUP
-    (an older one), and without a server there is nothing to do."""
-    from ..ops.control import ServerNotRunning, request
-
-    try:
-        answer = request(config.data_dir, {"cmd": "aliases", "domain": domain})
-    except ServerNotRunning:
-        _notify_server(config)
-        return 0
-    except MailrelayError as exc:
-        print(f"warning: could not ask the running server whether it took the change "
-              f"(it reloads changed files by itself within seconds): {exc}", file=sys.stderr)
-        return 0
-    if answer.get("digest") == hashlib.sha256(written).hexdigest():
+    """Have the running server load the aliases just written (``server_took``, as
+    `mailrelay user` does): 1 when it did not take them. A server that has no control
+    socket gets SIGHUP (an older one)."""
+    took = server_took(config, "aliases", domain, path, hashlib.sha256(written).hexdigest(),
+                       no_server=lambda: _notify_server(config))
+    if took:
         print("the running server took it")
-        return 0
-    reason = answer.get("error") or "it has another version of the file"
-    print(f"warning: {path} is saved, but the running server did not take it: {reason}. "
-          f"It keeps the aliases of {domain} it had; fix the file (`mailrelay check`).",
-          file=sys.stderr)
-    return 1
+    return 1 if took is False else 0
 
 
 def _notify_server(config: Config) -> None:

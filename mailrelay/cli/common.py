@@ -7,6 +7,7 @@ import os
 import pwd
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from ..address import AddressError, normalize_domain
@@ -120,3 +121,32 @@ def unreadable_for_service(config_dir: Path, path: Path) -> str | None:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     return None if os.waitstatus_to_exitcode(status) == 0 else name
+
+
+def server_took(config: Config, kind: str, domain: str, path: Path, digest: str,
+                no_server: Callable[[], None] | None = None) -> bool | None:
+    """Have the running server load ``domain``'s ``kind`` file ("users" or "aliases")
+    just written, through data_dir/control.sock, and check that it took this version
+    (``digest``: its sha256, hex). True: it did. False: it did not, with a warning (say,
+    a file root wrote that the server's user cannot read: it keeps what it had). None:
+    there was nothing to ask (no server: ``no_server`` is called) or no answer (warned;
+    the server reloads changed files by itself within seconds)."""
+    from ..ops.control import ServerNotRunning, request
+
+    try:
+        answer = request(config.data_dir, {"cmd": kind, "domain": domain})
+    except ServerNotRunning:
+        if no_server is not None:
+            no_server()
+        return None
+    except MailrelayError as exc:
+        print(f"warning: could not ask the running server whether it took the change "
+              f"(it reloads changed files by itself within seconds): {exc}", file=sys.stderr)
+        return None
+    if answer.get("digest") == digest:
+        return True
+    reason = answer.get("error") or "it has another version of the file"
+    print(f"warning: {path} is saved, but the running server did not take it: {reason}. "
+          f"It keeps the {kind} of {domain} it had; fix the file (`mailrelay check`).",
+          file=sys.stderr)
+    return False

@@ -9,7 +9,7 @@ from ..address import AddressError, normalize_local, split
 from ..config import Config, load_config
 from ..errors import MailrelayError
 from ..policy.users import USERS_FILE, UserDB
-from .common import local_domain, read_new_password, read_password
+from .common import local_domain, read_new_password, read_password, server_took
 
 
 def register(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -154,27 +154,10 @@ def _warn_about_aliases(config: Config, address: str, reaching: list[str]) -> No
 
 
 def _tell_server(config: Config, db: UserDB) -> int:
-    """Have the running server load the file just written, and check that it took this
-    version of it: 1, with a warning, when it did not (it keeps the users it had, so a
-    removed user could still log in). Without a running server there is nothing to do:
-    it reads the file when it starts."""
-    from ..ops.control import ServerNotRunning, request
-
-    try:
-        answer = request(config.data_dir, {"cmd": "users", "domain": db.domain})
-    except ServerNotRunning:
-        return 0
-    except MailrelayError as exc:
-        print(f"warning: could not ask the running server whether it took the change "
-              f"(it reloads changed files by itself within seconds): {exc}", file=sys.stderr)
-        return 0
-    if answer.get("digest") == db.digest:
-        return 0
-    reason = answer.get("error") or "it has another version of the file"
-    print(f"warning: {db.path} is saved, but the running server did not take it: {reason}. "
-          f"It keeps the users of {db.domain} it had; fix the file (`mailrelay check`).",
-          file=sys.stderr)
-    return 1
+    """Have the running server load the file just written (``server_took``): 1 when it
+    did not take it (it keeps the users it had, so a removed user could still log in).
+    Without a running server there is nothing to do: it reads the file when it starts."""
+    return 1 if server_took(config, "users", db.domain, db.path, db.digest) is False else 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
