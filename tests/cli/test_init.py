@@ -36,6 +36,7 @@ from mailrelay.cli.main import main
 from mailrelay.message.headers import get_all, parse_headers
 from tests.support.client import RawSMTP
 from tests.support.dkim_dns import dnsfunc_for
+from tests.support.process import wait_ready
 from tests.support.sink import Sink
 
 NOBODY = 65534
@@ -262,12 +263,7 @@ async def start_serve(etc: Path, prefix: tuple[str, ...]) -> asyncio.subprocess.
     process = await asyncio.create_subprocess_exec(
         *prefix, sys.executable, "-m", "mailrelay.cli.main", "serve", "-c", str(etc),
         stderr=asyncio.subprocess.PIPE, cwd="/", env=env)
-    log = b""
-    while b"mailrelay ready" not in log:
-        line = await asyncio.wait_for(process.stderr.readline(), 30)
-        assert line, f"server exited: {log.decode()}"
-        log += line
-    process.log_drain = asyncio.ensure_future(process.stderr.read())
+    await wait_ready(process)
     return process
 
 

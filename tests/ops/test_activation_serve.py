@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 from tests.support.client import RawSMTP
+from tests.support.process import wait_ready
 from tests.support.relay import HOSTNAME, PASSWORD, USER
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -50,13 +51,7 @@ async def serve_activated(env, sockets: list[socket.socket], names: str):
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", WRAPPER, ",".join(map(str, fds)), names, str(env.config_dir),
         pass_fds=fds, stderr=asyncio.subprocess.PIPE, env=environment, cwd=REPO)
-    log = b""
-    while b"mailrelay ready" not in log:
-        line = await asyncio.wait_for(process.stderr.readline(), 30)
-        assert line, f"server exited: {log.decode()}"
-        log += line
-    process.log_drain = asyncio.ensure_future(process.stderr.read())
-    return process, log.decode()
+    return process, await wait_ready(process)
 
 
 async def test_serve_takes_the_sockets_systemd_passes_and_binds_the_rest(env):

@@ -36,14 +36,21 @@ async def start_server(env, log_file: Path | None = None,
         raise AssertionError(f"server not ready after 30 s: {log_file.read_text()}")
     process = await asyncio.create_subprocess_exec(
         *command, stderr=asyncio.subprocess.PIPE, **kwargs)
+    await wait_ready(process)
+    return process
+
+
+async def wait_ready(process: asyncio.subprocess.Process) -> str:
+    """Read a server's stderr (a pipe) until "mailrelay ready"; then keep draining it, so
+    the pipe never fills up and blocks the server. Returns the log up to there."""
+    assert process.stderr is not None
     log = b""
     while b"mailrelay ready" not in log:
         line = await asyncio.wait_for(process.stderr.readline(), 30)
         assert line, f"server exited: {log.decode()}"
         log += line
-    # Keep draining its log so the pipe never fills up and blocks the server.
     process.log_drain = asyncio.ensure_future(process.stderr.read())
-    return process
+    return log.decode()
 
 
 def make_python(directory: Path) -> str:
