@@ -14,8 +14,6 @@ import datetime as dt
 import os
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -103,15 +101,6 @@ def confdir(tmp_path: Path) -> Path:
     db.set_password("me", "pw")
     db.save()
     return directory
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A temporary directory under /tmp that other users can traverse."""
-    directory = Path(tempfile.mkdtemp(prefix="mailrelay-check-"))
-    directory.chmod(0o755)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def chown_tree(root: Path, ids: tuple[int, int] = SERVICE) -> None:

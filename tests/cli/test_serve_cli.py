@@ -12,9 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,15 +22,6 @@ from tests.support.process import python_for_other_users
 from tests.support.relay import free_port
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (another uid, port < 1024)")
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A temporary directory under /tmp that other users can traverse."""
-    directory = Path(tempfile.mkdtemp(prefix="mailrelay-serve-"))
-    directory.chmod(0o755)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def low_port() -> int:
