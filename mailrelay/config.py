@@ -360,6 +360,11 @@ class Config:
     def is_local_domain(self, domain: str) -> bool:
         return domain.lower() in self.domains
 
+    @property
+    def primary_domain(self) -> str | None:
+        """The first domain: the home of postmaster@ without a domain, and of DSNs."""
+        return self.domains[0] if self.domains else None
+
 
 class _Reader:
     """Walks a composed YAML node tree, converting values and remembering positions."""

@@ -99,7 +99,7 @@ class Server:
         self.filters = Filters.from_config(config, self.events)
         # sign -> route -> put -> schedule, for SMTP sessions and for our own DSNs
         self.intake = Intake(self.queue, self.router, self.signer, lambda: self.srs,
-                             lambda: self.config.domains[0] if self.config.domains else None,
+                             lambda: self.config.primary_domain,
                              config.hostname, config.dns, self._schedule)
         self._resolver: dns.asyncresolver.Resolver | None = None
         self._verify_context: ssl.SSLContext | None = None
@@ -147,7 +147,7 @@ class Server:
                               config.delivery.give_up_after,
                               delay_warning_after=config.delivery.delay_warning_after),
             reporting_mta=config.hostname, concurrency=config.delivery.concurrency,
-            default_domain=config.domains[0] if config.domains else None,
+            default_domain=config.primary_domain,
             pipe_timeout=config.delivery.pipe_timeout, local_mda=config.delivery.local_mda,
             events=self.events,
         )
@@ -269,8 +269,7 @@ class Server:
                                 tls_context, SenderPolicy(config.senders, self.router.owners),
                                 self.router, self.blocking_resolver, events=self.events,
                                 filters=lambda: self.filters)
-        backend.primary_domain_of = lambda: self.config.domains[0] if self.config.domains \
-            else None
+        backend.primary_domain_of = lambda: self.config.primary_domain
         await backend.start()
         self.router.also_user = backend.dovecot_users  # recipients dovecot knows
         if self.control is not None:
@@ -309,12 +308,12 @@ class Server:
             log.error("dkim: %s (this key does not sign; the domain's other keys do)", error)
         return keyring, not errors
 
-    def _load_aliases(self, previous: Aliases | None) -> tuple[Aliases, bool]:
+    def _load_aliases(self) -> list[ConfigError]:
         """A broken aliases file keeps that domain's previous aliases (chasquid exits)."""
-        aliases, errors = Aliases.load(self.config, previous)
+        self.aliases, errors = Aliases.load(self.config, self.aliases)
         for error in errors:
             log.error("aliases: %s (keeping the last good aliases of that domain)", error)
-        return aliases, not errors
+        return errors
 
     def reload(self) -> bool:
         """Re-read mailrelay.yaml (domains apply, other changes are reported), users, DKIM
@@ -325,7 +324,7 @@ class Server:
         self._last_domain_stamp = self._domain_files_stamp()
         ok = not self._load_users() and ok
         self.keyring, keys_ok = self._load_keyring()
-        self.aliases, aliases_ok = self._load_aliases(self.aliases)
+        aliases_ok = not self._load_aliases()
         self.filters = Filters.from_config(self.config, self.events,  # hooks added, chmod +x
                                            self.filters.slots)
         ok = ok and keys_ok and aliases_ok
@@ -364,9 +363,7 @@ class Server:
             self._reload_config()
         if domain not in self.config.domains:
             return {"digest": None, "error": f"{domain} is not a domain of the running server"}
-        self.aliases, errors = Aliases.load(self.config, self.aliases)
-        for error in errors:
-            log.error("aliases: %s (keeping the last good aliases of that domain)", error)
+        errors = self._load_aliases()
         self._seen(self.config.domain_dir(domain) / "aliases")
         path = str(self.config.domain_dir(domain) / "aliases")
         mine = [error for error in errors if str(error.path) == path]

@@ -120,8 +120,7 @@ class PolicyBackend:
         self.data_timeout = config.limits.data_timeout
         self.max_errors = config.limits.max_errors
         # Where RCPT TO:<postmaster> without a domain goes (the server sets the live one).
-        self.primary_domain_of: Callable[[], str | None] = (
-            lambda: config.domains[0] if config.domains else None)
+        self.primary_domain_of: Callable[[], str | None] = lambda: config.primary_domain
         self._users = users
         self.queue = queue
         self.intake = intake
