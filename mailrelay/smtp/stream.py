@@ -58,9 +58,6 @@ class DataBudget:
     def available(self) -> int:
         return self.limit - self.used
 
-    def reservation(self) -> Reservation:
-        return Reservation(self)
-
 
 class Reservation:
     """One message's share of a ``DataBudget`` (no budget: unlimited)."""
