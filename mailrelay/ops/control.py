@@ -317,8 +317,9 @@ def json_depth(data: bytes) -> int:
     """How deep ``[`` and ``{`` nest in ``data`` (outside strings), in one pass: what
     json.loads would recurse into. Malformed input gets some number; json.loads then
     says what is wrong with it."""
-    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
-        return data.count(b"[") + data.count(b"{")  # at most that deep, found in C
+    opening = data.count(b"[") + data.count(b"{")
+    if opening <= MAX_DEPTH:
+        return opening  # at most that deep, counted in C
     depth = deepest = 0
     in_string = escaped = False
     for byte in data:
