@@ -1,8 +1,10 @@
-"""Email address handling: splitting and normalising addresses and domains."""
+"""Email address handling: splitting and normalising addresses and domains; and the one
+reading of a client's IP address (``parse_ip``)."""
 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import unicodedata
 
 
@@ -55,3 +57,16 @@ def strip_suffix(local: str, separators: str = "+") -> str:
         if ch in separators and index > 0:
             return local[:index]
     return local
+
+
+def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client's IP address as we name it: a zone (``%eth0``) dropped, and an
+    IPv4-mapped IPv6 address (a dual-stack socket's view of an IPv4 client) as that IPv4
+    address. None when ``text`` is not an IP address."""
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address

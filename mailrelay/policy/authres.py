@@ -15,7 +15,6 @@ share one time budget. The checks block: run them in a thread.
 from __future__ import annotations
 
 import contextvars
-import ipaddress
 import logging
 import re
 import threading
@@ -31,6 +30,7 @@ import spf
 from dkim.util import InvalidTagValueList, parse_tag_value
 from publicsuffix2 import PublicSuffixList
 
+from ..address import parse_ip
 from ..config import DNSSettings
 from ..dnsresolver import blocking_twin, make_resolver
 from ..message.headers import (
@@ -156,12 +156,9 @@ def check_spf(lookup: DNSLookup, client_ip: str, helo: str, mail_from: str) -> t
     domain = _a_label(sender.rpartition("@")[2] if "@" in sender else helo.strip())
     if not domain:
         return "none", ""
-    try:
-        ip = ipaddress.ip_address(client_ip.split("%")[0])
-    except ValueError:
+    ip = parse_ip(client_ip)
+    if ip is None:
         return "permerror", domain
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped  # a dual-stack socket's view of an IPv4 client
     token = _spf_lookup.set(lookup)
     try:
         budget = max(lookup.remaining(), 0.001)

@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import ipaddress
 import logging
 import os
 import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+
+from ..address import parse_ip
 
 log = logging.getLogger("mailrelay.dovecot")
 
@@ -171,16 +172,8 @@ class DovecotAuth:
             log.warning("dovecot: refusing a user name or password with spaces or control "
                         "characters, or too long (not sent to dovecot)")
             return False
-        rip = ""
-        if remote_ip is not None:
-            try:
-                address = ipaddress.ip_address(remote_ip.split("%")[0])
-            except ValueError:
-                pass
-            else:
-                if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-                    address = address.ipv4_mapped
-                rip = f"rip={address}\t"
+        address = parse_ip(remote_ip) if remote_ip is not None else None
+        rip = f"rip={address}\t" if address is not None else ""
         return await self._ask("auth-client", self._client,
                                lambda conn: self._authenticate(conn, user, password, rip))
 

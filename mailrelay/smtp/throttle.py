@@ -9,33 +9,27 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..address import parse_ip
+
 # Clients the throttle remembers at most (about 300 bytes each, 15 MB in all): see
 # AuthThrottle.
 MAX_TRACKED = 50_000
 
 
 def peer_address(ip: str) -> str:
-    """The client's address as we name it: ``::ffff:192.0.2.1`` is ``192.0.2.1`` (a
-    dual-stack socket's IPv4 client); anything else as it is, canonical when it parses."""
-    try:
-        address = ipaddress.ip_address(ip.split("%")[0])
-    except ValueError:
-        return ip
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
+    """The client's address as we name it (``parse_ip``: ``::ffff:192.0.2.1`` is
+    ``192.0.2.1``); anything that is no IP address as it is."""
+    address = parse_ip(ip)
+    return ip if address is None else str(address)
 
 
 def client_key(ip: str) -> str:
     """What limits count a client under: its IPv4 address, or the /64 of its IPv6
     address (one customer's allocation: an attacker has 2^64 addresses in it)."""
-    try:
-        address = ipaddress.ip_address(ip.split("%")[0])
-    except ValueError:
+    address = parse_ip(ip)
+    if address is None:
         return ip
     if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network((address, 64), strict=False))
     return str(address)
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from ...address import AddressError, normalize_domain
+from ...address import AddressError, normalize_domain, parse_ip
 from .verdict import FilterInput, Verdict, smtp_reply
 
 if TYPE_CHECKING:
@@ -237,16 +237,10 @@ async def _run(argv: list[str], *, stdin: bytes | None, cwd: Path, env: dict[str
 
 def go_tcp_addr(host: str, port: int) -> str:
     """``host:port`` as Go's net.TCPAddr.String() writes it (chasquid's REMOTE_ADDR)."""
-    text = host
-    zone = ""
-    if "%" in host:
-        text, zone = host.split("%", 1)
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
+    zone = host.partition("%")[2]
+    ip = parse_ip(host)  # Go prints an IPv4-mapped address as plain IPv4, too
+    if ip is None:
         return f"{host}:{port}"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # Go prints an IPv4-mapped address as plain IPv4
     if isinstance(ip, ipaddress.IPv6Address):
         return f"[{ip}{'%' + zone if zone else ''}]:{port}"
     return f"{ip}:{port}"

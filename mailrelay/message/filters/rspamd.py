@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import email.header
-import ipaddress
 import json
 import logging
 import math
@@ -45,6 +44,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from ...address import parse_ip
 from .verdict import FilterInput, Verdict, fold_value, smtp_reply, subject_of
 
 if TYPE_CHECKING:
@@ -104,13 +104,8 @@ def _header_value(value: str) -> bytes:
 
 
 def _plain_ip(text: str) -> str:
-    try:
-        ip = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return text
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
+    ip = parse_ip(text)
+    return text if ip is None else str(ip)
 
 
 def build_request(endpoint: _Endpoint, inp: FilterInput, length: int) -> bytes:
