@@ -63,6 +63,11 @@ def parse_duration(value: Any) -> float:
     return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
 
 
+def format_hostport(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets (what parse_hostport reads back)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_hostport(value: Any, default_port: int | None = None) -> tuple[str, int]:
     """Parse ``"127.0.0.1:2525"``, ``"[::1]:25"`` or a bare host with a default port."""
     text = str(value).strip()

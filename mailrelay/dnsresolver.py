@@ -18,7 +18,7 @@ import dns.name
 import dns.nameserver
 import dns.resolver
 
-from .config import DNSSettings
+from .config import DNSSettings, format_hostport
 
 log = logging.getLogger("mailrelay.dns")
 
@@ -86,8 +86,7 @@ def _servers(resolver: dns.resolver.BaseResolver) -> list[tuple[str, int]]:
 
 def describe_resolver(resolver: dns.resolver.BaseResolver) -> str:
     """The nameservers of ``resolver`` in words: ``the resolver 127.0.0.1:5353``."""
-    shown = ", ".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                      for host, port in _servers(resolver))
+    shown = ", ".join(format_hostport(host, port) for host, port in _servers(resolver))
     return f"the resolver {shown or 'none'}"
 
 
@@ -138,8 +137,7 @@ async def explain_dns_error(resolver: dns.resolver.BaseResolver, exc: BaseExcept
         for host, port in servers:
             reason = await _probe(host, port, timeout)
             if reason is not None:
-                reasons.append((f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-                                reason))
+                reasons.append((format_hostport(host, port), reason))
         if len(servers) == 1 and reasons:
             return f"{where} {reasons[0][1]}"
         if reasons:

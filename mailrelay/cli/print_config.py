@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from ..config import CONFIG_FILE, Config, load_config, setting_line
+from ..config import CONFIG_FILE, Config, format_hostport, load_config, setting_line
 
 # Fields of Config that are not settings of mailrelay.yaml (shown as comments instead).
 _NOT_SETTINGS = ("config_dir", "domains", "warnings")
@@ -104,9 +104,9 @@ def _plain(dotted: str, value: Any) -> Any:
     if value is None or isinstance(value, bool | str):
         return value
     if dotted in _HOSTPORT_LISTS:
-        return [hostport(host, port) for host, port in value]
+        return [format_hostport(host, port) for host, port in value]
     if dotted == "metrics.listen":
-        return hostport(*value)
+        return format_hostport(*value)
     if isinstance(value, int):
         return size(value) if dotted in SIZES else value
     if isinstance(value, float):
@@ -125,10 +125,6 @@ def _plain(dotted: str, value: Any) -> Any:
 def _yaml(value: Any) -> str:
     text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=1 << 20)
     return text.removesuffix("\n...\n").strip()
-
-
-def hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def size(value: int) -> str | int:

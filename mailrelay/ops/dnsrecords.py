@@ -33,7 +33,7 @@ import dns.message
 import dns.resolver
 import dns.reversename
 
-from ..config import Config
+from ..config import Config, format_hostport
 from ..errors import MailrelayError
 from ..message.dkim.keys import dns_record, format_txt
 from ..message.dkim.signer import DKIMKey
@@ -156,13 +156,9 @@ def resolver_addresses(config: Config) -> list[tuple[str, int]]:
     return [(str(server), system.port) for server in system.nameservers]
 
 
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def describe_resolver(config: Config) -> str:
     """The resolver in words, e.g. ``127.0.0.1:5353 (dns.nameservers in mailrelay.yaml)``."""
-    servers = ", ".join(_hostport(h, p) for h, p in resolver_addresses(config))
+    servers = ", ".join(format_hostport(h, p) for h, p in resolver_addresses(config))
     where = ("dns.nameservers in mailrelay.yaml" if config.dns.nameservers
              else "the system's, from /etc/resolv.conf")
     return f"{servers} ({where})"
@@ -176,7 +172,7 @@ def probe_resolver(host: str, port: int, timeout: float) -> str | None:
     answer at all, which costs each lookup its whole timeout. A connected UDP socket
     hears the ICMP "port unreachable" of an address where nothing listens, which the
     resolver's own lookups cannot tell from a lost packet."""
-    where = _hostport(host, port)
+    where = format_hostport(host, port)
     query = dns.message.make_query(".", "NS")
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][0]

@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ..config import format_hostport
 from ..ops import memory
 from .proxy import IPNetwork, ProxyError, is_trusted, read_proxy_header_from_socket
 from .session import Backend, Port, Session, SessionInfo, describe_tls_error
@@ -443,4 +444,4 @@ def _where(sock: socket.socket) -> str:
         host, number = sock.getsockname()[:2]
     except OSError:
         return "?"
-    return f"[{host}]:{number}" if ":" in host else f"{host}:{number}"
+    return format_hostport(host, number)
