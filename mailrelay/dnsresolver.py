@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 import dns.asyncresolver
 import dns.exception
@@ -90,40 +91,55 @@ def describe_resolver(resolver: dns.resolver.BaseResolver) -> str:
     return f"the resolver {shown or 'none'}"
 
 
-class _Probe(asyncio.DatagramProtocol):
-    def __init__(self, done: asyncio.Future[str | None]):
-        self.done = done
+# What probe_nameserver finds wrong with a nameserver (None: it answers DNS).
+NO_ANSWER = "no-answer"  # nothing within the timeout (or a firewall dropping queries)
+REFUSED = "refused"  # ICMP port unreachable: nothing listens there
+UNREACHABLE = "unreachable"  # the OS says why (detail)
+NOT_DNS = "not-dns"  # an answer, but not a DNS message
 
-    def datagram_received(self, data: bytes, addr: object) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
 
-    def error_received(self, exc: Exception) -> None:
-        if not self.done.done():
-            reason = ("refused the connection (nothing listens there)"
-                      if isinstance(exc, ConnectionRefusedError) else
-                      f"cannot be reached ({getattr(exc, 'strerror', None) or exc})")
-            self.done.set_result(reason)
+def probe_nameserver(host: str, port: int, timeout: float) -> tuple[str, str] | None:
+    """None when the nameserver at ``host``:``port`` answers DNS at all; else (what,
+    detail), ``what`` one of NO_ANSWER, REFUSED, UNREACHABLE, NOT_DNS. Blocking.
+
+    It is asked for the root's NS records, which a resolver has at hand. Any answer will
+    do (a REFUSED one too: each lookup then says so at once); what is looked for is no
+    answer at all, which costs each lookup its whole timeout. A connected UDP socket
+    hears the ICMP "port unreachable" of an address where nothing listens, which the
+    resolver's own lookups cannot tell from a lost packet."""
+    query = dns.message.make_query(".", "NS")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][0]
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect((host, port))
+            sock.send(query.to_wire())
+            data = sock.recv(65535)
+    except TimeoutError:
+        return NO_ANSWER, ""
+    except ConnectionRefusedError:
+        return REFUSED, ""
+    except OSError as exc:
+        return UNREACHABLE, exc.strerror or str(exc)
+    try:
+        dns.message.from_wire(data)
+    except dns.exception.DNSException:
+        return NOT_DNS, ""
+    return None
 
 
 async def _probe(host: str, port: int, timeout: float) -> str | None:
-    """None when the nameserver answers a query at all; else why not. A connected UDP
-    socket hears the ICMP "port unreachable" that the resolver's own lookups cannot tell
-    from a lost packet (what `mailrelay dns check` does too, without a thread here)."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[str | None] = loop.create_future()
-    try:
-        transport, _ = await loop.create_datagram_endpoint(lambda: _Probe(done),
-                                                           remote_addr=(host, port))
-    except OSError as exc:
-        return f"cannot be reached ({exc.strerror or exc})"
-    try:
-        transport.sendto(dns.message.make_query(".", "NS").to_wire())
-        return await asyncio.wait_for(done, timeout)
-    except TimeoutError:
+    """None when the nameserver answers at all; else why not, in words (in a thread:
+    it is asked only after a lookup failed)."""
+    found = await asyncio.to_thread(probe_nameserver, host, port, timeout)
+    if found is None or found[0] == NOT_DNS:
+        return None
+    what, detail = found
+    if what == NO_ANSWER:
         return f"does not answer (nothing within {timeout:g}s)"
-    finally:
-        transport.close()
+    if what == REFUSED:
+        return "refused the connection (nothing listens there)"
+    return f"cannot be reached ({detail})"
 
 
 async def explain_dns_error(resolver: dns.resolver.BaseResolver, exc: BaseException) -> str:

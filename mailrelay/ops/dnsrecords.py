@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import ipaddress
 import re
-import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -34,6 +33,7 @@ import dns.resolver
 import dns.reversename
 
 from ..config import Config, format_hostport
+from ..dnsresolver import NO_ANSWER, NOT_DNS, REFUSED, probe_nameserver
 from ..errors import MailrelayError
 from ..message.dkim.keys import dns_record, format_txt
 from ..message.dkim.signer import DKIMKey
@@ -165,33 +165,20 @@ def describe_resolver(config: Config) -> str:
 
 
 def probe_resolver(host: str, port: int, timeout: float) -> str | None:
-    """None when the nameserver answers DNS at all; else why not.
-
-    It is asked for the root's NS records, which a resolver has at hand. Any answer will
-    do (a REFUSED one too: each lookup then says so at once); what is looked for is no
-    answer at all, which costs each lookup its whole timeout. A connected UDP socket
-    hears the ICMP "port unreachable" of an address where nothing listens, which the
-    resolver's own lookups cannot tell from a lost packet."""
+    """None when the nameserver answers DNS at all; else why not, in words
+    (dnsresolver.probe_nameserver)."""
+    found = probe_nameserver(host, port, timeout)
+    if found is None:
+        return None
+    what, detail = found
     where = format_hostport(host, port)
-    query = dns.message.make_query(".", "NS")
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][0]
-        with socket.socket(family, socket.SOCK_DGRAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect((host, port))
-            sock.send(query.to_wire())
-            data = sock.recv(65535)
-    except TimeoutError:
+    if what == NO_ANSWER:
         return f"no answer from {where} within {timeout:g}s"
-    except ConnectionRefusedError:
+    if what == REFUSED:
         return f"{where} refused the connection (nothing listens there)"
-    except OSError as exc:
-        return f"cannot reach {where}: {exc.strerror or exc}"
-    try:
-        dns.message.from_wire(data)
-    except dns.exception.DNSException:
+    if what == NOT_DNS:
         return f"{where} answered something that is not DNS"
-    return None
+    return f"cannot reach {where}: {detail}"
 
 
 def probe_resolvers(config: Config, timeout: float | None = None) -> str | None:
