@@ -41,9 +41,7 @@ import aiosmtplib.smtp
 from ..message.headers import header_section
 from .mx import MXHost, PermanentDNSError, TemporaryDNSError, resolve_mx
 from .relay import Relay, RelayFailure
-from .results import (  # noqa: F401 (Outcome, RecipientResult: this module's API too)
-    COMMAND,
-    LOCAL,
+from .results import (
     MX,
     NOT_CONNECTED,
     PLAIN,

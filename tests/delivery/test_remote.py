@@ -18,7 +18,8 @@ import pytest
 import trustme
 
 from mailrelay.config import DNSSettings
-from mailrelay.delivery.remote import Outcome, RemoteDelivery, verifying_tls_context
+from mailrelay.delivery.remote import RemoteDelivery
+from mailrelay.delivery.results import Outcome, verifying_tls_context
 from mailrelay.dnsresolver import make_resolver
 from tests.support.sink import SinkBehaviour
 

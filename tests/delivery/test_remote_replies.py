@@ -18,7 +18,8 @@ from collections.abc import Callable
 import pytest
 
 from mailrelay.config import DNSSettings
-from mailrelay.delivery.remote import Outcome, RemoteDelivery
+from mailrelay.delivery.remote import RemoteDelivery
+from mailrelay.delivery.results import Outcome
 from mailrelay.dnsresolver import make_resolver
 
 MESSAGE = b"From: me@example.com\r\nTo: x@remote.test\r\nSubject: t\r\n\r\nbody\r\n"
