@@ -48,6 +48,7 @@ from ..policy.srs import SECRET_FILE, load_or_create_secrets
 from ..policy.users import USERS_FILE, UserDB, Users
 from ..smtp.tls import inspect_certificates
 from .aliases import domain_problems
+from .common import my_user_name
 
 EXPIRY_WARNING = dt.timedelta(days=14)
 # Directories of data_dir the server writes into, beside data_dir itself.
@@ -398,14 +399,6 @@ def _probe_file(directory: Path) -> str | None:
     return None
 
 
-def _my_name() -> str:
-    """This process's user (the server's, in check's child), for a command to paste."""
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return str(os.geteuid())
-
-
 def _my_group() -> str:
     try:
         return grp.getgrgid(os.getegid()).gr_name
@@ -433,7 +426,7 @@ def _check_data_dir(config: Config, report: Report) -> None:
             ancestor = ancestor.parent
         reason = _probe_mkdir(ancestor) if ancestor.is_dir() else "not a directory"
         if reason:
-            fix = f"install -d -m 0700 -o {_my_name()} -g {_my_group()} {data_dir}"
+            fix = f"install -d -m 0700 -o {my_user_name()} -g {_my_group()} {data_dir}"
             if data_dir.parent == Path("/var/lib"):
                 # The packaged unit (and init's) has StateDirectory= for it.
                 report.warning(f"data_dir {data_dir} does not exist, and it cannot be created "

@@ -150,3 +150,12 @@ def server_took(config: Config, kind: str, domain: str, path: Path, digest: str,
           f"It keeps the {kind} of {domain} it had; fix the file (`mailrelay check`).",
           file=sys.stderr)
     return False
+
+
+def my_user_name() -> str:
+    """This process's user by name (its uid when it has none), for messages and for
+    commands to paste."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())

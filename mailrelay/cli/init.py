@@ -37,7 +37,7 @@ from ..ops.dnsrecords import parse_ips
 from ..policy.aliases import CATCH_ALL, EMAIL, Target, default_text, parse_text
 from ..policy.users import USERS_FILE, UserDB, check_localpart
 from .aliases import NEW_FILE_MODE as ALIASES_MODE
-from .common import read_new_password
+from .common import my_user_name, read_new_password
 from .dns import print_records
 
 DEFAULT_DATA_DIR = Path("/var/lib/mailrelay")
@@ -318,9 +318,7 @@ def plan_init(args: argparse.Namespace) -> Plan:
         raise _fail(str(exc)) from None
 
     as_root = os.geteuid() == 0
-    me = str(os.geteuid())
-    with contextlib.suppress(KeyError):
-        me = pwd.getpwuid(os.geteuid()).pw_name
+    me = my_user_name()
     if not as_root:
         if not args.no_systemd:
             raise _fail("installing the systemd unit needs root: run it as root, or pass "
