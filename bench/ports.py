@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 from pathlib import Path
@@ -27,6 +28,13 @@ def free_port(host: str = "127.0.0.1") -> int:
     """
     low, high = _ephemeral_range()
     candidates = range(10000, low) if low > 11000 else range(high + 1, 65536)
+    # Under pytest-xdist each worker process takes its own residue class of the range, so
+    # two workers never hand out the same number (_handed_out is one process's).
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker.startswith("gw") and worker[2:].isdigit() and workers > 1:
+        start = candidates.start + (int(worker[2:]) - candidates.start) % workers
+        candidates = range(start, candidates.stop, workers)
     for _ in range(200):
         port = random.choice(candidates)
         if port in _handed_out:  # given to another server of this run already

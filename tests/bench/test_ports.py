@@ -38,3 +38,14 @@ def _bindable(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def test_each_xdist_worker_has_ports_of_its_own(monkeypatch):
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "4")
+    seen = {}
+    for worker in range(4):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", f"gw{worker}")
+        seen[worker] = {free_port() for _ in range(20)}
+    residues = {worker: {port % 4 for port in found} for worker, found in seen.items()}
+    assert all(len(found) == 1 for found in residues.values())  # one class per worker
+    assert len(set().union(*residues.values())) == 4  # and no class shared
