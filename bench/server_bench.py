@@ -454,18 +454,28 @@ class DNSServer:
         self.process: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.server_bench", "--serve-dns",
-             f"{self.host}:{self.port}"],
-            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline().split()
-        if len(line) != 2 or line[0] != "ready":
+        """Start serving. On a fixed port (chasquid's: resolv.conf names no port) whose
+        address is taken (another bench, e.g. a parallel test), the next 127.0.N.x."""
+        first = self.host
+        for spare in range(16 if self.port else 1):
+            if spare:
+                octets = first.split(".")
+                self.host = ".".join([*octets[:2], str((int(octets[2]) + spare) % 256),
+                                      octets[3]])
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bench.server_bench", "--serve-dns",
+                 f"{self.host}:{self.port}"],
+                cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, text=True)
+            assert self.process.stdout is not None
+            line = self.process.stdout.readline().split()
+            if len(line) == 2 and line[0] == "ready":
+                self.port = int(line[1])
+                return
             self.process.kill()
             self.process.wait()
             self.process = None
-            raise RuntimeError(f"DNS server on {self.host}:{self.port} did not start")
-        self.port = int(line[1])
+        raise RuntimeError(f"DNS server on {first}:{self.port} did not start")
 
     def stop(self) -> dict[str, int]:
         if self.process is None:
