@@ -22,7 +22,6 @@ import os
 import secrets
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -158,35 +157,17 @@ class GroupCommit:
                     done.set_exception(error)
 
 
-# The files of a batch are fsynced at once, each in a thread: the filesystem commits
-# concurrent fsyncs together, where one after the other each waits for its own commit.
-FSYNC_THREADS = 8
-_fsyncs: ThreadPoolExecutor | None = None
-
-
-def _unlink_all(paths: list[Path]) -> None:
-    for path in paths:
-        _unlink(path)
-
-
 def _write_batch(
     directory: Path, files: list[tuple[Path, list[bytes]]]
 ) -> list[BaseException | None]:
     """Write every file (a failure is that file's alone), then one directory fsync."""
-    def write(path: Path, chunks: list[bytes]) -> BaseException | None:
+    errors: list[BaseException | None] = []
+    for path, chunks in files:
         try:
             atomic_write(path, chunks, 0o600, sync_dir=False, new_file=True)
+            errors.append(None)
         except OSError as exc:
-            return exc
-        return None
-
-    global _fsyncs
-    if len(files) == 1:
-        errors = [write(*files[0])]
-    else:
-        if _fsyncs is None:
-            _fsyncs = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="fsync")
-        errors = list(_fsyncs.map(write, *zip(*files, strict=True)))
+            errors.append(exc)
     if any(error is None for error in errors):
         try:
             fsync_dir(directory)
@@ -297,16 +278,15 @@ class Queue:
     async def remove(self, item: QueueItem) -> None:
         """Delete a finished item (message file first, so a crash leaves at most a stale state).
 
-        In a thread: beside the queue's fsyncs an unlink waits on the filesystem's journal,
-        and on the event loop that wait was a tenth of its time (bench/server_bench.py).
-        The directory is not fsynced: if a crash undoes the removal, a delivered message
-        is delivered once more, which the next attempt must tolerate anyway (a crash
-        between the remote 250 and the unlink has the same effect); nothing accepted can be
-        lost by it.
+        Two unlinks are cheaper than a thread hand-off, so they run here. The directory is
+        not fsynced: if a crash undoes the removal, a delivered message is delivered once
+        more, which the next attempt must tolerate anyway (a crash between the remote
+        250 and the unlink has the same effect); nothing accepted can be lost by it.
         """
         self._items.pop(item.id, None)
-        paths = [item.path] + ([self.state_path(item)] if item.has_state else [])
-        await asyncio.to_thread(_unlink_all, paths)
+        _unlink(item.path)
+        if item.has_state:
+            _unlink(self.state_path(item))
 
     def state_path(self, item: QueueItem) -> Path:
         return self.directory / f"{item.id}{STATE_SUFFIX}"
