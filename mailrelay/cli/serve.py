@@ -62,4 +62,15 @@ def run(args: argparse.Namespace) -> int:
     _raise_open_files_limit()
     from ..server import serve  # imported late: the CLI's other commands stay light
 
+    wait_for_commands_by_pidfd()
     return asyncio.run(serve(config))
+
+
+def wait_for_commands_by_pidfd() -> None:
+    """The event loop learns that a command (MDA, hook) ended from a pidfd, as Python 3.12
+    does by itself; 3.11's default starts a thread per command to wait for it, which cost
+    6 % CPU per message where every message goes to an MDA (bench c, 3 alternations)."""
+    if sys.version_info < (3, 12) and hasattr(os, "pidfd_open"):
+        with contextlib.suppress(OSError):  # a kernel without pidfds (before 5.3)
+            os.close(os.pidfd_open(os.getpid()))
+            asyncio.set_child_watcher(asyncio.PidfdChildWatcher())

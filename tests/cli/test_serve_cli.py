@@ -151,3 +151,20 @@ def test_serve_and_check_name_the_same_first_error_of_a_users_file(tmp_path):
     errors = [x for x in checked.stderr.splitlines() if x.startswith("error: ")]
     assert errors[0] == f"error: {line.removeprefix('mailrelay: ')}"
     assert errors[1].startswith(f"error: {users}:7: ")
+
+
+def test_serve_waits_for_commands_without_a_thread_each():
+    """An MDA or hook ends: the loop hears it from a pidfd, not from a thread per command
+    (Python 3.11's default; 3.12 uses pidfds itself)."""
+    code = (
+        "import asyncio, threading\n"
+        "from mailrelay.cli.serve import wait_for_commands_by_pidfd\n"
+        "wait_for_commands_by_pidfd()\n"
+        "async def main():\n"
+        "    process = await asyncio.create_subprocess_exec('sleep', '0.3')\n"
+        "    threads = threading.active_count()\n"
+        "    return threads, await process.wait()\n"
+        "print(*asyncio.run(main()))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, check=True)
+    assert done.stdout.split() == ["1", "0"]
