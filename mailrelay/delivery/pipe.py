@@ -60,21 +60,39 @@ async def run_pipe(
 
 async def _run(argv: list[str], env: dict[str, str], data: bytes | SpooledMessage,
                timeout: float) -> tuple[int | None, bytes]:
-    """(exit status, negative for a signal, or None after ``timeout``; stderr's tail)."""
+    """(exit status, negative for a signal, or None after ``timeout``; stderr's tail).
+
+    stderr is a pipe of our own, read apart from the process: asyncio's ``wait()`` returns
+    only once every pipe it made is closed, so a background child that kept the command's
+    stderr (``sleep 30 &``) would make a command that exited 0 look hung, and its message
+    would be delivered again at every retry.
+    """
+    loop = asyncio.get_running_loop()
     spool = None
     if isinstance(data, SpooledMessage):
         spool = open(data.path, "rb")  # noqa: SIM115 (closed below, after the start)
         spool.seek(data.offset)
+    err_r, err_w = os.pipe()
     try:
         process = await asyncio.create_subprocess_exec(
             *argv, env=env, stdin=spool if spool is not None else subprocess.PIPE,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=err_w, start_new_session=True)
+    except BaseException:
+        os.close(err_r)
+        raise
     finally:
+        os.close(err_w)  # the child has its own copies
         if spool is not None:
-            spool.close()  # the child has its own copy
+            spool.close()
     stderr = bytearray()
-    reader = asyncio.ensure_future(_tail(process.stderr, stderr))
+    stderr_stream = asyncio.StreamReader(limit=STDERR_KEPT)
+    stderr_pipe: asyncio.ReadTransport | None = None
+    reader = asyncio.ensure_future(_tail(stderr_stream, stderr))
     try:
+        # The transport owns the read end and closes it.
+        stderr_pipe, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(stderr_stream),
+            open(err_r, "rb", buffering=0))  # noqa: SIM115
         async with asyncio.timeout(timeout):
             if not isinstance(data, SpooledMessage):
                 await _feed(process, data)
@@ -94,6 +112,8 @@ async def _run(argv: list[str], env: dict[str, str], data: bytes | SpooledMessag
         raise
     finally:
         reader.cancel()
+        if stderr_pipe is not None:
+            stderr_pipe.close()
 
 
 async def _feed(process: asyncio.subprocess.Process, data: bytes) -> None:

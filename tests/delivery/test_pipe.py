@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
+import time
 
 import pytest
 
@@ -114,3 +116,25 @@ async def test_many_commands_at_once_each_get_their_own_status():
                  recipient="a@x") for n in range(30)))
     assert [delivered for delivered, _ in results] == [
         None if n % 3 else True for n in range(30)]
+
+
+@pytest.mark.parametrize("end, expected", [
+    ("exit 0", (True, "250 2.0.0 delivered to command")),
+    ("kill -9 $$", (None, "451 4.3.0 sh killed by signal 9 note")),
+])
+async def test_a_child_left_holding_stderr_does_not_hold_the_verdict(tmp_path, end, expected):
+    """The command is judged when it exits, not when everything it started has closed
+    its stderr: else a delivered message looks hung and is delivered again at each retry."""
+    child = tmp_path / "child"
+    await run_pipe("true", b"", sender="", recipient="a@x")  # what a first command sets up
+    fds = len(os.listdir("/proc/self/fd"))
+    started = time.monotonic()
+    result = await run_pipe(f"sh -c 'sleep 30 & echo $! > {child}; echo note >&2; {end}'",
+                            b"x", sender="", recipient="a@x", timeout=5)
+    try:
+        assert result == expected
+        assert time.monotonic() - started < 2  # not the 5 s timeout
+        await asyncio.sleep(0.01)  # a transport closes its file on the loop's next turn
+        assert len(os.listdir("/proc/self/fd")) == fds  # the child's pipe is not kept
+    finally:
+        os.kill(int(child.read_text()), signal.SIGKILL)
