@@ -479,14 +479,17 @@ class Server:
         if self.metrics:
             await self.metrics.stop()
             self.metrics = None
+        # Sessions and delivery attempts in flight finish side by side, within one grace.
+        draining = []
         if self.listeners:
             self.listeners.close()
-            await self.listeners.drain(grace)
+            draining.append(self.listeners.drain(grace))
+        if self.delivery:
+            draining.append(self.delivery.stop(grace))
+        await asyncio.gather(*draining)
         for listening in self._bound:
             listening.sock.close()
         self._bound = []
-        if self.delivery:
-            await self.delivery.stop(grace)
         if self.mta_sts:
             # After delivery: attempts still finishing may be waiting for a policy.
             await self.mta_sts.stop()

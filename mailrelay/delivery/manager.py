@@ -234,6 +234,10 @@ class DeliveryManager:
             await self._runner
         if self._active:
             _, pending = await asyncio.wait(list(self._active.values()), timeout=timeout)
+            if pending:
+                # Cancelled, an attempt kills its command and leaves the message queued.
+                log.warning("stopping: %d delivery attempt(s) still running after %gs cut "
+                            "off; their messages stay queued", len(pending), timeout)
             for task in pending:
                 task.cancel()
             if pending:

@@ -414,9 +414,12 @@ class Listeners:
                 session.shutdown()
 
     async def drain(self, timeout: float) -> None:
-        """Wait for sessions in flight, then cut off the rest."""
+        """Wait for sessions in flight, then cut off the rest (each is told 421)."""
         if self.sessions:
             _, pending = await asyncio.wait(list(self.sessions), timeout=timeout)
+            if pending:
+                log.warning("stopping: %d session(s) still open after %gs cut off",
+                            len(pending), timeout)
             for task in pending:
                 task.cancel()
             if pending:

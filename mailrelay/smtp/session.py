@@ -274,6 +274,11 @@ class Session:
         except Exception:
             log.exception("session %s: internal error", self.info.session_id)
             self.send("421 4.3.0 Internal error, closing")
+        except asyncio.CancelledError:
+            if self._shutdown:  # cut off at the end of the stop's grace: say so (RFC 5321 3.8)
+                with contextlib.suppress(Exception):
+                    self.send(self._closing_reply())
+            raise
         finally:
             await self._close()
 

@@ -33,3 +33,40 @@ async def test_idle_session_gets_421_and_transaction_in_flight_completes(env):
     await asyncio.wait_for(stopping, 20)
     env.server = None
     assert time.monotonic() - started < 10
+
+
+async def test_what_is_still_open_at_the_end_of_the_grace_is_cut_within_it(env, tmp_path,
+                                                                          caplog):
+    """Sessions and delivery attempts drain side by side within one grace: a transaction
+    that does not finish is told 421, an MDA still running is killed and its message
+    stays queued; one line each says so."""
+    started_file = tmp_path / "mda-started"
+    env.write_config(delivery={"local_mda": f"sh -c 'touch {started_file}; exec sleep 60'"})
+    await env.start()
+    sender = await RawSMTP.connect("127.0.0.1", env.ports["smtp"])
+    assert (await sender.cmd("EHLO sender.test"))[0] == 250
+    assert (await sender.cmd("MAIL FROM:<someone@elsewhere.test>"))[0] == 250
+    assert (await sender.cmd(f"RCPT TO:<{USER}>"))[0] == 250
+    assert (await sender.cmd("DATA"))[0] == 354
+    assert (await sender.cmd(b"Subject: stuck MDA\r\n\r\nbody\r\n."))[0] == 250
+    for _ in range(500):
+        if started_file.exists():
+            break
+        await asyncio.sleep(0.01)
+    assert started_file.exists(), "the MDA did not start"
+    silent = await RawSMTP.connect("127.0.0.1", env.ports["smtp"])
+    assert (await silent.cmd("EHLO silent.test"))[0] == 250
+    assert (await silent.cmd("MAIL FROM:<someone@elsewhere.test>"))[0] == 250
+
+    started = time.monotonic()
+    await asyncio.wait_for(env.server.stop(grace=1.5), 10)
+    env.server = None
+    took = time.monotonic() - started
+    assert 1.4 < took < 2.7, f"one grace for both, not one after the other: {took:.1f}s"
+    code, text = await silent.reply(timeout=5)
+    assert code == 421 and "shutting down" in text[0]
+    queued = [p for p in (env.data_dir / "queue").iterdir() if p.suffix == ".msg"]
+    assert len(queued) == 1, "the message whose MDA was killed stays queued"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopping:")]
+    assert any("1 session(s) still open" in line for line in lines), lines
+    assert any("1 delivery attempt(s) still running" in line for line in lines), lines
