@@ -50,11 +50,14 @@ def test_depth_check_is_linear(size):
     for factor in (1, 10, 100):
         # Brackets in a string (and an escaped quote): scanned, not counted.
         data = b'{"a": "\\"' + b"[" * (size * factor) + b'"}'
-        started = time.perf_counter()
-        assert json_depth(data) == 1
         deep = b"[" * (size * factor // 10)
-        assert json_depth(deep) > MAX_DEPTH
-        timings.append(time.perf_counter() - started)
+        best = float("inf")
+        for _ in range(3):  # this thread's CPU time, the best of 3: other work on the
+            started = time.thread_time()  # machine (parallel tests) does not count
+            assert json_depth(data) == 1
+            assert json_depth(deep) > MAX_DEPTH
+            best = min(best, time.thread_time() - started)
+        timings.append(best)
     assert timings[2] < 0.5, timings
     assert timings[2] < 300 * max(timings[0], 1e-4), timings
 

@@ -231,16 +231,18 @@ def test_parse_v2_checks_the_body_length():
 
 
 # --- bounded size and time ---------------------------------------------------------------
+# (This thread's CPU time: the parsing runs here, and other work on the machine, such
+# as tests in parallel, does not count.)
 
 
 @pytest.mark.parametrize("factor", [1, 10, 100])
 async def test_oversized_v1_is_cut_at_107_bytes(factor):
     data = b"PROXY TCP4 " + b"1" * (V1_MAX_LENGTH * factor) + b"\r\n"
     reader = stream(data)
-    started = time.perf_counter()
+    started = time.thread_time()
     with pytest.raises(ProxyError, match="107"):
         await read_proxy_header(reader, 1)
-    assert time.perf_counter() - started < 0.1
+    assert time.thread_time() - started < 0.1
     assert len(await remaining(reader)) == len(data) - V1_MAX_LENGTH
 
 
@@ -248,10 +250,10 @@ async def test_oversized_v1_is_cut_at_107_bytes(factor):
 async def test_oversized_v2_is_refused_before_its_body(factor):
     body = b"\x00" * min(65535, (V2_MAX_LENGTH + 1) * factor)
     reader = stream(v2(body, family=0x00))
-    started = time.perf_counter()
+    started = time.thread_time()
     with pytest.raises(ProxyError, match="more than"):
         await read_proxy_header(reader, 1)
-    assert time.perf_counter() - started < 0.1
+    assert time.thread_time() - started < 0.1
     assert len(await remaining(reader)) == len(body)  # the body was never read
 
 
@@ -259,19 +261,19 @@ async def test_oversized_v2_is_refused_before_its_body(factor):
 async def test_many_tlvs_parse_in_linear_time(count):
     body = ADDRESSES4 + tlv(0x04, b"") * count
     assert len(body) <= V2_MAX_LENGTH
-    started = time.perf_counter()
+    started = time.thread_time()
     for _ in range(100):
         assert (await parse(v2(body))).source_ip == "192.0.2.7"
-    assert time.perf_counter() - started < 0.5
+    assert time.thread_time() - started < 0.5
 
 
 @pytest.mark.parametrize("factor", [1, 10, 100])
 async def test_garbage_is_refused_at_once(factor):
     data = os.urandom(1000 * factor).replace(b"P", b"p").replace(b"\r", b"r")
-    started = time.perf_counter()
+    started = time.thread_time()
     with pytest.raises(ProxyError, match="not a PROXY"):
         await parse(data)
-    assert time.perf_counter() - started < 0.1
+    assert time.thread_time() - started < 0.1
 
 
 @asynccontextmanager

@@ -96,7 +96,10 @@ class Client:
         return await self.reply()
 
     async def closed(self) -> bool:
-        return await asyncio.wait_for(self.reader.read(), 5) == b""
+        try:
+            return await asyncio.wait_for(self.reader.read(), 5) == b""
+        except ConnectionResetError:  # closed with our unread input in its buffer: a reset
+            return True
 
 
 async def serve(backend: FakeBackend, ours: socket.socket, port: Port = Port.SMTP
