@@ -454,19 +454,16 @@ class DNSServer:
         self.process: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
-        """Start serving. On a fixed port (chasquid's: resolv.conf names no port) whose
-        address is taken (another bench, e.g. a parallel test), the next 127.0.N.x."""
+        """Start serving; on a fixed port (chasquid's: resolv.conf names no port) at a
+        spare address, once more at the next if another bench took it meanwhile."""
         first = self.host
-        for spare in range(16 if self.port else 1):
-            if spare:
-                octets = first.split(".")
-                self.host = ".".join([*octets[:2], str((int(octets[2]) + spare) % 256),
-                                      octets[3]])
+        for attempt in range(3 if self.port else 1):
+            if self.port:
+                self.host = spare_address(first, self.port, skip=attempt)
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "bench.server_bench", "--serve-dns",
                  f"{self.host}:{self.port}"],
-                cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, text=True)
+                cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             assert self.process.stdout is not None
             line = self.process.stdout.readline().split()
             if len(line) == 2 and line[0] == "ready":
@@ -475,7 +472,7 @@ class DNSServer:
             self.process.kill()
             self.process.wait()
             self.process = None
-        raise RuntimeError(f"DNS server on {first}:{self.port} did not start")
+        raise RuntimeError(f"DNS server on {self.host}:{self.port} did not start")
 
     def stop(self) -> dict[str, int]:
         if self.process is None:
@@ -488,6 +485,24 @@ class DNSServer:
         self.process = None
         lines = out.strip().splitlines()
         return json.loads(lines[-1]) if lines else {}
+
+
+def spare_address(host: str, port: int, skip: int = 0) -> str:
+    """``host``, or the first of the next 127.0.N.x where nothing holds UDP ``port`` (two
+    benches at once, e.g. parallel tests, each need a DNS server on port 53), passing
+    over the first ``skip`` free ones."""
+    octets = host.split(".")
+    for spare in range(16):
+        candidate = ".".join([*octets[:2], str((int(octets[2]) + spare) % 256), octets[3]])
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((candidate, port))
+            except OSError:
+                continue
+        if skip == 0:
+            return candidate
+        skip -= 1
+    return host
 
 
 def serve_dns(where: str) -> int:
