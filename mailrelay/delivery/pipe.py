@@ -19,6 +19,7 @@ from pathlib import Path
 
 EX_TEMPFAIL = 75  # sysexits.h: try again later
 STDERR_KEPT = 4096  # bytes of the command's stderr kept for the reply (the tail counts)
+LEFTOVER_WAIT = 0.2  # once it exited, how long what the command left may hold its stderr
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,10 @@ async def _run(argv: list[str], env: dict[str, str], data: bytes | SpooledMessag
             if not isinstance(data, SpooledMessage):
                 await _feed(process, data)
             status = await process.wait()
-            # Whatever the command left running may hold its stderr open: take what has
-            # come, without waiting for that.
-            await asyncio.wait([reader], timeout=0.2)
-            return status, bytes(stderr)
+        # Exited in time: that is the verdict. Whatever the command left running may hold
+        # its stderr open: take what has come, without waiting for that.
+        await asyncio.wait([reader], timeout=LEFTOVER_WAIT)
+        return status, bytes(stderr)
     except TimeoutError:
         _kill(process)
         await process.wait()

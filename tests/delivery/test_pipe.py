@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from mailrelay.delivery import pipe
 from mailrelay.delivery.pipe import SpooledMessage, run_pipe
 
 PY = sys.executable
@@ -136,5 +137,18 @@ async def test_a_child_left_holding_stderr_does_not_hold_the_verdict(tmp_path, e
         assert time.monotonic() - started < 2  # not the 5 s timeout
         await asyncio.sleep(0.01)  # a transport closes its file on the loop's next turn
         assert len(os.listdir("/proc/self/fd")) == fds  # the child's pipe is not kept
+    finally:
+        os.kill(int(child.read_text()), signal.SIGKILL)
+
+
+async def test_a_command_that_exits_in_time_keeps_its_verdict(tmp_path, monkeypatch):
+    """The wait for a leftover child's stderr comes after the verdict: a command that
+    exited in time is not turned into a timeout (and run again) by it."""
+    monkeypatch.setattr(pipe, "LEFTOVER_WAIT", 1.5)  # longer than the command's timeout
+    child = tmp_path / "child"
+    try:
+        result = await run_pipe(f"sh -c 'sleep 30 & echo $! > {child}; exit 0'", b"x",
+                                sender="", recipient="a@x", timeout=1)
+        assert result == (True, "250 2.0.0 delivered to command")
     finally:
         os.kill(int(child.read_text()), signal.SIGKILL)
