@@ -151,12 +151,6 @@ class Server:
             pipe_timeout=config.delivery.pipe_timeout, local_mda=config.delivery.local_mda,
             events=self.events,
         )
-        items = await asyncio.to_thread(self.queue.load)
-        for item in items:
-            self.delivery.schedule(item)
-        if items:
-            log.info("queue: resumed %d message(s)", len(items))
-        self.delivery.start()
         # For `mailrelay queue`. Without it mail still flows, so only a second server on
         # this data_dir (ConfigError) stops the start.
         self.control = ControlServer(socket_path(config.data_dir), self.queue, self.delivery,
@@ -171,6 +165,14 @@ class Server:
             self.control = None
             log.error("control socket %s: %s; `mailrelay queue` cannot reach this server",
                       socket_path(config.data_dir), exc.strerror or exc)
+        # Only now, with the data_dir ours (a second server stops at the control socket
+        # above), the queue: two servers delivering one queue would deliver twice.
+        items = await asyncio.to_thread(self.queue.load)
+        for item in items:
+            self.delivery.schedule(item)
+        if items:
+            log.info("queue: resumed %d message(s)", len(items))
+        self.delivery.start()
 
         try:
             await self._start_listeners(tls_context)
@@ -469,13 +471,8 @@ class Server:
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop accepting, let sessions and deliveries in flight finish (bounded)."""
-        with contextlib.suppress(FileNotFoundError, ValueError, OSError):
-            if int(self.pid_path.read_text()) == os.getpid():
-                self.pid_path.unlink()
         if self._watch_task:
             self._watch_task.cancel()
-        if self.control:
-            await self.control.stop()
         if self.metrics:
             await self.metrics.stop()
             self.metrics = None
@@ -493,6 +490,14 @@ class Server:
         if self.mta_sts:
             # After delivery: attempts still finishing may be waiting for a policy.
             await self.mta_sts.stop()
+        # Last: while they are there, a second server refuses this data_dir (it finds the
+        # control socket answering) and `mailrelay queue` reaches this one, which may
+        # still be delivering.
+        if self.control:
+            await self.control.stop()
+        with contextlib.suppress(FileNotFoundError, ValueError, OSError):
+            if int(self.pid_path.read_text()) == os.getpid():
+                self.pid_path.unlink()
 
 
 # users: the CLI's rules for new passwords, nothing the server holds; filters: rebuilt at

@@ -5,6 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
+from mailrelay.config import load_config
+from mailrelay.errors import ConfigError
+from mailrelay.server import Server
 from tests.support.client import RawSMTP
 from tests.support.relay import USER
 
@@ -59,9 +64,18 @@ async def test_what_is_still_open_at_the_end_of_the_grace_is_cut_within_it(env, 
     assert (await silent.cmd("MAIL FROM:<someone@elsewhere.test>"))[0] == 250
 
     started = time.monotonic()
-    await asyncio.wait_for(env.server.stop(grace=1.5), 10)
+    stopping = asyncio.create_task(env.server.stop(grace=1.5))
+    await asyncio.sleep(0.3)
+    # Still delivering: the pid file is still there, and a second server on this
+    # data_dir is refused (it would deliver the same queue).
+    assert (env.data_dir / "mailrelay.pid").exists()
+    second = Server(load_config(env.config_dir))
+    with pytest.raises(ConfigError, match="another mailrelay is running"):
+        await second.start()
+    await asyncio.wait_for(stopping, 10)
     env.server = None
     took = time.monotonic() - started
+    assert not (env.data_dir / "mailrelay.pid").exists()
     assert 1.4 < took < 2.7, f"one grace for both, not one after the other: {took:.1f}s"
     code, text = await silent.reply(timeout=5)
     assert code == 421 and "shutting down" in text[0]
