@@ -317,19 +317,34 @@ class DeliveryManager:
         if by_domain or (local and not self.local_mda):
             data = await asyncio.to_thread(item.read_data)
         # Each job answers for its recipients in order, so results pair up by position.
+        # Local and command jobs go one recipient after another and list each result as
+        # it comes (``so_far``), so a stop that cuts them keeps what was delivered.
         batches: list[list[Recipient]] = []
+        so_far: list[list[RecipientResult]] = []
         jobs = []
         for domain, rcpts in by_domain.items():
             batches.append(rcpts)
+            so_far.append([])
             jobs.append(self._deliver_remote(item, domain, [r.address for r in rcpts], data))
         if local:
             batches.append(local)
-            jobs.append(self._deliver_local(item, [r.address for r in local], data, spooled))
+            so_far.append([])
+            jobs.append(self._deliver_local(item, [r.address for r in local], data, spooled,
+                                            so_far[-1]))
         if pipes:
             batches.append(pipes)
-            jobs.append(self._deliver_pipes(item, pipes, spooled))
-        # One job (the usual case) is awaited as it is: gather would make it a task.
-        outcomes = [await jobs[0]] if len(jobs) == 1 else await asyncio.gather(*jobs)
+            so_far.append([])
+            jobs.append(self._deliver_pipes(item, pipes, spooled, so_far[-1]))
+        try:
+            # One job (the usual case) is awaited as it is: gather would make it a task.
+            outcomes = [await jobs[0]] if len(jobs) == 1 else await asyncio.gather(*jobs)
+        except asyncio.CancelledError:  # the server stops
+            delivered = [(rcpt, result) for rcpts, results in zip(batches, so_far, strict=True)
+                         for rcpt, result in zip(rcpts, results, strict=False)  # cut short
+                         if result.outcome is Outcome.SENT]
+            if delivered:  # recorded, or the next start delivers to them again
+                await asyncio.shield(self._record(item, delivered))
+            raise
         return [pair for rcpts, results in zip(batches, outcomes, strict=True)
                 for pair in zip(rcpts, results, strict=True)]
 
@@ -346,9 +361,9 @@ class DeliveryManager:
             return _unexpected(item, exc, addresses, MX)
 
     async def _deliver_pipes(
-        self, item: QueueItem, rcpts: list[Recipient], message: SpooledMessage
+        self, item: QueueItem, rcpts: list[Recipient], message: SpooledMessage,
+        results: list[RecipientResult],
     ) -> list[RecipientResult]:
-        results = []
         for rcpt in rcpts:
             try:
                 delivered, reply = await run_pipe(rcpt.command or "", message,
@@ -362,11 +377,11 @@ class DeliveryManager:
         return results
 
     async def _deliver_local(
-        self, item: QueueItem, addresses: list[str], data: bytes, message: SpooledMessage
+        self, item: QueueItem, addresses: list[str], data: bytes, message: SpooledMessage,
+        results: list[RecipientResult],
     ) -> list[RecipientResult]:
         """To each local mailbox: through the local MDA (reading ``message``) when one is
-        configured, else into its Maildir (``data``)."""
-        results = []
+        configured, else into its Maildir (``data``); each result added to ``results``."""
         for address in addresses:
             try:
                 results.append(await self._deliver_mailbox(item.sender, address, data,
