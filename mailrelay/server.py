@@ -556,7 +556,7 @@ async def serve(config: Config) -> int:
 
     def on_stop() -> None:
         if not stop.is_set():
-            notifier.stopping("stopping: finishing sessions in flight")
+            notifier.stopping("stopping: finishing sessions and deliveries in flight")
         stop.set()
 
     def on_reload() -> None:
@@ -579,7 +579,7 @@ async def serve(config: Config) -> int:
     notifier.ready(running_status)
     await stop.wait()
     started = time.monotonic()
-    log.info("stopping: no new connections, finishing sessions in flight")
+    log.info("stopping: no new connections, finishing sessions and deliveries in flight")
     await server.stop()
     log.info("stopped in %.1fs", time.monotonic() - started)
     notifier.close()
