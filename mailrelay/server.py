@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import signal
@@ -59,6 +60,7 @@ log = logging.getLogger("mailrelay")
 
 SHUTDOWN_GRACE = 30.0
 PID_FILE = "mailrelay.pid"
+LOCK_FILE = "mailrelay.lock"  # held (flock) by the server that owns data_dir
 # Message bytes, or messages, received after which the heap is given back once all is
 # quiet (the 256 KiB buffers of TLS connections stay in the heap: ops/memory.py).
 BULK_BYTES = 32 * 1024 * 1024
@@ -111,6 +113,7 @@ class Server:
         self.mta_sts: MTASTS | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self.control: ControlServer | None = None
+        self._claim: int | None = None  # the locked data_dir/mailrelay.lock, while ours
         self._bound: list[ListeningSocket] = []
         self._last_domain_stamp: tuple = ()
         # The mailrelay.yaml last read: a setting that needs a restart is reported once
@@ -123,6 +126,14 @@ class Server:
         for warning in config.warnings:
             log.warning("%s", warning)
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._claim = claim_data_dir(config.data_dir)
+        try:
+            await self._start_claimed(config)
+        except BaseException:
+            self._release_claim()
+            raise
+
+    async def _start_claimed(self, config: Config) -> None:
         self.srs = SRS(load_or_create_secrets(config.data_dir),
                        max_age_days=max(1, round(config.aliases.srs_max_age / 86400)))
         self.router.srs = self.srs
@@ -151,8 +162,8 @@ class Server:
             pipe_timeout=config.delivery.pipe_timeout, local_mda=config.delivery.local_mda,
             events=self.events,
         )
-        # For `mailrelay queue`. Without it mail still flows, so only a second server on
-        # this data_dir (ConfigError) stops the start.
+        # For `mailrelay queue`. Without it mail still flows; a second server on this
+        # data_dir was stopped by the claim above already.
         self.control = ControlServer(socket_path(config.data_dir), self.queue, self.delivery,
                                      users=self.reload_users, aliases=self.reload_aliases)
         try:
@@ -165,15 +176,11 @@ class Server:
             self.control = None
             log.error("control socket %s: %s; `mailrelay queue` cannot reach this server",
                       socket_path(config.data_dir), exc.strerror or exc)
-        # Only now, with the data_dir ours (a second server stops at the control socket
-        # above), the queue: two servers delivering one queue would deliver twice.
         items = await asyncio.to_thread(self.queue.load)
         for item in items:
             self.delivery.schedule(item)
         if items:
             log.info("queue: resumed %d message(s)", len(items))
-        self.delivery.start()
-
         try:
             await self._start_listeners(tls_context)
         except OSError as exc:
@@ -182,6 +189,7 @@ class Server:
         except BaseException:
             await self.stop()
             raise
+        self.delivery.start()  # once the start cannot fail any more
         for host, number in self.listening_addresses():
             log.info("listening on %s:%d", host, number)
         if config.metrics.listen:
@@ -498,6 +506,30 @@ class Server:
         with contextlib.suppress(FileNotFoundError, ValueError, OSError):
             if int(self.pid_path.read_text()) == os.getpid():
                 self.pid_path.unlink()
+        self._release_claim()
+
+    def _release_claim(self) -> None:
+        if self._claim is not None:
+            os.close(self._claim)  # and with it the lock
+            self._claim = None
+
+
+def claim_data_dir(data_dir: Path) -> int:
+    """Lock ``data_dir/mailrelay.lock`` for this process's life (the kernel lets go when it
+    exits, even by SIGKILL); ConfigError if another server holds it. Two servers on one
+    queue would each deliver it."""
+    path = data_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the lock file: {exc.strerror or exc}", path) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(f"another mailrelay is running on this data_dir (it holds {path})"
+                          ) from None
+    return fd
 
 
 # users: the CLI's rules for new passwords, nothing the server holds; filters: rebuilt at

@@ -317,15 +317,17 @@ class DeliveryManager:
         if by_domain or (local and not self.local_mda):
             data = await asyncio.to_thread(item.read_data)
         # Each job answers for its recipients in order, so results pair up by position.
-        # Local and command jobs go one recipient after another and list each result as
-        # it comes (``so_far``), so a stop that cuts them keeps what was delivered.
+        # Every job lists its results as they come (``so_far``: local and command jobs one
+        # recipient after another, a remote one when its transaction ends), so a stop
+        # that cuts the attempt keeps what was delivered.
         batches: list[list[Recipient]] = []
         so_far: list[list[RecipientResult]] = []
         jobs = []
         for domain, rcpts in by_domain.items():
             batches.append(rcpts)
             so_far.append([])
-            jobs.append(self._deliver_remote(item, domain, [r.address for r in rcpts], data))
+            jobs.append(self._deliver_remote(item, domain, [r.address for r in rcpts], data,
+                                             so_far[-1]))
         if local:
             batches.append(local)
             so_far.append([])
@@ -354,11 +356,13 @@ class DeliveryManager:
     # trouble does not undo what the others' deliveries did.
 
     async def _deliver_remote(self, item: QueueItem, domain: str, addresses: list[str],
-                              data: bytes) -> list[RecipientResult]:
+                              data: bytes, results: list[RecipientResult],
+                              ) -> list[RecipientResult]:
         try:
-            return await self.remote().deliver(domain, item.sender, addresses, data)
+            results += await self.remote().deliver(domain, item.sender, addresses, data)
         except Exception as exc:
-            return _unexpected(item, exc, addresses, MX)
+            results += _unexpected(item, exc, addresses, MX)
+        return results
 
     async def _deliver_pipes(
         self, item: QueueItem, rcpts: list[Recipient], message: SpooledMessage,
