@@ -520,7 +520,9 @@ def claim_data_dir(data_dir: Path) -> int:
     queue would each deliver it."""
     path = data_dir / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Read-only is enough for flock; 0644, so that a lock file a root run left behind
+        # does not keep the service user out (data_dir itself is 0700).
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise ConfigError(f"cannot open the lock file: {exc.strerror or exc}", path) from None
     try:
