@@ -316,10 +316,10 @@ class DeliveryManager:
         data = b""
         if by_domain or (local and not self.local_mda):
             data = await asyncio.to_thread(item.read_data)
-        # Each job answers for its recipients in order, so results pair up by position.
-        # Every job lists its results as they come (``so_far``: local and command jobs one
-        # recipient after another, a remote one when its transaction ends), so a stop
-        # that cuts the attempt keeps what was delivered.
+        # Each job adds a result per recipient to its list in ``so_far``, in order, so
+        # results pair up by position; local and command jobs one recipient after
+        # another, a remote one when its transaction ends. A stop that cuts the attempt
+        # therefore still knows what was delivered.
         batches: list[list[Recipient]] = []
         so_far: list[list[RecipientResult]] = []
         jobs = []
@@ -339,7 +339,10 @@ class DeliveryManager:
             jobs.append(self._deliver_pipes(item, pipes, spooled, so_far[-1]))
         try:
             # One job (the usual case) is awaited as it is: gather would make it a task.
-            outcomes = [await jobs[0]] if len(jobs) == 1 else await asyncio.gather(*jobs)
+            if len(jobs) == 1:
+                await jobs[0]
+            else:
+                await asyncio.gather(*jobs)
         except asyncio.CancelledError:  # the server stops
             delivered = [(rcpt, result) for rcpts, results in zip(batches, so_far, strict=True)
                          for rcpt, result in zip(rcpts, results, strict=False)  # cut short
@@ -347,27 +350,25 @@ class DeliveryManager:
             if delivered:  # recorded, or the next start delivers to them again
                 await asyncio.shield(self._record(item, delivered))
             raise
-        return [pair for rcpts, results in zip(batches, outcomes, strict=True)
+        return [pair for rcpts, results in zip(batches, so_far, strict=True)
                 for pair in zip(rcpts, results, strict=True)]
 
-    # Each job below answers for every recipient it was given even when something
-    # unexpected (a bug) raises: a result for each, so the attempt counts and the message
-    # ends (gives up, bounces) instead of being retried forever; and one recipient's
-    # trouble does not undo what the others' deliveries did.
+    # Each job below answers, in ``results``, for every recipient it was given even when
+    # something unexpected (a bug) raises: a result for each, so the attempt counts and
+    # the message ends (gives up, bounces) instead of being retried forever; and one
+    # recipient's trouble does not undo what the others' deliveries did.
 
     async def _deliver_remote(self, item: QueueItem, domain: str, addresses: list[str],
-                              data: bytes, results: list[RecipientResult],
-                              ) -> list[RecipientResult]:
+                              data: bytes, results: list[RecipientResult]) -> None:
         try:
             results += await self.remote().deliver(domain, item.sender, addresses, data)
         except Exception as exc:
             results += _unexpected(item, exc, addresses, MX)
-        return results
 
     async def _deliver_pipes(
         self, item: QueueItem, rcpts: list[Recipient], message: SpooledMessage,
         results: list[RecipientResult],
-    ) -> list[RecipientResult]:
+    ) -> None:
         for rcpt in rcpts:
             try:
                 delivered, reply = await run_pipe(rcpt.command or "", message,
@@ -378,12 +379,11 @@ class DeliveryManager:
                 continue
             outcome = _command_outcome(delivered)
             results.append(RecipientResult(rcpt.address, outcome, reply, via=COMMAND))
-        return results
 
     async def _deliver_local(
         self, item: QueueItem, addresses: list[str], data: bytes, message: SpooledMessage,
         results: list[RecipientResult],
-    ) -> list[RecipientResult]:
+    ) -> None:
         """To each local mailbox: through the local MDA (reading ``message``) when one is
         configured, else into its Maildir (``data``); each result added to ``results``."""
         for address in addresses:
@@ -392,7 +392,6 @@ class DeliveryManager:
                                                            message))
             except Exception as exc:
                 results += _unexpected(item, exc, [address], LOCAL)
-        return results
 
     async def _deliver_mailbox(self, sender: str, address: str, data: bytes,
                                message: SpooledMessage) -> RecipientResult:

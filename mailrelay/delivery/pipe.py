@@ -127,9 +127,9 @@ async def _feed(process: asyncio.subprocess.Process, data: bytes) -> None:
         process.stdin.close()
 
 
-async def _tail(stream: asyncio.StreamReader | None, kept: bytearray) -> None:
+async def _tail(stream: asyncio.StreamReader, kept: bytearray) -> None:
     """Read to EOF into ``kept``, keeping only its last STDERR_KEPT bytes."""
-    while stream is not None and (chunk := await stream.read(65536)):
+    while chunk := await stream.read(65536):
         kept += chunk
         del kept[:-STDERR_KEPT]
 
