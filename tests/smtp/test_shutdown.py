@@ -11,7 +11,7 @@ from mailrelay.config import load_config
 from mailrelay.errors import ConfigError
 from mailrelay.server import Server
 from tests.support.client import RawSMTP
-from tests.support.relay import USER
+from tests.support.relay import USER, wait_for
 
 
 async def test_idle_session_gets_421_and_transaction_in_flight_completes(env):
@@ -54,11 +54,7 @@ async def test_what_is_still_open_at_the_end_of_the_grace_is_cut_within_it(env, 
     assert (await sender.cmd(f"RCPT TO:<{USER}>"))[0] == 250
     assert (await sender.cmd("DATA"))[0] == 354
     assert (await sender.cmd(b"Subject: stuck MDA\r\n\r\nbody\r\n."))[0] == 250
-    for _ in range(500):
-        if started_file.exists():
-            break
-        await asyncio.sleep(0.01)
-    assert started_file.exists(), "the MDA did not start"
+    await wait_for(started_file.exists, what="the MDA's start")
     silent = await RawSMTP.connect("127.0.0.1", env.ports["smtp"])
     assert (await silent.cmd("EHLO silent.test"))[0] == 250
     assert (await silent.cmd("MAIL FROM:<someone@elsewhere.test>"))[0] == 250
@@ -104,19 +100,15 @@ async def test_recipients_delivered_before_a_stop_cuts_the_attempt_are_not_deliv
     await env.submit([*users, "friend@remote.test"],
                      b"From: " + USER.encode() + b"\r\nSubject: to many\r\n\r\nbody\r\n")
     await sink.until(1)
-    for _ in range(500):  # a few delivered, most not yet
-        if runs.exists() and len(runs.read_text().split()) >= 3:
-            break
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: runs.exists() and len(runs.read_text().split()) >= 3,
+                   what="a few deliveries (most not yet)")
     await asyncio.wait_for(env.server.stop(grace=0.1), 10)
     env.server = None
     before = runs.read_text().split()
     assert 3 <= len(before) < len(users)
     await env.start()
-    for _ in range(1000):
-        if len(runs.read_text().split()) >= len(users):
-            break
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: len(runs.read_text().split()) >= len(users),
+                   what="the other deliveries")
     await env.wait_queue_empty()
     delivered = runs.read_text().split()
     # Each recipient once; the one whose MDA the stop killed may run again (at least once).
